@@ -1,0 +1,178 @@
+//! The readiness report: the JSON contract of DESIGN.md, served by the agent and rendered by
+//! `mtls-agent report`. Both directions use these types, so the CLI cannot drift from the API.
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Readiness {
+    Ready,
+    NotReady,
+    NoData,
+}
+
+impl Readiness {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => "ready",
+            Self::NotReady => "not_ready",
+            Self::NoData => "no_data",
+        }
+    }
+}
+
+/// Inbound connection counts. `exempt` connections are counted there only, not under their
+/// security class, so the five add up to all inbound connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inbound {
+    pub mtls: u64,
+    pub tls: u64,
+    pub plaintext: u64,
+    pub unknown: u64,
+    pub exempt: u64,
+}
+
+impl Inbound {
+    pub fn judged(&self) -> u64 {
+        self.mtls + self.tls + self.plaintext + self.unknown
+    }
+
+    pub fn add(&mut self, other: &Inbound) {
+        self.mtls += other.mtls;
+        self.tls += other.tls;
+        self.plaintext += other.plaintext;
+        self.unknown += other.unknown;
+        self.exempt += other.exempt;
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientRef {
+    pub namespace: Option<String>,
+    pub workload: Option<String>,
+    pub address: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerRef {
+    pub workload: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Blocker {
+    pub client: ClientRef,
+    pub server: ServerRef,
+    pub security: String,
+    pub connections: u64,
+    /// RFC 3339, UTC.
+    pub last_seen: String,
+    /// The rule that decided the last such connection (e.g. `plaintext_first_bytes`).
+    #[serde(default)]
+    pub evidence: String,
+    /// `istio` when the client offered an Istio ALPN but still is not compliant.
+    #[serde(default)]
+    pub mesh: String,
+    /// Plaintext sub-protocol, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadReport {
+    pub name: String,
+    pub verdict: Readiness,
+    pub inbound: Inbound,
+    pub sidecar: bool,
+    /// Istio-mTLS share of the judged inbound connections; null without any.
+    pub mtls_ratio: Option<f64>,
+    /// Inbound connections STRICT accepts (Istio mTLS, or any mTLS with --generic-mesh).
+    #[serde(default)]
+    pub compliant: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub namespace: String,
+    /// Set when the report was asked for one workload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    pub window_seconds: u64,
+    pub verdict: Readiness,
+    pub inbound: Inbound,
+    /// Istio-mTLS share of the judged (non-exempt) inbound connections; null without any.
+    pub mtls_ratio: Option<f64>,
+    #[serde(default)]
+    pub compliant: u64,
+    pub blockers: Vec<Blocker>,
+    pub workloads: Vec<WorkloadReport>,
+}
+
+/// The verdict rule of DESIGN.md: ready when judged inbound traffic was seen and none of it
+/// would be rejected; traffic STRICT does not touch (exempt) alone is not evidence either way.
+pub fn readiness(inbound: &Inbound, compliant: u64) -> Readiness {
+    if inbound.judged() == 0 {
+        Readiness::NoData
+    } else if compliant >= inbound.judged() {
+        Readiness::Ready
+    } else {
+        Readiness::NotReady
+    }
+}
+
+pub fn ratio(inbound: &Inbound, compliant: u64) -> Option<f64> {
+    let judged = inbound.judged();
+    (judged > 0).then(|| compliant as f64 / judged as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdict_rules() {
+        let none = Inbound::default();
+        assert_eq!(readiness(&none, 0), Readiness::NoData);
+        let exempt_only = Inbound { exempt: 4, ..none };
+        assert_eq!(readiness(&exempt_only, 0), Readiness::NoData);
+        let good = Inbound { mtls: 3, exempt: 1, ..none };
+        assert_eq!(readiness(&good, 3), Readiness::Ready);
+        assert_eq!(ratio(&good, 3), Some(1.0));
+        let non_istio_mtls = Inbound { mtls: 3, ..none };
+        assert_eq!(readiness(&non_istio_mtls, 2), Readiness::NotReady);
+        let mixed = Inbound { mtls: 1, plaintext: 1, ..none };
+        assert_eq!(readiness(&mixed, 1), Readiness::NotReady);
+        assert_eq!(ratio(&mixed, 1), Some(0.5));
+        assert_eq!(ratio(&none, 0), None);
+    }
+
+    #[test]
+    fn json_shape_is_the_contract() {
+        let r = Report {
+            namespace: "shop".into(),
+            workload: None,
+            window_seconds: 60,
+            verdict: Readiness::NotReady,
+            inbound: Inbound { plaintext: 2, ..Default::default() },
+            mtls_ratio: Some(0.0),
+            compliant: 0,
+            blockers: vec![Blocker {
+                client: ClientRef { namespace: None, workload: None, address: "198.18.0.9".into() },
+                server: ServerRef { workload: "web".into(), port: 8080 },
+                security: "plaintext".into(),
+                connections: 2,
+                last_seen: "2026-11-24T01:00:00Z".into(),
+                evidence: "plaintext_first_bytes".into(),
+                mesh: "none".into(),
+                protocol: Some("http1".into()),
+            }],
+            workloads: vec![],
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["verdict"], "not_ready");
+        assert_eq!(v["inbound"]["plaintext"], 2);
+        assert!(v["blockers"][0]["client"]["namespace"].is_null());
+        assert_eq!(v["blockers"][0]["server"]["port"], 8080);
+        let back: Report = serde_json::from_value(v).unwrap();
+        assert_eq!(back, r);
+    }
+}

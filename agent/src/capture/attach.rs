@@ -1,0 +1,262 @@
+//! Attaching the TC programs to every interface whose name matches the configured globs, and
+//! detaching what we attached (only that) when interfaces go away or the agent stops.
+use std::collections::BTreeMap;
+
+use aya::programs::{
+    LinkOrder, SchedClassifier, TcAttachType,
+    tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
+};
+use tracing::{debug, info, warn};
+
+/// One interface we attached to.
+#[derive(Debug)]
+struct Attached {
+    ifindex: u32,
+    ingress: SchedClassifierLinkId,
+    egress: SchedClassifierLinkId,
+    /// We created the interface's clsact qdisc (legacy path): remove it again when done.
+    created_qdisc: bool,
+}
+
+/// Outcome of one [`Attacher::sync`].
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub attached: Vec<String>,
+    pub detached: Vec<String>,
+    pub failed: Vec<(String, String)>,
+}
+
+/// A network interface present on the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub ifindex: u32,
+}
+
+/// Lists the interfaces of this network namespace from sysfs.
+pub fn list_interfaces() -> std::io::Result<Vec<Interface>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/sys/class/net")? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Ok(idx) = std::fs::read_to_string(entry.path().join("ifindex")) else {
+            continue; // vanished meanwhile
+        };
+        if let Ok(ifindex) = idx.trim().parse() {
+            out.push(Interface { name, ifindex });
+        }
+    }
+    Ok(out)
+}
+
+/// Interface-name globs, e.g. `cali*`, `vp*`.
+#[derive(Debug, Clone)]
+pub struct Globs(Vec<glob::Pattern>);
+
+impl Globs {
+    pub fn new(globs: &[String]) -> Result<Self, glob::PatternError> {
+        Ok(Self(
+            globs
+                .iter()
+                .map(|g| glob::Pattern::new(g))
+                .collect::<Result<_, _>>()?,
+        ))
+    }
+
+    pub fn matches(&self, name: &str) -> bool {
+        self.0.iter().any(|p| p.matches(name))
+    }
+}
+
+pub struct Attacher {
+    globs: Globs,
+    attached: BTreeMap<String, Attached>,
+    /// TCX was refused once (old kernel): use clsact from then on.
+    legacy: bool,
+}
+
+impl Attacher {
+    pub fn new(globs: Globs) -> Self {
+        Self {
+            globs,
+            attached: BTreeMap::new(),
+            legacy: false,
+        }
+    }
+
+    pub fn attached_count(&self) -> usize {
+        self.attached.len()
+    }
+
+    pub fn attached_names(&self) -> impl Iterator<Item = &str> {
+        self.attached.keys().map(String::as_str)
+    }
+
+    /// Brings attachments in line with the interfaces present now: attach to new matches,
+    /// forget interfaces that vanished (their links died with them) or were recreated under the
+    /// same name (new ifindex).
+    pub fn sync(
+        &mut self,
+        ingress: &mut SchedClassifier,
+        egress: &mut SchedClassifier,
+        present: &[Interface],
+    ) -> SyncReport {
+        let mut report = SyncReport::default();
+        let gone: Vec<String> = self
+            .attached
+            .iter()
+            .filter(|(name, a)| {
+                !present
+                    .iter()
+                    .any(|i| &i.name == *name && i.ifindex == a.ifindex)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            if let Some(a) = self.attached.remove(&name) {
+                // The interface is gone: detaching can fail harmlessly; it releases our handles.
+                let _ = ingress.detach(a.ingress);
+                let _ = egress.detach(a.egress);
+                debug!(interface = %name, "interface removed");
+                report.detached.push(name);
+            }
+        }
+        for iface in present {
+            if self.attached.contains_key(&iface.name) || !self.globs.matches(&iface.name) {
+                continue;
+            }
+            match self.attach_one(ingress, egress, iface) {
+                Ok(a) => {
+                    info!(interface = %iface.name, ifindex = iface.ifindex, "attached");
+                    self.attached.insert(iface.name.clone(), a);
+                    report.attached.push(iface.name.clone());
+                }
+                Err(e) => {
+                    warn!(interface = %iface.name, error = %e, "attach failed");
+                    report.failed.push((iface.name.clone(), e));
+                }
+            }
+        }
+        report
+    }
+
+    fn attach_one(
+        &mut self,
+        ingress: &mut SchedClassifier,
+        egress: &mut SchedClassifier,
+        iface: &Interface,
+    ) -> Result<Attached, String> {
+        if !self.legacy {
+            let tcx = |p: &mut SchedClassifier, t| {
+                p.attach_with_options(
+                    &iface.name,
+                    t,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+            };
+            match tcx(ingress, TcAttachType::Ingress) {
+                Ok(i) => match tcx(egress, TcAttachType::Egress) {
+                    Ok(e) => {
+                        return Ok(Attached {
+                            ifindex: iface.ifindex,
+                            ingress: i,
+                            egress: e,
+                            created_qdisc: false,
+                        });
+                    }
+                    Err(err) => {
+                        let _ = ingress.detach(i);
+                        return Err(format!("TCX egress: {err}"));
+                    }
+                },
+                Err(err) if tcx_unsupported(&err) => {
+                    info!(error = %err, "TCX not available, falling back to clsact");
+                    self.legacy = true;
+                }
+                Err(err) => return Err(format!("TCX ingress: {err}")),
+            }
+        }
+        let created_qdisc = match tc::qdisc_add_clsact(&iface.name) {
+            Ok(()) => true,
+            Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => false,
+            Err(e) => return Err(format!("adding clsact qdisc: {e}")),
+        };
+        let nl = |p: &mut SchedClassifier, t| {
+            p.attach_with_options(&iface.name, t, TcAttachOptions::Netlink(NlOptions::default()))
+        };
+        let i = nl(ingress, TcAttachType::Ingress).map_err(|e| format!("clsact ingress: {e}"))?;
+        let e = match nl(egress, TcAttachType::Egress) {
+            Ok(e) => e,
+            Err(err) => {
+                let _ = ingress.detach(i);
+                return Err(format!("clsact egress: {err}"));
+            }
+        };
+        Ok(Attached {
+            ifindex: iface.ifindex,
+            ingress: i,
+            egress: e,
+            created_qdisc,
+        })
+    }
+
+    /// Detaches everything we attached; removes clsact qdiscs we created.
+    pub fn detach_all(&mut self, ingress: &mut SchedClassifier, egress: &mut SchedClassifier) {
+        for (name, a) in std::mem::take(&mut self.attached) {
+            if let Err(e) = ingress.detach(a.ingress) {
+                debug!(interface = %name, error = %e, "detach ingress");
+            }
+            if let Err(e) = egress.detach(a.egress) {
+                debug!(interface = %name, error = %e, "detach egress");
+            }
+            if a.created_qdisc {
+                remove_clsact(&name);
+            }
+            debug!(interface = %name, "detached");
+        }
+    }
+}
+
+fn tcx_unsupported(err: &aya::programs::ProgramError) -> bool {
+    let text = err.to_string();
+    // EINVAL/EOPNOTSUPP from BPF_LINK_CREATE with a TCX attach type: kernel without TCX.
+    text.contains("Invalid argument") || text.contains("not supported")
+}
+
+/// Removes the clsact qdisc we added on a kernel without TCX. Only called for qdiscs we created.
+fn remove_clsact(name: &str) {
+    match std::process::Command::new("tc")
+        .args(["qdisc", "del", "dev", name, "clsact"])
+        .output()
+    {
+        Ok(o) if o.status.success() => debug!(interface = %name, "removed clsact qdisc"),
+        Ok(o) => warn!(interface = %name, stderr = %String::from_utf8_lossy(&o.stderr).trim(), "removing clsact qdisc failed"),
+        Err(e) => warn!(interface = %name, error = %e, "running tc to remove clsact failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_cni_names() {
+        let g = Globs::new(&["cali*".into(), "lxc*".into(), "vp?eb".into()]).unwrap();
+        assert!(g.matches("cali12ab"));
+        assert!(g.matches("lxc_health"));
+        assert!(g.matches("vpweb"));
+        assert!(!g.matches("eth0"));
+        assert!(!g.matches("vpwebx"));
+    }
+
+    #[test]
+    fn bad_glob_is_an_error() {
+        assert!(Globs::new(&["cali[".into()]).is_err());
+    }
+
+    #[test]
+    fn lists_loopback() {
+        let all = list_interfaces().unwrap();
+        assert!(all.iter().any(|i| i.name == "lo" && i.ifindex == 1));
+    }
+}

@@ -1,0 +1,211 @@
+//! capture: load the eBPF object, attach it to the watched interfaces (following link changes),
+//! and hand ring-buffer events to the rest of the pipeline. This is the only module that needs
+//! root and a kernel; everything after it also runs on pcap files.
+pub mod attach;
+pub mod events;
+pub mod netlink;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::SchedClassifier,
+};
+use mtls_agent_common::{CHUNK_BYTES, MAX_CHUNKS_PER_SEGMENT, names, stats};
+use tracing::{debug, warn};
+
+pub use attach::{Globs, Interface, SyncReport, list_interfaces};
+
+/// The compiled eBPF object, built by aya-build in build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mtls-agent"));
+
+/// Kernel-side settings, chosen at load time.
+#[derive(Debug, Clone)]
+pub struct CaptureConfig {
+    pub interfaces: Vec<String>,
+    pub flow_table_size: u32,
+    pub max_segments: u32,
+    pub capture_bytes: u32,
+    pub ring_buffer_bytes: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error(
+        "this binary was built without its eBPF program (AYA_BUILD_SKIP was set); rebuild without it"
+    )]
+    NoObject,
+    #[error("--capture-bytes must be between 1 and {max}, got {got}")]
+    CaptureBytes { got: u32, max: u32 },
+    #[error("--ring-buffer-size must be a power of two of at least 4096 bytes, got {0}")]
+    RingSize(u32),
+    #[error("loading the eBPF program failed: {0} (needs root or CAP_BPF+CAP_NET_ADMIN+CAP_PERFMON, and a kernel with BTF and ring buffers, 5.8+)")]
+    Load(#[source] aya::EbpfError),
+    #[error("eBPF program {0}: {1}")]
+    Program(&'static str, #[source] aya::programs::ProgramError),
+    #[error("eBPF map {0}: {1}")]
+    Map(&'static str, String),
+}
+
+/// Sums of the per-CPU statistics array, indexed by `mtls_agent_common::stats`.
+pub type KernelStats = [u64; stats::COUNT as usize];
+
+pub struct Capture {
+    ebpf: Ebpf,
+    attacher: attach::Attacher,
+}
+
+impl Capture {
+    pub fn load(cfg: &CaptureConfig) -> Result<Self, CaptureError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(CaptureError::NoObject);
+        }
+        let max = CHUNK_BYTES as u32 * MAX_CHUNKS_PER_SEGMENT;
+        if cfg.capture_bytes == 0 || cfg.capture_bytes > max {
+            return Err(CaptureError::CaptureBytes {
+                got: cfg.capture_bytes,
+                max,
+            });
+        }
+        if !cfg.ring_buffer_bytes.is_power_of_two() || cfg.ring_buffer_bytes < 4096 {
+            return Err(CaptureError::RingSize(cfg.ring_buffer_bytes));
+        }
+        let globs = Globs::new(&cfg.interfaces).map_err(|e| CaptureError::Map("globs", e.to_string()))?;
+        bump_memlock_rlimit();
+        let mut ebpf = EbpfLoader::new()
+            .override_global(names::GLOBAL_MAX_SEGMENTS, &cfg.max_segments, true)
+            .override_global(names::GLOBAL_CAPTURE_BYTES, &cfg.capture_bytes, true)
+            .map_max_entries(names::FLOWS, cfg.flow_table_size)
+            .map_max_entries(names::EVENTS, cfg.ring_buffer_bytes)
+            .load(EBPF_OBJECT)
+            .map_err(CaptureError::Load)?;
+        start_ebpf_log(&mut ebpf);
+        for name in [names::PROG_INGRESS, names::PROG_EGRESS] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(CaptureError::Map(name, "missing from object".into()))?
+                .try_into()
+                .map_err(|e| CaptureError::Program(name, e))?;
+            prog.load().map_err(|e| CaptureError::Program(name, e))?;
+        }
+        Ok(Self {
+            ebpf,
+            attacher: attach::Attacher::new(globs),
+        })
+    }
+
+    /// Takes the ring buffer out of the object, for the reader task.
+    pub fn take_ring(&mut self) -> Result<RingBuf<MapData>, CaptureError> {
+        let map = self
+            .ebpf
+            .take_map(names::EVENTS)
+            .ok_or(CaptureError::Map(names::EVENTS, "missing".into()))?;
+        RingBuf::try_from(map).map_err(|e| CaptureError::Map(names::EVENTS, e.to_string()))
+    }
+
+    fn programs(&mut self) -> (&mut SchedClassifier, &mut SchedClassifier) {
+        let mut progs = self.ebpf.programs_mut();
+        let mut ingress = None;
+        let mut egress = None;
+        for (name, p) in &mut progs {
+            if name == names::PROG_INGRESS {
+                ingress = <&mut SchedClassifier>::try_from(p).ok();
+            } else if name == names::PROG_EGRESS {
+                egress = <&mut SchedClassifier>::try_from(p).ok();
+            }
+        }
+        match (ingress, egress) {
+            (Some(i), Some(e)) => (i, e),
+            // Checked in `load`: both programs exist and are classifiers.
+            _ => unreachable!("programs checked at load"),
+        }
+    }
+
+    /// Attaches to new matching interfaces and forgets vanished ones.
+    pub fn sync_interfaces(&mut self) -> std::io::Result<SyncReport> {
+        let present = list_interfaces()?;
+        let mut attacher = std::mem::replace(&mut self.attacher, attach::Attacher::new(Globs::new(&[]).unwrap_or_else(|_| unreachable!())));
+        let (i, e) = self.programs();
+        let report = attacher.sync(i, e, &present);
+        self.attacher = attacher;
+        Ok(report)
+    }
+
+    pub fn attached_count(&self) -> usize {
+        self.attacher.attached_count()
+    }
+
+    pub fn attached_names(&self) -> Vec<String> {
+        self.attacher.attached_names().map(str::to_owned).collect()
+    }
+
+    /// Detaches everything this process attached. Other programs on the interfaces are untouched.
+    pub fn detach_all(&mut self) {
+        let mut attacher = std::mem::replace(&mut self.attacher, attach::Attacher::new(Globs::new(&[]).unwrap_or_else(|_| unreachable!())));
+        let (i, e) = self.programs();
+        attacher.detach_all(i, e);
+        self.attacher = attacher;
+    }
+
+    /// Reads the kernel statistics, summed over CPUs.
+    pub fn kernel_stats(&self) -> Result<KernelStats, CaptureError> {
+        let map = self
+            .ebpf
+            .map(names::STATS)
+            .ok_or(CaptureError::Map(names::STATS, "missing".into()))?;
+        let arr = PerCpuArray::<_, u64>::try_from(map)
+            .map_err(|e| CaptureError::Map(names::STATS, e.to_string()))?;
+        let mut out = [0u64; stats::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let values = arr
+                .get(&(i as u32), 0)
+                .map_err(|e| CaptureError::Map(names::STATS, e.to_string()))?;
+            *slot = values.iter().copied().fold(0u64, u64::wrapping_add);
+        }
+        Ok(out)
+    }
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
+fn bump_memlock_rlimit() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        debug!("raising RLIMIT_MEMLOCK failed; fine on 5.11+");
+    }
+}
+
+/// Forwards the eBPF side's aya-log records into `tracing` (target `mtls_agent_ebpf`).
+fn start_ebpf_log(ebpf: &mut Ebpf) {
+    match aya_log::EbpfLogger::init_with_logger(ebpf, tracing_log::LogTracer::new()) {
+        Ok(logger) => {
+            let Ok(mut fd) = readable_fd(logger) else {
+                warn!("eBPF log reader could not be registered");
+                return;
+            };
+            tokio::spawn(async move {
+                loop {
+                    let Ok(mut guard) = fd.readable_mut().await else {
+                        return;
+                    };
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+            });
+        }
+        Err(e) => debug!(error = %e, "eBPF logger not started"),
+    }
+}
+
+/// Registers a file descriptor this module owns (netlink socket, ring buffer, log buffer) with
+/// the tokio reactor for readability.
+pub(crate) fn readable_fd<T: std::os::fd::AsRawFd>(
+    inner: T,
+) -> std::io::Result<tokio::io::unix::AsyncFd<T>> {
+    // SAFETY: every caller passes an owned object whose fd stays open, and the same, for as long
+    // as the AsyncFd lives (it owns the object).
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}

@@ -1,0 +1,247 @@
+//! TLS 1.3 rules: size of the client's first encrypted record, PSK resumption, HelloRetryRequest,
+//! early data, and ClientHellos split over records and segments.
+
+use super::fixtures::*;
+use super::*;
+
+fn ch13(alpn: &[&str]) -> Vec<u8> {
+    record(22, &client_hello(&Ch::alpn(alpn).tls13()))
+}
+
+fn sh13() -> Vec<u8> {
+    let mut out = record(22, &server_hello(&Sh::tls13()));
+    out.extend(ccs());
+    out.extend(app(1200)); // EncryptedExtensions .. Finished
+    out
+}
+
+/// The client's second flight: compatibility CCS, then its first encrypted record of `len`.
+fn flight(first_record: usize) -> Vec<u8> {
+    let mut out = ccs();
+    out.extend(app(first_record));
+    out.extend(app(53)); // Finished after a Certificate
+    out
+}
+
+#[test]
+fn large_first_record_is_mtls() {
+    let o = classify(
+        meta(15006),
+        &[
+            (C2S, ch13(&["istio-peer-exchange", "istio"])),
+            (S2C, sh13()),
+            (C2S, flight(465)),
+        ],
+    );
+    assert!(o.decided_early);
+    let v = o.verdict;
+    assert_eq!(v.security, Security::Mtls);
+    assert_eq!(v.evidence, Evidence::ClientFirstRecordLen(465));
+    assert_eq!(v.evidence.to_string(), "client_first_record_len=465");
+    assert_eq!(v.evidence.kind(), "client_first_record_len");
+    assert_eq!(v.tls_version, Some("1.3"));
+    assert_eq!(v.cipher.as_deref(), Some("TLS_AES_128_GCM_SHA256"));
+    assert_eq!(v.mesh, Mesh::Istio);
+    assert_eq!(v.alpn, vec!["istio-peer-exchange", "istio"]);
+}
+
+#[test]
+fn finished_sized_first_record_is_tls() {
+    for len in [53, 69, 99, 127] {
+        let o = classify(
+            meta(443),
+            &[(C2S, ch13(&["h2"])), (S2C, sh13()), (C2S, flight(len))],
+        );
+        assert_eq!(o.verdict.security, Security::Tls, "record of {len}");
+        assert_eq!(o.verdict.mesh, Mesh::None);
+    }
+    let o = classify(
+        meta(443),
+        &[(C2S, ch13(&[])), (S2C, sh13()), (C2S, flight(128))],
+    );
+    assert_eq!(o.verdict.security, Security::Mtls);
+}
+
+#[test]
+fn hbone_port_mtls_is_istio_but_tls_is_not() {
+    let o = classify(
+        meta(15008),
+        &[(C2S, ch13(&["h2"])), (S2C, sh13()), (C2S, flight(700))],
+    );
+    assert_eq!(o.verdict.mesh, Mesh::Istio);
+    let o = classify(
+        meta(15008),
+        &[(C2S, ch13(&["h2"])), (S2C, sh13()), (C2S, flight(69))],
+    );
+    assert_eq!(o.verdict.mesh, Mesh::None);
+}
+
+#[test]
+fn psk_resumption_inherits() {
+    let mut cache = ResumptionCache::new(8);
+    let full = feed(
+        meta(443),
+        &flights(&[(C2S, ch13(&[])), (S2C, sh13()), (C2S, flight(465))]),
+        &mut cache,
+    );
+    assert_eq!(full.verdict.security, Security::Mtls);
+
+    let ch = Ch {
+        psk: true,
+        ..Ch::default().tls13()
+    };
+    let mut server = record(
+        22,
+        &server_hello(&Sh {
+            psk: true,
+            ..Sh::tls13()
+        }),
+    );
+    server.extend(app(300));
+    // The resumed client's first record is a bare Finished: size must not matter.
+    let list = [
+        (C2S, record(22, &client_hello(&ch))),
+        (S2C, server),
+        (C2S, flight(53)),
+    ];
+    let o = feed(meta(443), &flights(&list), &mut cache);
+    assert!(o.verdict.resumed);
+    assert_eq!(o.verdict.security, Security::Mtls);
+    assert!(matches!(o.verdict.evidence, Evidence::ResumedFrom(_)));
+
+    let o = feed(meta(443), &flights(&list), &mut ResumptionCache::new(8));
+    assert_eq!(o.verdict.security, Security::Unknown);
+    assert_eq!(o.verdict.evidence, Evidence::ResumedUnknown);
+}
+
+#[test]
+fn hello_retry_request_uses_the_record_after_the_second_client_hello() {
+    let hrr = Sh {
+        hrr: true,
+        ..Sh::tls13()
+    };
+    let mut server1 = record(22, &server_hello(&hrr));
+    server1.extend(ccs());
+    let mut client2 = ccs();
+    client2.extend(ch13(&["istio"]));
+    let list = [
+        (C2S, ch13(&["istio"])),
+        (S2C, server1),
+        (C2S, client2),
+        (S2C, sh13()),
+        (C2S, app(600)),
+    ];
+    let o = classify(meta(443), &list);
+    assert!(o.decided_early);
+    assert_eq!(o.verdict.security, Security::Mtls);
+    assert_eq!(o.verdict.evidence, Evidence::ClientFirstRecordLen(600));
+
+    // Not decided on the HelloRetryRequest alone.
+    let o = classify(meta(443), &list[..3]);
+    assert!(!o.decided_early);
+    assert_eq!(o.verdict.security, Security::Unknown);
+}
+
+/// 0-RTT records sent with the ClientHello, before the ServerHello arrived, are not the flight.
+#[test]
+fn early_data_before_server_hello_is_skipped() {
+    let ch = Ch {
+        early_data: true,
+        psk: true,
+        ..Ch::default().tls13()
+    };
+    let mut first = record(22, &client_hello(&ch));
+    first.extend(app(300)); // early data, bigger than any Finished
+    let list = [
+        (C2S, first.clone()),
+        (S2C, sh13()), // no pre_shared_key: full handshake, early data rejected
+        (C2S, flight(69)),
+    ];
+    for segs in [flights(&list), segmented(&list, 100)] {
+        let o = feed(meta(443), &segs, &mut ResumptionCache::new(4));
+        assert_eq!(o.verdict.security, Security::Tls);
+        assert_eq!(o.verdict.evidence, Evidence::ClientFirstRecordLen(69));
+    }
+
+    // Without early_data offered, the same first record is the client's flight.
+    let ch = Ch { early_data: false, ..ch };
+    let mut first = record(22, &client_hello(&ch));
+    first.extend(app(300));
+    let o = classify(
+        meta(443),
+        &[(C2S, first), (S2C, sh13()), (C2S, flight(69))],
+    );
+    assert_eq!(o.verdict.evidence, Evidence::ClientFirstRecordLen(300));
+}
+
+/// A 2 KB ClientHello with ALPN and SNI past the first kilobyte, split over three records and
+/// over segments of every size, in and out of order.
+#[test]
+fn big_client_hello_spanning_records_and_segments() {
+    let ch = Ch {
+        alpn: vec!["istio-http/1.1".into(), "istio".into()],
+        sni: Some("outbound_.8080_._.web.shop.svc.cluster.local".into()),
+        padding: 1300,
+        ..Ch::default().tls13()
+    };
+    let hello = client_hello(&ch);
+    assert!(hello.len() > 1400);
+    let list = [
+        (C2S, handshake_records(&hello, 700)),
+        (S2C, sh13()),
+        (C2S, flight(465)),
+    ];
+    let mut all = vec![flights(&list)];
+    for size in [1, 100, 500, 1400] {
+        all.push(segmented(&list, size));
+    }
+    for seed in 1..20 {
+        all.push(scramble(&segmented(&list, 500), seed));
+    }
+    for segs in all {
+        let o = feed(meta(443), &segs, &mut ResumptionCache::new(4));
+        let v = o.verdict;
+        assert!(o.decided_early);
+        assert_eq!(v.security, Security::Mtls);
+        assert_eq!(v.mesh, Mesh::Istio);
+        assert_eq!(v.alpn, vec!["istio-http/1.1", "istio"]);
+        assert_eq!(
+            v.sni.as_deref(),
+            Some("outbound_.8080_._.web.shop.svc.cluster.local")
+        );
+    }
+}
+
+#[test]
+fn no_server_direction_uses_the_client_flight_at_finish() {
+    let o = classify(meta(443), &[(C2S, ch13(&[])), (C2S, flight(465))]);
+    assert!(!o.decided_early);
+    assert_eq!(o.verdict.security, Security::Mtls);
+    assert_eq!(o.verdict.tls_version, None);
+
+    // Offering a PSK, the client's first record could be a resumed Finished: unknown.
+    let ch = Ch {
+        psk: true,
+        ..Ch::default().tls13()
+    };
+    let o = classify(
+        meta(443),
+        &[(C2S, record(22, &client_hello(&ch))), (C2S, flight(53))],
+    );
+    assert_eq!(o.verdict.security, Security::Unknown);
+}
+
+#[test]
+fn handshake_incomplete_at_finish() {
+    let o = classify(meta(443), &[(C2S, ch13(&["h2"])), (S2C, sh13())]);
+    assert!(!o.decided_early);
+    assert_eq!(o.verdict.security, Security::Unknown);
+    assert_eq!(o.verdict.evidence, Evidence::HandshakeIncomplete);
+    // What was seen is kept.
+    assert_eq!(o.verdict.alpn, vec!["h2"]);
+    assert_eq!(o.verdict.tls_version, Some("1.3"));
+
+    let hello = ch13(&[]);
+    let o = classify(meta(443), &[(C2S, hello[..40].to_vec())]);
+    assert_eq!(o.verdict.evidence, Evidence::HandshakeIncomplete);
+}

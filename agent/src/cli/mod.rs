@@ -1,0 +1,199 @@
+//! cli: the `mtls-agent` command line — `run` (the daemon) and `report`.
+//!
+//! Exit codes (DESIGN.md): 0 success, 1 runtime failure, 2 bad usage or bad input, each failure
+//! as one line on stderr naming the flag or file and what is wrong.
+pub mod report;
+pub mod run;
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// An error the user can fix by changing the command or its input: exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+pub fn usage(msg: impl Into<String>) -> anyhow::Error {
+    UsageError(msg.into()).into()
+}
+
+const RUN_EXAMPLES: &str = "\
+Examples:
+  # Watch Calico pod veths, identities from a file, metrics on :9477
+  mtls-agent run --interface 'cali*' --inventory inventory.yaml
+
+  # Several CNIs' interface names, another port
+  mtls-agent run --interface 'lxc*' --interface 'veth*' --inventory inv.yaml --listen 0.0.0.0:9100";
+
+const REPORT_EXAMPLES: &str = "\
+Examples:
+  # Would STRICT break anything in namespace shop?
+  mtls-agent report --namespace shop --agent http://10.0.0.5:9477
+
+  # One workload, as JSON for scripts
+  mtls-agent report --namespace shop --workload api --output json";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mtls-agent",
+    version,
+    about = "Which connections would break if you set Istio PeerAuthentication to STRICT now?",
+    long_about = "mtls-agent watches the TCP handshakes of every pod on a node with eBPF, classifies each \
+connection as mTLS, one-way TLS or plaintext, and reports per namespace and workload whether \
+switching Istio PeerAuthentication from PERMISSIVE to STRICT would break any of them, and who sends \
+the connections that would break.",
+    after_help = "Run `mtls-agent <command> --help` for the options and examples of each command."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node agent: attach to pod interfaces, classify, serve /metrics and the report API.
+    #[command(after_help = RUN_EXAMPLES)]
+    Run(RunArgs),
+    /// Print the STRICT readiness of a namespace (or one workload) from a running agent.
+    #[command(after_help = REPORT_EXAMPLES)]
+    Report(ReportArgs),
+}
+
+/// Host-side pod veth names of common CNIs: Calico, Cilium, Flannel/bridge, AWS VPC CNI, GKE, Azure.
+pub const DEFAULT_INTERFACE_GLOBS: [&str; 6] = ["cali*", "lxc*", "veth*", "eni*", "gke*", "azv*"];
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Interface-name glob to watch (repeatable). Default: the pod veths of common CNIs
+    /// (cali*, lxc*, veth*, eni*, gke*, azv*).
+    #[arg(long = "interface", value_name = "GLOB")]
+    pub interfaces: Vec<String>,
+    /// Inventory file (YAML) mapping addresses to namespaces and workloads.
+    #[arg(long, value_name = "FILE")]
+    pub inventory: PathBuf,
+    /// Address for /metrics, /healthz and the report API.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:9477")]
+    pub listen: SocketAddr,
+    /// Server port STRICT leaves alone (repeatable). Default: Istio's 15020, 15021, 15090.
+    #[arg(long = "exempt-port", value_name = "PORT")]
+    pub exempt_ports: Vec<u16>,
+    /// Count any mTLS as compliant, not only Istio's (for other meshes).
+    #[arg(long)]
+    pub generic_mesh: bool,
+    /// Kernel flow-table entries (LRU).
+    #[arg(long, value_name = "N", default_value_t = mtls_agent_common::DEFAULT_FLOW_TABLE_SIZE,
+          value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    pub flow_table_size: u32,
+    /// Payload-carrying segments captured per direction of a connection.
+    #[arg(long, value_name = "N", default_value_t = mtls_agent_common::DEFAULT_MAX_SEGMENTS,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub max_segments: u32,
+    /// Payload bytes captured per segment (at most 8192).
+    #[arg(long, value_name = "BYTES", default_value_t = mtls_agent_common::DEFAULT_CAPTURE_BYTES,
+          value_parser = clap::value_parser!(u32).range(1..=8192))]
+    pub capture_bytes: u32,
+    /// Ring-buffer size in bytes (a power of two).
+    #[arg(long, value_name = "BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub ring_buffer_size: u32,
+    /// Distinct client label sets per server workload on the blocking counter before folding
+    /// the rest into client_workload="other".
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub max_blocking_clients: usize,
+    /// Log level or filter (also RUST_LOG), e.g. `info`, `mtls_agent=debug`.
+    #[arg(long, value_name = "FILTER", default_value = "info")]
+    pub log: String,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Namespace to judge.
+    #[arg(long, value_name = "NS")]
+    pub namespace: String,
+    /// Only this workload of the namespace.
+    #[arg(long, value_name = "W")]
+    pub workload: Option<String>,
+    /// Base URL of a running agent.
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9477")]
+    pub agent: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub output: Output,
+}
+
+/// Parses the command line and runs it; returns the process exit code.
+pub fn main() -> u8 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+                let _ = e.print();
+                return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand { 2 } else { 0 };
+            }
+            eprintln!("mtls-agent: {} (see --help)", clap_one_line(&e));
+            return 2;
+        }
+    };
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Report(args) => report::report(args),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            let code = if e.downcast_ref::<UsageError>().is_some() { 2 } else { 1 };
+            eprintln!("mtls-agent: {}", one_line(&format!("{e:#}")));
+            code
+        }
+    }
+}
+
+/// clap's first error line without its "error: " prefix, with the offending value.
+fn clap_one_line(e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    // The first paragraph; clap lists missing arguments on indented lines below the first.
+    let para: Vec<&str> = rendered
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let line = para.join(" ");
+    let line = line.trim_start_matches("error: ").trim();
+    if line.is_empty() { "invalid arguments".to_owned() } else { line.to_owned() }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn bad_flags_are_one_line() {
+        for argv in [
+            vec!["mtls-agent", "run", "--inventory", "x", "--listen", "nope"],
+            vec!["mtls-agent", "run", "--bogus"],
+            vec!["mtls-agent", "report"],
+            vec!["mtls-agent", "report", "--namespace", "a", "--output", "xml"],
+        ] {
+            let e = Cli::try_parse_from(&argv).unwrap_err();
+            let line = clap_one_line(&e);
+            assert!(!line.is_empty() && !line.contains('\n'), "{argv:?}: {line:?}");
+        }
+    }
+}

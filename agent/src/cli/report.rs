@@ -1,0 +1,255 @@
+//! `mtls-agent report`: asks an agent for a namespace's readiness and prints it for people (table)
+//! or scripts (JSON, the DESIGN.md contract). Exit 0 for every verdict, `not_ready` included.
+use std::{io::Write as _, time::Duration};
+
+use anyhow::Context as _;
+use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use owo_colors::{OwoColorize as _, Stream};
+
+use super::{Output, ReportArgs, usage};
+use crate::{
+    aggregate::{Blocker, Readiness, Report},
+    export::http::ApiError,
+};
+
+pub fn report(args: ReportArgs) -> anyhow::Result<()> {
+    let report = fetch(&args)?;
+    let mut stdout = std::io::stdout().lock();
+    match args.output {
+        Output::Json => {
+            serde_json::to_writer_pretty(&mut stdout, &report).context("writing JSON")?;
+            writeln!(stdout)?;
+        }
+        Output::Table => write!(stdout, "{}", render_table(&report))?,
+    }
+    Ok(())
+}
+
+fn fetch(args: &ReportArgs) -> anyhow::Result<Report> {
+    let base = args.agent.trim_end_matches('/');
+    if !(base.starts_with("http://") || base.starts_with("https://")) {
+        return Err(usage(format!(
+            "--agent: {:?} is not an http:// or https:// URL",
+            args.agent
+        )));
+    }
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut req = agent
+        .get(format!("{base}/api/v1/report"))
+        .query("namespace", &args.namespace);
+    if let Some(w) = &args.workload {
+        req = req.query("workload", w);
+    }
+    let mut resp = req
+        .call()
+        .map_err(|e| anyhow::anyhow!("cannot reach the agent at {base}: {e}"))?;
+    let status = resp.status();
+    let body = resp
+        .body_mut()
+        .read_to_string()
+        .with_context(|| format!("reading the answer of {base}"))?;
+    if status.is_success() {
+        return serde_json::from_str(&body)
+            .with_context(|| format!("{base} answered with something that is not a report"));
+    }
+    let msg = serde_json::from_str::<ApiError>(&body)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| body.trim().chars().take(200).collect());
+    if status.as_u16() == 404 || status.as_u16() == 400 {
+        Err(usage(msg))
+    } else {
+        Err(anyhow::anyhow!("the agent at {base} answered {status}: {msg}"))
+    }
+}
+
+fn pct(r: Option<f64>) -> String {
+    r.map(|r| format!("{:.1}%", r * 100.0))
+        .unwrap_or_else(|| "n/a".into())
+}
+
+fn verdict_text(v: Readiness) -> String {
+    match v {
+        Readiness::Ready => "READY"
+            .if_supports_color(Stream::Stdout, |t| t.green().bold().to_string())
+            .to_string(),
+        Readiness::NotReady => "NOT READY"
+            .if_supports_color(Stream::Stdout, |t| t.red().bold().to_string())
+            .to_string(),
+        Readiness::NoData => "NO DATA"
+            .if_supports_color(Stream::Stdout, |t| t.yellow().bold().to_string())
+            .to_string(),
+    }
+}
+
+fn client_name(b: &Blocker) -> String {
+    match (&b.client.namespace, &b.client.workload) {
+        (Some(ns), Some(w)) => format!("{ns}/{w}"),
+        _ => "(unknown)".into(),
+    }
+}
+
+/// What to do about one blocker, in words.
+pub fn advice(b: &Blocker, report: &Report) -> String {
+    let client = client_name(b);
+    let client_has_no_sidecar = b.client.namespace.as_deref() == Some(report.namespace.as_str())
+        && report
+            .workloads
+            .iter()
+            .any(|w| Some(&w.name) == b.client.workload.as_ref() && !w.sidecar);
+    match b.security.as_str() {
+        "plaintext" if b.client.workload.is_none() => format!(
+            "client {} is outside the mesh: move it behind a sidecar, or exempt port {}?",
+            b.client.address, b.server.port
+        ),
+        "plaintext" | "tls" | "mtls" if client_has_no_sidecar || b.mesh != "istio" => {
+            if b.security == "plaintext" {
+                format!("inject a sidecar into {client}")
+            } else {
+                format!("{client} speaks non-Istio TLS: inject a sidecar or exempt port {}?", b.server.port)
+            }
+        }
+        "unknown" => "handshake not seen (started before the agent, or events lost): watch again".into(),
+        _ => format!("{client} does not present an Istio client certificate"),
+    }
+}
+
+pub fn render_table(r: &Report) -> String {
+    let mut s = String::new();
+    let subject = match &r.workload {
+        Some(w) => format!("workload {}/{}", r.namespace, w),
+        None => format!("namespace {}", r.namespace),
+    };
+    s += &format!(
+        "STRICT readiness of {subject}: {} (window {})\n",
+        verdict_text(r.verdict),
+        humantime::format_duration(Duration::from_secs(r.window_seconds))
+    );
+    let judged = r.inbound.mtls + r.inbound.tls + r.inbound.plaintext + r.inbound.unknown;
+    s += &format!(
+        "mTLS ratio {} — {} of {} judged inbound connections are Istio mTLS; {} exempt (probes, Istio ports)\n",
+        pct(r.mtls_ratio),
+        r.compliant,
+        judged,
+        r.inbound.exempt
+    );
+    s += &format!(
+        "inbound: mtls {} · tls {} · plaintext {} · unknown {} · exempt {}\n",
+        r.inbound.mtls, r.inbound.tls, r.inbound.plaintext, r.inbound.unknown, r.inbound.exempt
+    );
+    if !r.blockers.is_empty() {
+        s += "\nBlockers — these connections would break under STRICT:\n";
+        let mut t = Table::new();
+        t.load_preset(UTF8_BORDERS_ONLY).set_header([
+            "CLIENT", "ADDRESS", "SERVER", "PORT", "SECURITY", "CONNS", "LAST SEEN", "EVIDENCE",
+            "WHAT TO DO",
+        ]);
+        for b in &r.blockers {
+            let security = match &b.protocol {
+                Some(p) => format!("{} ({p})", b.security),
+                None => b.security.clone(),
+            };
+            t.add_row([
+                client_name(b),
+                b.client.address.clone(),
+                b.server.workload.clone(),
+                b.server.port.to_string(),
+                security,
+                b.connections.to_string(),
+                b.last_seen.clone(),
+                b.evidence.clone(),
+                advice(b, r),
+            ]);
+        }
+        s += &format!("{t}\n");
+    }
+    if !r.workloads.is_empty() {
+        s += "\nWorkloads:\n";
+        let mut t = Table::new();
+        t.load_preset(UTF8_BORDERS_ONLY).set_header([
+            "WORKLOAD", "VERDICT", "SIDECAR", "MTLS", "TLS", "PLAINTEXT", "UNKNOWN", "EXEMPT",
+            "MTLS RATIO",
+        ]);
+        for w in &r.workloads {
+            t.add_row([
+                w.name.clone(),
+                w.verdict.as_str().to_owned(),
+                if w.sidecar { "yes".into() } else { "NO".into() },
+                w.inbound.mtls.to_string(),
+                w.inbound.tls.to_string(),
+                w.inbound.plaintext.to_string(),
+                w.inbound.unknown.to_string(),
+                w.inbound.exempt.to_string(),
+                pct(w.mtls_ratio),
+            ]);
+        }
+        s += &format!("{t}\n");
+        let missing: Vec<&str> = r
+            .workloads
+            .iter()
+            .filter(|w| !w.sidecar)
+            .map(|w| w.name.as_str())
+            .collect();
+        if !missing.is_empty() {
+            s += &format!(
+                "Without sidecar (STRICT does not protect them until injected): {}\n",
+                missing.join(", ")
+            );
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::{ClientRef, Inbound, ServerRef, WorkloadReport};
+
+    fn sample() -> Report {
+        Report {
+            namespace: "shop".into(),
+            workload: None,
+            window_seconds: 125,
+            verdict: Readiness::NotReady,
+            inbound: Inbound { mtls: 1, plaintext: 2, exempt: 1, ..Default::default() },
+            mtls_ratio: Some(1.0 / 3.0),
+            compliant: 1,
+            blockers: vec![Blocker {
+                client: ClientRef {
+                    namespace: Some("legacy".into()),
+                    workload: Some("batch".into()),
+                    address: "198.18.0.4".into(),
+                },
+                server: ServerRef { workload: "web".into(), port: 8080 },
+                security: "plaintext".into(),
+                connections: 2,
+                last_seen: "2026-11-24T01:00:00Z".into(),
+                evidence: "plaintext_first_bytes".into(),
+                mesh: "none".into(),
+                protocol: Some("http1".into()),
+            }],
+            workloads: vec![WorkloadReport {
+                name: "web".into(),
+                verdict: Readiness::NotReady,
+                inbound: Inbound { mtls: 1, plaintext: 2, exempt: 1, ..Default::default() },
+                sidecar: true,
+                mtls_ratio: Some(1.0 / 3.0),
+                compliant: 1,
+            }],
+        }
+    }
+
+    #[test]
+    fn table_names_verdict_blockers_and_advice() {
+        let t = render_table(&sample());
+        assert!(t.contains("NOT READY"), "{t}");
+        assert!(t.contains("33.3%"), "{t}");
+        assert!(t.contains("legacy/batch"), "{t}");
+        assert!(t.contains("plaintext (http1)"), "{t}");
+        assert!(t.contains("inject a sidecar into legacy/batch"), "{t}");
+        assert!(t.contains("2m 5s"), "{t}");
+    }
+}

@@ -1,0 +1,305 @@
+//! `mtls-agent run`: the node daemon. One task owns the capture and the tracker and reads the
+//! ring buffer; the aggregator sits behind a mutex shared with the HTTP handlers.
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::Context as _;
+use mtls_agent_common::stats;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+
+use super::{DEFAULT_INTERFACE_GLOBS, RunArgs, usage};
+use crate::{
+    aggregate::{AggregateConfig, Aggregator, DEFAULT_EXEMPT_PORTS},
+    capture::{self, Capture, CaptureConfig, KernelStats, events, netlink::LinkWatch},
+    export::{
+        http::{self, AppState},
+        metrics::{Metrics, mirror},
+    },
+    flows::{Output, Tracker, TrackerConfig},
+    identity::{Inventory, Resolver, node},
+};
+
+/// Ring-buffer records handled per wake-up before other work gets a turn.
+const BATCH: usize = 4096;
+const TICK: Duration = Duration::from_millis(250);
+/// Rescan interfaces now and then even without a netlink notification (lost notifications).
+const RESCAN: Duration = Duration::from_secs(5);
+
+pub fn init_logging(filter: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .or_else(|| EnvFilter::try_new(filter).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .try_init();
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_logging(&args.log);
+    // Validate everything the user gave before touching the kernel.
+    let inventory = Inventory::load(&args.inventory).map_err(|e| usage(e.to_string()))?;
+    let interfaces: Vec<String> = if args.interfaces.is_empty() {
+        DEFAULT_INTERFACE_GLOBS.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.interfaces.clone()
+    };
+    capture::Globs::new(&interfaces)
+        .map_err(|e| usage(format!("--interface: invalid glob: {e}")))?;
+    if !args.ring_buffer_size.is_power_of_two() || args.ring_buffer_size < 4096 {
+        return Err(usage(format!(
+            "--ring-buffer-size: {} is not a power of two of at least 4096",
+            args.ring_buffer_size
+        )));
+    }
+    if args.max_blocking_clients == 0 {
+        return Err(usage("--max-blocking-clients: must be at least 1"));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(daemon(args, inventory, interfaces))
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+async fn daemon(args: RunArgs, inventory: Inventory, interfaces: Vec<String>) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    metrics
+        .build_info
+        .with_label_values(&[env!("CARGO_PKG_VERSION"), &kernel_release()])
+        .set(1);
+
+    let mut resolver = Resolver::from_inventory(&inventory);
+    let configured_node = inventory.node_networks.clone();
+    let refresh_node = |resolver: &mut Resolver| {
+        let mut nets = configured_node.clone();
+        match node::local_addresses() {
+            Ok(local) => nets.extend(local),
+            Err(e) => warn!(error = %e, "reading the node's addresses failed"),
+        }
+        resolver.set_node_networks(nets);
+    };
+    refresh_node(&mut resolver);
+
+    let exempt_ports = if args.exempt_ports.is_empty() {
+        DEFAULT_EXEMPT_PORTS.into_iter().collect()
+    } else {
+        args.exempt_ports.iter().copied().collect()
+    };
+    let aggregator = Arc::new(Mutex::new(Aggregator::new(
+        AggregateConfig {
+            exempt_ports,
+            generic_mesh: args.generic_mesh,
+            max_blocking_clients: args.max_blocking_clients,
+        },
+        resolver,
+        metrics.clone(),
+    )));
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("--listen {}: cannot listen", args.listen))?;
+
+    let mut capture = Capture::load(&CaptureConfig {
+        interfaces: interfaces.clone(),
+        flow_table_size: args.flow_table_size,
+        max_segments: args.max_segments,
+        capture_bytes: args.capture_bytes,
+        ring_buffer_bytes: args.ring_buffer_size,
+    })?;
+    let ring = capture.take_ring()?;
+    let mut ring = capture::readable_fd(ring).context("registering the ring buffer")?;
+    let mut links = match LinkWatch::new() {
+        Ok(l) => Some(l),
+        Err(e) => {
+            warn!(error = %e, "no link notifications; new interfaces are found by periodic rescans");
+            None
+        }
+    };
+    sync_interfaces(&mut capture, &metrics);
+    info!(
+        listen = %args.listen,
+        interfaces = ?interfaces,
+        attached = capture.attached_count(),
+        "mtls-agent running"
+    );
+
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let app = http::router(AppState {
+        aggregator: aggregator.clone(),
+        metrics: metrics.clone(),
+    });
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = http_stopped.await;
+            })
+            .await
+    });
+
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut tracker = Tracker::new(TrackerConfig::default());
+    let mut out = Vec::new();
+    let mut tick = tokio::time::interval(TICK);
+    let mut last_rescan = Instant::now();
+    let mut seen = KernelSeen::default();
+    let started = Instant::now();
+
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("waiting on the ring buffer")?;
+                let rb = guard.get_inner_mut();
+                let now = Instant::now();
+                let wall = SystemTime::now();
+                let mut n = 0;
+                while n < BATCH {
+                    let Some(item) = rb.next() else { break };
+                    n += 1;
+                    metrics.events.inc();
+                    match events::decode(&item) {
+                        Ok(ev) => tracker.on_event(&ev, now, wall, &mut out),
+                        Err(e) => {
+                            metrics.decode_errors.inc();
+                            metrics.events_lost.with_label_values(&["decode_error"]).inc();
+                            tracing::debug!(error = %e, "undecodable ring-buffer record");
+                        }
+                    }
+                }
+                if n < BATCH {
+                    guard.clear_ready();
+                }
+                apply(&aggregator, &mut out);
+            }
+            changed = async { links.as_mut().expect("guarded").changed().await }, if links.is_some() => {
+                if let Err(e) = changed {
+                    warn!(error = %e, "link notifications failed; falling back to periodic rescans");
+                    links = None;
+                }
+                sync_interfaces(&mut capture, &metrics);
+                refresh_node(aggregator.lock().unwrap_or_else(|p| p.into_inner()).resolver_mut());
+                last_rescan = Instant::now();
+            }
+            _ = tick.tick() => {
+                tracker.sweep(Instant::now(), SystemTime::now(), &mut out);
+                apply(&aggregator, &mut out);
+                metrics.flows_tracked.set(tracker.len() as i64);
+                metrics.uptime.set(started.elapsed().as_secs_f64());
+                match capture.kernel_stats() {
+                    Ok(s) => seen.mirror(&metrics, &s),
+                    Err(e) => warn!(error = %e, "reading kernel statistics failed"),
+                }
+                if last_rescan.elapsed() >= RESCAN {
+                    sync_interfaces(&mut capture, &metrics);
+                    last_rescan = Instant::now();
+                }
+            }
+            _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
+            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
+        }
+    }
+
+    let attached = capture.attached_count();
+    capture.detach_all();
+    metrics.interfaces_attached.set(0);
+    info!(interfaces = attached, "detached");
+    tracker.drain(Instant::now(), SystemTime::now(), &mut out);
+    apply(&aggregator, &mut out);
+    let _ = stop_http.send(());
+    match tokio::time::timeout(Duration::from_secs(2), server).await {
+        Ok(Ok(Err(e))) => warn!(error = %e, "HTTP server ended with an error"),
+        Err(_) => warn!("HTTP server did not stop within 2s"),
+        _ => {}
+    }
+    Ok(())
+}
+
+fn sync_interfaces(capture: &mut Capture, metrics: &Metrics) {
+    match capture.sync_interfaces() {
+        Ok(r) => {
+            if !r.failed.is_empty() {
+                metrics.attach_failures.inc_by(r.failed.len() as u64);
+            }
+        }
+        Err(e) => warn!(error = %e, "listing interfaces failed"),
+    }
+    metrics.interfaces_attached.set(capture.attached_count() as i64);
+}
+
+fn apply(aggregator: &Mutex<Aggregator>, out: &mut Vec<Output>) {
+    if out.is_empty() {
+        return;
+    }
+    let mut agg = aggregator.lock().unwrap_or_else(|p| p.into_inner());
+    for o in out.drain(..) {
+        match o {
+            Output::Classified(rec) => agg.record(&rec),
+            Output::Ended {
+                client,
+                server,
+                security,
+                bytes,
+            } => agg.record_bytes(client, server, security, bytes),
+        }
+    }
+}
+
+/// Last kernel totals mirrored into Prometheus counters.
+#[derive(Default)]
+struct KernelSeen {
+    ring_full: u64,
+    copy_failed: u64,
+    flow_full: u64,
+    parse: u64,
+    v6ext: u64,
+    packets: u64,
+}
+
+impl KernelSeen {
+    fn mirror(&mut self, m: &Metrics, s: &KernelStats) {
+        let at = |i: u32| s[i as usize];
+        mirror(
+            &m.events_lost.with_label_values(&["ring_buffer_full"]),
+            &mut self.ring_full,
+            at(stats::RINGBUF_FULL),
+        );
+        mirror(
+            &m.events_lost.with_label_values(&["copy_failed"]),
+            &mut self.copy_failed,
+            at(stats::LOAD_BYTES_FAILED),
+        );
+        mirror(
+            &m.kernel_errors.with_label_values(&["flow_table_full"]),
+            &mut self.flow_full,
+            at(stats::FLOW_INSERT_FAILED),
+        );
+        mirror(
+            &m.kernel_errors.with_label_values(&["parse_error"]),
+            &mut self.parse,
+            at(stats::PARSE_ERROR),
+        );
+        mirror(
+            &m.kernel_errors.with_label_values(&["ipv6_extension_headers"]),
+            &mut self.v6ext,
+            at(stats::IPV6_EXT_HEADERS),
+        );
+        mirror(&m.tcp_packets, &mut self.packets, at(stats::TCP_PACKETS));
+    }
+}

@@ -1,0 +1,185 @@
+//! Every Prometheus series the agent exports (names and labels are a contract: DESIGN.md and
+//! docs/metrics.md). One registry per agent so tests can run several in one process.
+use prometheus::{
+    Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub connections: IntCounterVec,
+    pub bytes: IntCounterVec,
+    pub strict_ready: IntGaugeVec,
+    pub mtls_ratio: GaugeVec,
+    pub blocking: IntCounterVec,
+    pub blocking_overflow: IntCounterVec,
+    pub evidence: IntCounterVec,
+    pub unattributed: IntCounterVec,
+    pub events_lost: IntCounterVec,
+    pub kernel_errors: IntCounterVec,
+    pub tcp_packets: IntCounter,
+    pub events: IntCounter,
+    pub decode_errors: IntCounter,
+    pub flows_tracked: IntGauge,
+    pub interfaces_attached: IntGauge,
+    pub attach_failures: IntCounter,
+    pub build_info: IntGaugeVec,
+    pub uptime: Gauge,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    r.register(Box::new(c.clone())).expect("unique metric name");
+    c
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("static metric definition");
+    r.register(Box::new(c.clone())).expect("unique metric name");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("static metric definition");
+    r.register(Box::new(g.clone())).expect("unique metric name");
+    g
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let wl = &["namespace", "workload", "direction", "security"];
+        let connections = counter_vec(
+            &r,
+            "mtls_agent_connections_total",
+            "TCP connections by workload, direction (from that workload's point of view) and security (mtls, tls, plaintext, unknown).",
+            wl,
+        );
+        let bytes = counter_vec(
+            &r,
+            "mtls_agent_bytes_total",
+            "Bytes on the wire (both directions) of ended connections, by workload, direction and security.",
+            wl,
+        );
+        let strict_ready = IntGaugeVec::new(
+            Opts::new(
+                "mtls_agent_namespace_strict_ready",
+                "1 when every non-exempt inbound connection to the namespace in the window was Istio mTLS (STRICT would break nothing), else 0.",
+            ),
+            &["namespace"],
+        )
+        .expect("static metric definition");
+        r.register(Box::new(strict_ready.clone())).expect("unique metric name");
+        let mtls_ratio = GaugeVec::new(
+            Opts::new(
+                "mtls_agent_namespace_mtls_ratio",
+                "Share of non-exempt inbound connections to the namespace in the window that STRICT accepts (Istio mTLS).",
+            ),
+            &["namespace"],
+        )
+        .expect("static metric definition");
+        r.register(Box::new(mtls_ratio.clone())).expect("unique metric name");
+        let blocking = counter_vec(
+            &r,
+            "mtls_agent_blocking_connections_total",
+            "Inbound connections STRICT would reject, by server workload and port and client identity (bounded: extra clients per server are folded into client_workload=\"other\").",
+            &["namespace", "workload", "port", "client_namespace", "client_workload", "security"],
+        );
+        let blocking_overflow = counter_vec(
+            &r,
+            "mtls_agent_blocking_clients_overflow_total",
+            "Blocking connections whose client was folded into client_workload=\"other\" because the server already had the maximum number of distinct client label sets.",
+            &["namespace", "workload"],
+        );
+        let evidence = counter_vec(
+            &r,
+            "mtls_agent_verdict_evidence_total",
+            "Classified connections by security and the rule that decided it.",
+            &["security", "evidence"],
+        );
+        let unattributed = counter_vec(
+            &r,
+            "mtls_agent_unattributed_connections_total",
+            "Connections where neither endpoint is a known workload.",
+            &["security"],
+        );
+        let events_lost = counter_vec(
+            &r,
+            "mtls_agent_events_lost_total",
+            "Handshake data the kernel program could not deliver (ring_buffer_full, copy_failed) or the agent could not decode (decode_error).",
+            &["reason"],
+        );
+        let kernel_errors = counter_vec(
+            &r,
+            "mtls_agent_kernel_errors_total",
+            "Packets the kernel program could not track: flow_table_full, parse_error, ipv6_extension_headers.",
+            &["reason"],
+        );
+        let tcp_packets = counter(&r, "mtls_agent_tcp_packets_total", "TCP packets seen by the kernel program.");
+        let events = counter(&r, "mtls_agent_events_total", "Events read from the ring buffer.");
+        let decode_errors = counter(&r, "mtls_agent_event_decode_errors_total", "Ring-buffer records that could not be decoded.");
+        let flows_tracked = gauge(&r, "mtls_agent_flows_tracked", "Connections currently tracked by the agent.");
+        let interfaces_attached = gauge(&r, "mtls_agent_interfaces_attached", "Interfaces the TC programs are attached to.");
+        let attach_failures = counter(&r, "mtls_agent_attach_failures_total", "Failed attempts to attach to a matching interface.");
+        let build_info = IntGaugeVec::new(
+            Opts::new("mtls_agent_build_info", "Build information; always 1."),
+            &["version", "kernel"],
+        )
+        .expect("static metric definition");
+        r.register(Box::new(build_info.clone())).expect("unique metric name");
+        let uptime = Gauge::new("mtls_agent_uptime_seconds", "Seconds since the agent started.")
+            .expect("static metric definition");
+        r.register(Box::new(uptime.clone())).expect("unique metric name");
+        for reason in ["ring_buffer_full", "copy_failed", "decode_error"] {
+            events_lost.with_label_values(&[reason]);
+        }
+        for reason in ["flow_table_full", "parse_error", "ipv6_extension_headers"] {
+            kernel_errors.with_label_values(&[reason]);
+        }
+        Self {
+            registry: r,
+            connections,
+            bytes,
+            strict_ready,
+            mtls_ratio,
+            blocking,
+            blocking_overflow,
+            evidence,
+            unattributed,
+            events_lost,
+            kernel_errors,
+            tcp_packets,
+            events,
+            decode_errors,
+            flows_tracked,
+            interfaces_attached,
+            attach_failures,
+            build_info,
+            uptime,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = String::new();
+        let enc = prometheus::TextEncoder::new();
+        if let Err(e) = enc.encode_utf8(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        buf
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Adds `to - from` to a counter that mirrors a monotonic kernel total.
+pub fn mirror(counter: &IntCounter, seen: &mut u64, now: u64) {
+    if now > *seen {
+        counter.inc_by(now - *seen);
+    }
+    *seen = now;
+}

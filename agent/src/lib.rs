@@ -1,0 +1,12 @@
+//! mtls-agent: the data path of DESIGN.md, one module per stage.
+//!
+//! capture (kernel, ring buffer) → flows (events to per-connection segment streams) → classify
+//! (verdicts) → identity (who is who) → aggregate (namespaces, workloads, readiness) → export
+//! (Prometheus, JSON); cli ties them together.
+pub mod aggregate;
+pub mod capture;
+pub mod classify;
+pub mod cli;
+pub mod export;
+pub mod flows;
+pub mod identity;

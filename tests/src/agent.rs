@@ -1,0 +1,245 @@
+//! Running the real `mtls-agent` binary inside a test bed's node namespace, and reading what it
+//! says the way a user would: `/metrics` over HTTP and `mtls-agent report`.
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitStatus,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{netns::Testbed, proc::Proc};
+
+/// The agent binary under test: `$MTLS_AGENT_BIN` (set by `cargo xtask test`), else the
+/// workspace's `target/release/mtls-agent`. A missing binary is an error, never a skip.
+pub fn agent_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("MTLS_AGENT_BIN") {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Ok(p);
+        }
+        bail!("MTLS_AGENT_BIN={} does not exist", p.display());
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/mtls-agent");
+    if p.is_file() {
+        return Ok(p.canonicalize()?);
+    }
+    bail!(
+        "agent binary not found at {}: run `cargo xtask build` (or `cargo xtask test`) first",
+        p.display()
+    )
+}
+
+/// A running agent in the node namespace.
+pub struct Agent {
+    proc: Proc,
+    bin: PathBuf,
+    ns: String,
+    listen: SocketAddr,
+}
+
+impl Agent {
+    /// Starts `mtls-agent run` in the node namespace and waits until it answers `/healthz` and
+    /// has attached to `expect_interfaces` interfaces.
+    pub fn start(
+        tb: &Testbed,
+        bin: &Path,
+        inventory: &Path,
+        globs: &[&str],
+        extra: &[&str],
+        expect_interfaces: usize,
+    ) -> Result<Agent> {
+        let listen: SocketAddr = "127.0.0.1:9477".parse()?;
+        let bin_s = bin.to_str().context("agent path is not UTF-8")?;
+        let inv = inventory.to_str().context("inventory path is not UTF-8")?;
+        let listen_s = listen.to_string();
+        let mut args = vec![bin_s, "run", "--inventory", inv, "--listen", &listen_s];
+        for g in globs {
+            args.push("--interface");
+            args.push(g);
+        }
+        args.extend_from_slice(extra);
+        let proc = tb.spawn_env(
+            tb.node_netns(),
+            &args,
+            &[("RUST_LOG", "info,mtls_agent=debug"), ("NO_COLOR", "1")],
+        )?;
+        let agent = Agent {
+            proc,
+            bin: bin.to_path_buf(),
+            ns: tb.node_netns().to_owned(),
+            listen,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            agent.proc.ensure_running().context("mtls-agent exited during start-up")?;
+            if let Ok(m) = agent.metrics(tb)
+                && metric_value(&m, "mtls_agent_interfaces_attached", &[])
+                    .is_some_and(|v| v as usize >= expect_interfaces)
+            {
+                return Ok(agent);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "mtls-agent did not come up with {expect_interfaces} interfaces within 20s; stderr: {}",
+                    agent.proc.stderr_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.listen)
+    }
+
+    pub fn proc(&self) -> &Proc {
+        &self.proc
+    }
+
+    /// `/metrics` text, fetched from inside the node namespace.
+    pub fn metrics(&self, tb: &Testbed) -> Result<String> {
+        let out = tb.output(
+            &self.ns,
+            &["curl", "-sS", "--fail", "--noproxy", "*", "--max-time", "5", &format!("{}/metrics", self.url())],
+            None,
+            Duration::from_secs(8),
+        )?;
+        if !out.status.success() {
+            bail!("GET /metrics failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Waits until the agent tracks no open connection any more (every connection ended and
+    /// counted), so counts can be compared exactly.
+    pub fn settle(&self, tb: &Testbed, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.proc.ensure_running()?;
+            let m = self.metrics(tb)?;
+            if metric_value(&m, "mtls_agent_flows_tracked", &[]) == Some(0.0) {
+                return Ok(m);
+            }
+            if Instant::now() > deadline {
+                bail!("connections still tracked after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Runs `mtls-agent report` (inside the node namespace) and returns (exit status, stdout,
+    /// stderr).
+    pub fn report(&self, tb: &Testbed, args: &[&str]) -> Result<(ExitStatus, String, String)> {
+        let bin = self.bin.to_str().context("agent path is not UTF-8")?;
+        let url = self.url();
+        let mut argv = vec![bin, "report", "--agent", &url];
+        argv.extend_from_slice(args);
+        let out = tb.output(&self.ns, &argv, None, Duration::from_secs(15))?;
+        Ok((
+            out.status,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// The JSON report of a namespace (optionally one workload).
+    pub fn report_json(&self, tb: &Testbed, namespace: &str, workload: Option<&str>) -> Result<serde_json::Value> {
+        let mut args = vec!["--namespace", namespace, "--output", "json"];
+        if let Some(w) = workload {
+            args.extend(["--workload", w]);
+        }
+        let (status, out, err) = self.report(tb, &args)?;
+        if !status.success() {
+            bail!("mtls-agent report failed ({status}): {err}");
+        }
+        serde_json::from_str(&out).with_context(|| format!("report is not JSON: {out}"))
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(mut self) -> Result<ExitStatus> {
+        self.proc
+            .stop_with_grace(Duration::from_secs(10))
+            .context("agent was not running")
+    }
+}
+
+/// Parses one sample of the Prometheus text format: the value of `name` whose labels include all
+/// of `labels`. Summed when several series match.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = match line.rsplit_once(' ') {
+            Some(x) => x,
+            None => continue,
+        };
+        let (n, lbls) = match series.split_once('{') {
+            Some((n, rest)) => (n, parse_labels(rest.trim_end_matches('}'))),
+            None => (series, BTreeMap::new()),
+        };
+        if n != name {
+            continue;
+        }
+        if labels.iter().all(|(k, v)| lbls.get(*k).map(String::as_str) == Some(*v)) {
+            let v: f64 = value.parse().ok()?;
+            found = Some(found.unwrap_or(0.0) + v);
+        }
+    }
+    found
+}
+
+fn parse_labels(s: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut rest = s;
+    while let Some((k, after)) = rest.split_once("=\"") {
+        let mut val = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, n)) = chars.next() {
+                        val.push(n);
+                    }
+                }
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => val.push(c),
+            }
+        }
+        out.insert(k.trim_start_matches(',').trim().to_owned(), val);
+        rest = &after[end..];
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_prometheus_samples() {
+        let text = "# HELP x y\nmtls_agent_connections_total{namespace=\"shop\",workload=\"web\",direction=\"inbound\",security=\"plaintext\"} 3\nmtls_agent_connections_total{namespace=\"shop\",workload=\"api\",direction=\"inbound\",security=\"plaintext\"} 2\nmtls_agent_flows_tracked 0\n";
+        assert_eq!(
+            metric_value(text, "mtls_agent_connections_total", &[("workload", "web")]),
+            Some(3.0)
+        );
+        assert_eq!(
+            metric_value(text, "mtls_agent_connections_total", &[("security", "plaintext")]),
+            Some(5.0)
+        );
+        assert_eq!(metric_value(text, "mtls_agent_flows_tracked", &[]), Some(0.0));
+        assert_eq!(metric_value(text, "missing", &[]), None);
+        assert_eq!(
+            metric_value(text, "mtls_agent_connections_total", &[("security", "mtls")]),
+            None
+        );
+    }
+}
