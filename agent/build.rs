@@ -5,7 +5,10 @@ use anyhow::{Context as _, anyhow};
 
 fn main() -> anyhow::Result<()> {
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    let skip = matches!(std::env::var("AYA_BUILD_SKIP").as_deref(), Ok("1") | Ok("true"));
+    let skip = matches!(
+        std::env::var("AYA_BUILD_SKIP").as_deref(),
+        Ok("1") | Ok("true")
+    );
     if skip {
         let obj = out_dir.join("mtls-agent");
         if !obj.exists() {

@@ -132,7 +132,13 @@ impl Tracker {
     }
 
     /// Handles one capture event; what it produces is appended to `out`.
-    pub fn on_event(&mut self, ev: &Event<'_>, now: Instant, wall: SystemTime, out: &mut Vec<Output>) {
+    pub fn on_event(
+        &mut self,
+        ev: &Event<'_>,
+        now: Instant,
+        wall: SystemTime,
+        out: &mut Vec<Output>,
+    ) {
         let meta = match ev {
             Event::Data { meta, .. } | Event::Closed { meta } => meta,
         };
@@ -148,7 +154,6 @@ impl Tracker {
             self.finish(key, now, wall, out);
         }
     }
-
 
     /// Ends a connection: counts it if it never got a verdict, reports its bytes, leaves a
     /// tombstone for late events.
@@ -230,40 +235,39 @@ fn conn_entry<'a>(
         return None;
     }
     Some(conns.entry(key).or_insert_with(|| {
-            let client_is_lo = match meta.opener {
-                Opener::Lo => true,
-                Opener::Hi => false,
-                Opener::Unknown => guess_client_is_lo(&meta.flow),
-            };
-            let (client, server) = if client_is_lo {
-                (meta.flow.lo, meta.flow.hi)
-            } else {
-                (meta.flow.hi, meta.flow.lo)
-            };
-            let (ci, si) = if client_is_lo { (0, 1) } else { (1, 0) };
-            let cmeta = ConnMeta {
-                client,
-                server,
-                client_isn: meta.isn[ci],
-                server_isn: meta.isn[si],
-                midstream: meta.opener == Opener::Unknown,
-            };
-            Conn {
-                classifier: Some(Box::new(ConnClassifier::new(cmeta))),
-                client,
-                server,
-                client_is_lo,
-                ifaces: Vec::with_capacity(2),
-                closed_ifaces: Vec::new(),
-                bytes: [0; 2],
-                security: None,
-                saw_data: false,
-                lost_data: false,
-                established: false,
-                last_activity: now,
-                closing_since: None,
-            }
-
+        let client_is_lo = match meta.opener {
+            Opener::Lo => true,
+            Opener::Hi => false,
+            Opener::Unknown => guess_client_is_lo(&meta.flow),
+        };
+        let (client, server) = if client_is_lo {
+            (meta.flow.lo, meta.flow.hi)
+        } else {
+            (meta.flow.hi, meta.flow.lo)
+        };
+        let (ci, si) = if client_is_lo { (0, 1) } else { (1, 0) };
+        let cmeta = ConnMeta {
+            client,
+            server,
+            client_isn: meta.isn[ci],
+            server_isn: meta.isn[si],
+            midstream: meta.opener == Opener::Unknown,
+        };
+        Conn {
+            classifier: Some(Box::new(ConnClassifier::new(cmeta))),
+            client,
+            server,
+            client_is_lo,
+            ifaces: Vec::with_capacity(2),
+            closed_ifaces: Vec::new(),
+            bytes: [0; 2],
+            security: None,
+            saw_data: false,
+            lost_data: false,
+            established: false,
+            last_activity: now,
+            closing_since: None,
+        }
     }))
 }
 

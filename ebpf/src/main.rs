@@ -195,7 +195,10 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, now: u64) -> Result<*mut FlowState, (
     };
     if FLOWS.insert(pkt.key, fresh, 0).is_err() {
         count(stats::FLOW_INSERT_FAILED);
-        debug!(ctx, "flow table insert failed (ifindex {})", pkt.key.ifindex);
+        debug!(
+            ctx,
+            "flow table insert failed (ifindex {})", pkt.key.ifindex
+        );
         return Err(());
     }
     FLOWS.get_ptr_mut(pkt.key).ok_or(())
@@ -228,7 +231,11 @@ fn capture_bytes() -> u32 {
 
 #[inline(always)]
 fn sat16(v: u32) -> u16 {
-    if v > u16::MAX as u32 { u16::MAX } else { v as u16 }
+    if v > u16::MAX as u32 {
+        u16::MAX
+    } else {
+        v as u16
+    }
 }
 
 #[inline(always)]

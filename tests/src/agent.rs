@@ -74,7 +74,10 @@ impl Agent {
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            agent.proc.ensure_running().context("mtls-agent exited during start-up")?;
+            agent
+                .proc
+                .ensure_running()
+                .context("mtls-agent exited during start-up")?;
             if let Ok(m) = agent.metrics(tb)
                 && metric_value(&m, "mtls_agent_interfaces_attached", &[])
                     .is_some_and(|v| v as usize >= expect_interfaces)
@@ -103,12 +106,24 @@ impl Agent {
     pub fn metrics(&self, tb: &Testbed) -> Result<String> {
         let out = tb.output(
             &self.ns,
-            &["curl", "-sS", "--fail", "--noproxy", "*", "--max-time", "5", &format!("{}/metrics", self.url())],
+            &[
+                "curl",
+                "-sS",
+                "--fail",
+                "--noproxy",
+                "*",
+                "--max-time",
+                "5",
+                &format!("{}/metrics", self.url()),
+            ],
             None,
             Duration::from_secs(8),
         )?;
         if !out.status.success() {
-            bail!("GET /metrics failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "GET /metrics failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -146,7 +161,12 @@ impl Agent {
     }
 
     /// The JSON report of a namespace (optionally one workload).
-    pub fn report_json(&self, tb: &Testbed, namespace: &str, workload: Option<&str>) -> Result<serde_json::Value> {
+    pub fn report_json(
+        &self,
+        tb: &Testbed,
+        namespace: &str,
+        workload: Option<&str>,
+    ) -> Result<serde_json::Value> {
         let mut args = vec!["--namespace", namespace, "--output", "json"];
         if let Some(w) = workload {
             args.extend(["--workload", w]);
@@ -185,7 +205,10 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
         if n != name {
             continue;
         }
-        if labels.iter().all(|(k, v)| lbls.get(*k).map(String::as_str) == Some(*v)) {
+        if labels
+            .iter()
+            .all(|(k, v)| lbls.get(*k).map(String::as_str) == Some(*v))
+        {
             let v: f64 = value.parse().ok()?;
             found = Some(found.unwrap_or(0.0) + v);
         }
@@ -232,13 +255,24 @@ mod tests {
             Some(3.0)
         );
         assert_eq!(
-            metric_value(text, "mtls_agent_connections_total", &[("security", "plaintext")]),
+            metric_value(
+                text,
+                "mtls_agent_connections_total",
+                &[("security", "plaintext")]
+            ),
             Some(5.0)
         );
-        assert_eq!(metric_value(text, "mtls_agent_flows_tracked", &[]), Some(0.0));
+        assert_eq!(
+            metric_value(text, "mtls_agent_flows_tracked", &[]),
+            Some(0.0)
+        );
         assert_eq!(metric_value(text, "missing", &[]), None);
         assert_eq!(
-            metric_value(text, "mtls_agent_connections_total", &[("security", "mtls")]),
+            metric_value(
+                text,
+                "mtls_agent_connections_total",
+                &[("security", "mtls")]
+            ),
             None
         );
     }

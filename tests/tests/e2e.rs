@@ -13,7 +13,12 @@ fn conns(m: &str, ns: &str, wl: &str, dir: &str, sec: &str) -> f64 {
     metric_value(
         m,
         "mtls_agent_connections_total",
-        &[("namespace", ns), ("workload", wl), ("direction", dir), ("security", sec)],
+        &[
+            ("namespace", ns),
+            ("workload", wl),
+            ("direction", dir),
+            ("security", sec),
+        ],
     )
     .unwrap_or(0.0)
 }
@@ -27,11 +32,15 @@ fn namespaces_get_exact_counts_and_verdicts() -> Result<()> {
     ensure_root()?;
     let bin = agent_bin()?;
     let mut tb = Testbed::new("mte2e")?;
-    let api = tb.add_pod(PodSpec::new("api", "198.18.0.10".parse()?).ipv6("2001:db8::10".parse()?))?;
+    let api =
+        tb.add_pod(PodSpec::new("api", "198.18.0.10".parse()?).ipv6("2001:db8::10".parse()?))?;
     let reports = tb.add_pod(PodSpec::new("reports", "198.18.0.12".parse()?))?;
-    let worker = tb.add_pod(PodSpec::new("worker", "198.18.0.11".parse()?).ipv6("2001:db8::11".parse()?))?;
-    let web = tb.add_pod(PodSpec::new("web", "198.18.0.20".parse()?).ipv6("2001:db8::20".parse()?))?;
-    let batch = tb.add_pod(PodSpec::new("batch", "198.18.0.30".parse()?).ipv6("2001:db8::30".parse()?))?;
+    let worker =
+        tb.add_pod(PodSpec::new("worker", "198.18.0.11".parse()?).ipv6("2001:db8::11".parse()?))?;
+    let web =
+        tb.add_pod(PodSpec::new("web", "198.18.0.20".parse()?).ipv6("2001:db8::20".parse()?))?;
+    let batch =
+        tb.add_pod(PodSpec::new("batch", "198.18.0.30".parse()?).ipv6("2001:db8::30".parse()?))?;
     let ledger = tb.add_pod(PodSpec::new("ledger", "198.18.0.40".parse()?))?;
     let auditlog = tb.add_pod(PodSpec::new("auditlog", "198.18.0.50".parse()?))?;
 
@@ -119,7 +128,11 @@ fn namespaces_get_exact_counts_and_verdicts() -> Result<()> {
     }
     // billing: one-way TLS 1.3 from shop/web.
     for _ in 0..2 {
-        openssl_client(&tb, &web.netns, &TlsClient::new(ledger.v4(9443), pki.ca_cert()))?;
+        openssl_client(
+            &tb,
+            &web.netns,
+            &TlsClient::new(ledger.v4(9443), pki.ca_cert()),
+        )?;
     }
 
     let m = agent.settle(&tb, Duration::from_secs(15))?;
@@ -137,7 +150,12 @@ fn namespaces_get_exact_counts_and_verdicts() -> Result<()> {
         ("billing", "ledger", "inbound", "tls", 2.0),
     ];
     for (ns, wl, dir, sec, want) in expect {
-        assert_eq!(conns(&m, ns, wl, dir, sec), want, "{ns}/{wl} {dir} {sec}\n{m}\n{}", log());
+        assert_eq!(
+            conns(&m, ns, wl, dir, sec),
+            want,
+            "{ns}/{wl} {dir} {sec}\n{m}\n{}",
+            log()
+        );
     }
     for (ns, wl, dir) in [
         ("payments", "api", "inbound"),
@@ -156,31 +174,72 @@ fn namespaces_get_exact_counts_and_verdicts() -> Result<()> {
             .filter(|e| e.0 == ns && e.1 == wl && e.2 == dir)
             .map(|e| e.4)
             .sum();
-        assert_eq!(total, listed, "no unexpected class for {ns}/{wl} {dir}\n{m}");
+        assert_eq!(
+            total, listed,
+            "no unexpected class for {ns}/{wl} {dir}\n{m}"
+        );
     }
     assert_eq!(
-        metric_value(&m, "mtls_agent_namespace_strict_ready", &[("namespace", "payments")]),
+        metric_value(
+            &m,
+            "mtls_agent_namespace_strict_ready",
+            &[("namespace", "payments")]
+        ),
         Some(1.0)
     );
     assert_eq!(
-        metric_value(&m, "mtls_agent_namespace_strict_ready", &[("namespace", "shop")]),
+        metric_value(
+            &m,
+            "mtls_agent_namespace_strict_ready",
+            &[("namespace", "shop")]
+        ),
         Some(0.0)
     );
     assert_eq!(
-        metric_value(&m, "mtls_agent_namespace_mtls_ratio", &[("namespace", "payments")]),
+        metric_value(
+            &m,
+            "mtls_agent_namespace_mtls_ratio",
+            &[("namespace", "payments")]
+        ),
         Some(1.0)
     );
     assert_eq!(
         metric_value(
             &m,
             "mtls_agent_blocking_connections_total",
-            &[("namespace", "shop"), ("workload", "web"), ("port", "8080"), ("client_namespace", "legacy"), ("client_workload", "batch"), ("security", "plaintext")]
+            &[
+                ("namespace", "shop"),
+                ("workload", "web"),
+                ("port", "8080"),
+                ("client_namespace", "legacy"),
+                ("client_workload", "batch"),
+                ("security", "plaintext")
+            ]
         ),
         Some(3.0)
     );
-    assert!(metric_value(&m, "mtls_agent_bytes_total", &[("namespace", "payments"), ("workload", "api"), ("direction", "inbound"), ("security", "mtls")]).unwrap_or(0.0) > 3000.0);
-    assert_eq!(metric_value(&m, "mtls_agent_interfaces_attached", &[]), Some(tb.pods().len() as f64));
-    assert_eq!(metric_value(&m, "mtls_agent_events_lost_total", &[]), Some(0.0));
+    assert!(
+        metric_value(
+            &m,
+            "mtls_agent_bytes_total",
+            &[
+                ("namespace", "payments"),
+                ("workload", "api"),
+                ("direction", "inbound"),
+                ("security", "mtls")
+            ]
+        )
+        .unwrap_or(0.0)
+            > 3000.0
+    );
+    assert_eq!(
+        metric_value(&m, "mtls_agent_interfaces_attached", &[]),
+        Some(tb.pods().len() as f64)
+    );
+    assert_eq!(
+        metric_value(&m, "mtls_agent_events_lost_total", &[]),
+        Some(0.0)
+    );
     assert_eq!(metric_value(&m, "mtls_agent_build_info", &[]), Some(1.0));
 
     // The report, as JSON.
@@ -198,7 +257,11 @@ fn namespaces_get_exact_counts_and_verdicts() -> Result<()> {
             .and_then(|a| a.iter().find(|w| w["name"] == name).cloned())
             .unwrap_or(Value::Null)
     };
-    assert_eq!(wl(&payments, "reports")["inbound"]["mtls"], 2, "TLS 1.2 mTLS");
+    assert_eq!(
+        wl(&payments, "reports")["inbound"]["mtls"],
+        2,
+        "TLS 1.2 mTLS"
+    );
     assert_eq!(wl(&payments, "worker")["verdict"], "no_data");
     assert!(payments["window_seconds"].as_u64().is_some());
 
@@ -234,12 +297,18 @@ fn namespaces_get_exact_counts_and_verdicts() -> Result<()> {
 
     let one = agent.report_json(&tb, "payments", Some("api"))?;
     assert_eq!(one["verdict"], "ready");
-    assert_eq!(inbound(&one), json!({"mtls": 3, "tls": 0, "plaintext": 0, "unknown": 0, "exempt": 2}));
+    assert_eq!(
+        inbound(&one),
+        json!({"mtls": 3, "tls": 0, "plaintext": 0, "unknown": 0, "exempt": 2})
+    );
 
     // The table for people, and the exit codes of report.
     let (status, table, _) = agent.report(&tb, &["--namespace", "shop"])?;
     assert!(status.success());
-    assert!(table.contains("NOT READY") && table.contains("legacy/batch"), "{table}");
+    assert!(
+        table.contains("NOT READY") && table.contains("legacy/batch"),
+        "{table}"
+    );
     let (status, _, err) = agent.report(&tb, &["--namespace", "nope"])?;
     assert_eq!(status.code(), Some(2), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
@@ -258,9 +327,15 @@ fn namespaces_get_exact_counts_and_verdicts() -> Result<()> {
         .filter_map(Value::as_array)
         .flatten()
         .collect();
-    assert!(leftovers.is_empty(), "programs left attached: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "programs left attached: {leftovers:?}"
+    );
     for pod in tb.pods() {
-        let q = tb.run(tb.node_netns(), &["tc", "qdisc", "show", "dev", &pod.host_if])?;
+        let q = tb.run(
+            tb.node_netns(),
+            &["tc", "qdisc", "show", "dev", &pod.host_if],
+        )?;
         let q = String::from_utf8_lossy(&q.stdout);
         assert!(!q.contains("clsact"), "{}: {q}", pod.host_if);
     }
@@ -292,41 +367,133 @@ fn bad_inventory_and_flags_exit_2_with_one_line() -> Result<()> {
     let not_yaml = write(dir.path(), "x.yaml", "workloads: [\n");
     let missing = dir.path().join("missing.yaml");
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (vec!["run".into(), "--inventory".into(), bad_addr.display().to_string()], "workloads[0].addresses[0]"),
-        (vec!["run".into(), "--inventory".into(), typo.display().to_string()], "adresses"),
-        (vec!["run".into(), "--inventory".into(), not_yaml.display().to_string()], "x.yaml"),
-        (vec!["run".into(), "--inventory".into(), missing.display().to_string()], "missing.yaml"),
-        (vec!["run".into(), "--inventory".into(), "i".into(), "--listen".into(), "nowhere".into()], "--listen"),
-        (vec!["run".into(), "--inventory".into(), typo.display().to_string(), "--interface".into(), "cali[".into()], ""),
+        (
+            vec![
+                "run".into(),
+                "--inventory".into(),
+                bad_addr.display().to_string(),
+            ],
+            "workloads[0].addresses[0]",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--inventory".into(),
+                typo.display().to_string(),
+            ],
+            "adresses",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--inventory".into(),
+                not_yaml.display().to_string(),
+            ],
+            "x.yaml",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--inventory".into(),
+                missing.display().to_string(),
+            ],
+            "missing.yaml",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--inventory".into(),
+                "i".into(),
+                "--listen".into(),
+                "nowhere".into(),
+            ],
+            "--listen",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--inventory".into(),
+                typo.display().to_string(),
+                "--interface".into(),
+                "cali[".into(),
+            ],
+            "",
+        ),
         (vec!["run".into(), "--bogus".into()], "--bogus"),
-        (vec!["report".into(), "--namespace".into(), "a".into(), "--output".into(), "xml".into()], "xml"),
+        (
+            vec![
+                "report".into(),
+                "--namespace".into(),
+                "a".into(),
+                "--output".into(),
+                "xml".into(),
+            ],
+            "xml",
+        ),
         (vec!["report".into()], "--namespace"),
-        (vec!["report".into(), "--namespace".into(), "a".into(), "--agent".into(), "ftp://x".into()], "--agent"),
+        (
+            vec![
+                "report".into(),
+                "--namespace".into(),
+                "a".into(),
+                "--agent".into(),
+                "ftp://x".into(),
+            ],
+            "--agent",
+        ),
         (vec!["frobnicate".into()], "frobnicate"),
     ];
     for (args, needle) in cases {
         let out = std::process::Command::new(&bin).args(&args).output()?;
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
-        assert_eq!(err.trim().lines().count(), 1, "{args:?}: one line, got {err:?}");
-        assert!(err.contains(needle), "{args:?}: {err:?} should name {needle:?}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{args:?}: one line, got {err:?}"
+        );
+        assert!(
+            err.contains(needle),
+            "{args:?}: {err:?} should name {needle:?}"
+        );
         assert!(!err.contains("panicked"), "{err}");
     }
     // A glob error is reported for the glob, even with a valid inventory.
-    let good = write(dir.path(), "good.yaml", "workloads:\n  - {namespace: a, name: b, addresses: [198.18.0.9]}\n");
+    let good = write(
+        dir.path(),
+        "good.yaml",
+        "workloads:\n  - {namespace: a, name: b, addresses: [198.18.0.9]}\n",
+    );
     let out = std::process::Command::new(&bin)
-        .args(["run", "--inventory", good.to_str().unwrap(), "--interface", "cali["])
+        .args([
+            "run",
+            "--inventory",
+            good.to_str().unwrap(),
+            "--interface",
+            "cali[",
+        ])
         .output()?;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--interface"));
     // An unreachable agent is a runtime failure: exit 1, one line.
     let out = std::process::Command::new(&bin)
-        .args(["report", "--namespace", "a", "--agent", "http://127.0.0.1:9"])
+        .args([
+            "report",
+            "--namespace",
+            "a",
+            "--agent",
+            "http://127.0.0.1:9",
+        ])
         .output()?;
     assert_eq!(out.status.code(), Some(1));
-    assert_eq!(String::from_utf8_lossy(&out.stderr).trim().lines().count(), 1);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim().lines().count(),
+        1
+    );
     // --help has examples and exits 0.
-    let out = std::process::Command::new(&bin).args(["report", "--help"]).output()?;
+    let out = std::process::Command::new(&bin)
+        .args(["report", "--help"])
+        .output()?;
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("Examples:"));
     Ok(())

@@ -35,16 +35,28 @@ pub fn demo(bin: &Path, seconds: u64) -> anyhow::Result<()> {
     // process and deletes every namespace it created.
     let mut tb = Testbed::new("mtlsdemo")?;
     eprintln!("demo: building the node ({})", tb.node_netns());
-    let api = tb.add_pod(PodSpec::new("api", "198.18.0.10".parse()?).ipv6("2001:db8::10".parse()?))?;
-    let worker = tb.add_pod(PodSpec::new("worker", "198.18.0.11".parse()?).ipv6("2001:db8::11".parse()?))?;
-    let web = tb.add_pod(PodSpec::new("web", "198.18.0.20".parse()?).ipv6("2001:db8::20".parse()?))?;
+    let api =
+        tb.add_pod(PodSpec::new("api", "198.18.0.10".parse()?).ipv6("2001:db8::10".parse()?))?;
+    let worker =
+        tb.add_pod(PodSpec::new("worker", "198.18.0.11".parse()?).ipv6("2001:db8::11".parse()?))?;
+    let web =
+        tb.add_pod(PodSpec::new("web", "198.18.0.20".parse()?).ipv6("2001:db8::20".parse()?))?;
     let batch = tb.add_pod(PodSpec::new("batch", "198.18.0.30".parse()?))?;
     let ledger = tb.add_pod(PodSpec::new("ledger", "198.18.0.40".parse()?))?;
 
     let pki = Pki::new(tb.workdir().join("pki"))?;
-    let api_cert = pki.issue("api", &[San::spiffe("payments", "api"), San::Ip(api.ipv4.into())])?;
+    let api_cert = pki.issue(
+        "api",
+        &[San::spiffe("payments", "api"), San::Ip(api.ipv4.into())],
+    )?;
     let worker_cert = pki.issue("worker", &[San::spiffe("payments", "worker")])?;
-    let ledger_cert = pki.issue("ledger", &[San::spiffe("billing", "ledger"), San::Ip(ledger.ipv4.into())])?;
+    let ledger_cert = pki.issue(
+        "ledger",
+        &[
+            San::spiffe("billing", "ledger"),
+            San::Ip(ledger.ipv4.into()),
+        ],
+    )?;
 
     let inventory = tb.workdir().join("inventory.yaml");
     write_inventory(
@@ -69,7 +81,11 @@ pub fn demo(bin: &Path, seconds: u64) -> anyhow::Result<()> {
     )?;
     let _api_health = http_server(&tb, &api.netns, 15021, false)?;
     let _web_srv = http_server(&tb, &web.netns, 8080, true)?;
-    let _ledger_srv = openssl_server(&tb, &ledger.netns, &TlsServer::new(9443, &ledger_cert, pki.ca_cert()))?;
+    let _ledger_srv = openssl_server(
+        &tb,
+        &ledger.netns,
+        &TlsServer::new(9443, &ledger_cert, pki.ca_cert()),
+    )?;
     for (ns, addr) in [
         (&api.netns, api.v4(8443)),
         (&api.netns, api.v4(15021)),

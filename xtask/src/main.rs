@@ -1,4 +1,5 @@
 //! Workflows of mtls-agent, as `cargo xtask <command>` (see .cargo/config.toml).
+mod bench;
 mod demo;
 mod setup;
 
@@ -33,6 +34,29 @@ enum Cmd {
         #[arg(long, default_value_t = 6)]
         seconds: u64,
     },
+    /// Setup, build, then measure the agent's cost against no program and a tshark capture on
+    /// a namespace pair (bulk, small messages, TLS/TCP churn, idle flows); writes BENCHMARKS.md.
+    Bench {
+        /// Short run (1 repetition, 3 s per run, 20k idle flows) writing
+        /// target/bench/BENCHMARKS.quick.md instead of BENCHMARKS.md.
+        #[arg(long)]
+        quick: bool,
+        /// Repetitions of every scenario and observer (default 3, quick 1).
+        #[arg(long)]
+        reps: Option<usize>,
+        /// Seconds of traffic per run (default 10, quick 3).
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// Idle flows to open in the idle scenario (default 100000, quick 20000).
+        #[arg(long)]
+        idle_flows: Option<usize>,
+        /// Only these scenarios (bulk, small, tls-churn, tcp-churn, idle), comma-separated.
+        #[arg(long = "scenario", value_delimiter = ',')]
+        scenarios: Vec<String>,
+        /// Where to write the report.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -60,14 +84,65 @@ pub fn build_release() -> anyhow::Result<PathBuf> {
     Ok(workspace_root().join("target/release/mtls-agent"))
 }
 
+/// Builds the agent and the benchmark's load generator (release), honouring CARGO_TARGET_DIR.
+fn build_bench() -> anyhow::Result<(PathBuf, PathBuf)> {
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "mtls-agent",
+        "-p",
+        "mtls-agent-bench",
+    ])?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let release = target.join("release");
+    Ok((release.join("mtls-agent"), release.join("mtls-bench")))
+}
+
+/// Lints the eBPF crate for its real target (it does not build for the host).
+fn clippy_ebpf() -> anyhow::Result<()> {
+    eprintln!("xtask: clippy on ebpf/ for bpfel-unknown-none");
+    let target_dir = workspace_root().join("target/ebpf-clippy");
+    let status = Command::new("rustup")
+        .args(["run", "nightly", "cargo", "clippy", "--release"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .args(["--", "-D", "warnings"])
+        .current_dir(workspace_root().join("ebpf"))
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .status()
+        .context("running clippy for the eBPF crate")?;
+    if !status.success() {
+        bail!("clippy on ebpf/ failed ({status})");
+    }
+    Ok(())
+}
+
 fn test(extra: &[String]) -> anyhow::Result<()> {
     setup::setup()?;
     cargo(&["fmt", "--all", "--", "--check"])?;
-    cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     let bin = build_release()?;
     // SAFETY: single-threaded at this point; the tests find the agent binary through this.
     unsafe { std::env::set_var("MTLS_AGENT_BIN", &bin) };
-    let mut args = vec!["nextest", "run", "--workspace", "--release", "--no-fail-fast"];
+    let mut args = vec![
+        "nextest",
+        "run",
+        "--workspace",
+        "--release",
+        "--no-fail-fast",
+    ];
     args.extend(extra.iter().map(String::as_str));
     cargo(&args)
 }
@@ -81,6 +156,28 @@ fn main() -> std::process::ExitCode {
         Cmd::Demo { seconds } => setup::setup()
             .and_then(|_| build_release())
             .and_then(|bin| demo::demo(&bin, seconds)),
+        Cmd::Bench {
+            quick,
+            reps,
+            seconds,
+            idle_flows,
+            scenarios,
+            output,
+        } => setup::setup().and_then(|_| {
+            let (agent, tool) = build_bench()?;
+            bench::bench(
+                &agent,
+                &tool,
+                &bench::Opts {
+                    quick,
+                    reps,
+                    seconds,
+                    idle_flows,
+                    output,
+                    scenarios,
+                },
+            )
+        }),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -14,12 +14,21 @@ const PACKAGES: &[(&str, &str)] = &[
     ("llvm-22-dev", "LLVM 22 for bpf-linker"),
     ("libpolly-22-dev", "LLVM 22 Polly (bpf-linker links it)"),
     ("iproute2", "ip netns / veth / tc for the test topology"),
-    ("ethtool", "turning offloads off for segmented-traffic tests"),
-    ("openssl", "real TLS clients and servers (s_client/s_server)"),
+    (
+        "ethtool",
+        "turning offloads off for segmented-traffic tests",
+    ),
+    (
+        "openssl",
+        "real TLS clients and servers (s_client/s_server)",
+    ),
     ("curl", "HTTP/TLS client"),
     ("nginx-light", "TLS server with ssl_verify_client"),
     ("python3", "plain HTTP server in test pods"),
     ("bpftool", "checking that no program is left attached"),
+    ("prometheus", "a real Prometheus (and promtool) for the rules, dashboards and report --prometheus tests"),
+    ("iperf3", "bulk and small-message load for `cargo xtask bench`"),
+    ("tshark", "the packet capture `cargo xtask bench` compares against"),
 ];
 
 fn step(msg: &str) {
@@ -35,7 +44,9 @@ fn ok(cmd: &mut Command) -> bool {
 }
 
 fn run(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
-    let status = cmd.status().with_context(|| format!("{what}: cannot start {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("{what}: cannot start {cmd:?}"))?;
     if !status.success() {
         bail!("{what} failed ({status}); command: {cmd:?}");
     }
@@ -66,10 +77,19 @@ pub fn setup() -> anyhow::Result<()> {
         .args(["toolchain", "list"])
         .output()
         .context("rustup is needed (the machine's Rust toolchain comes with it)")?;
-    if !String::from_utf8_lossy(&toolchains.stdout).lines().any(|l| l.starts_with("nightly")) {
+    if !String::from_utf8_lossy(&toolchains.stdout)
+        .lines()
+        .any(|l| l.starts_with("nightly"))
+    {
         step("installing the nightly toolchain");
         run(
-            Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]),
+            Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+            ]),
             "rustup toolchain install nightly",
         )?;
     } else {
@@ -79,7 +99,10 @@ pub fn setup() -> anyhow::Result<()> {
         .args(["component", "list", "--toolchain", "nightly", "--installed"])
         .output()
         .context("rustup component list")?;
-    if !String::from_utf8_lossy(&comps.stdout).lines().any(|l| l.starts_with("rust-src")) {
+    if !String::from_utf8_lossy(&comps.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
         step("adding rust-src to nightly");
         run(
             Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
@@ -109,7 +132,9 @@ pub fn setup() -> anyhow::Result<()> {
         }
         let apt_env = [("DEBIAN_FRONTEND", "noninteractive")];
         run(
-            Command::new("apt-get").args(["update", "-qq"]).envs(apt_env),
+            Command::new("apt-get")
+                .args(["update", "-qq"])
+                .envs(apt_env),
             "apt-get update (is the Debian mirror reachable?)",
         )?;
         run(

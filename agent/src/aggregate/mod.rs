@@ -6,7 +6,7 @@ use std::{
     collections::{BTreeSet, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::Arc,
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use crate::{
@@ -28,6 +28,9 @@ pub struct AggregateConfig {
     /// Distinct (client_namespace, client_workload) label sets per server workload on the
     /// blocking counter before the rest is folded into "other".
     pub max_blocking_clients: usize,
+    /// How far back the agent remembers (the longest `report --window`), and the window the
+    /// readiness gauges follow.
+    pub window: Duration,
 }
 
 impl Default for AggregateConfig {
@@ -36,8 +39,25 @@ impl Default for AggregateConfig {
             exempt_ports: DEFAULT_EXEMPT_PORTS.into_iter().collect(),
             generic_mesh: false,
             max_blocking_clients: 20,
+            window: DEFAULT_WINDOW,
         }
     }
+}
+
+/// `--window` default.
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(15 * 60);
+
+/// Distinct blockers remembered per workload and bucket; more are folded into one entry per
+/// (port, security) with an unknown client, so memory stays bounded under a scan.
+const MAX_BLOCKERS_PER_BUCKET: usize = 256;
+
+/// Width of one time bucket for a window: about 60 buckets, between 1 s and 60 s wide.
+fn bucket_width(window: Duration) -> u64 {
+    (window.as_secs() / 60).clamp(1, 60)
+}
+
+fn epoch_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// One classified connection, as the tracker hands it over.
@@ -70,13 +90,81 @@ struct BlockerAcc {
     protocol: Option<&'static str>,
 }
 
-#[derive(Debug, Default)]
-struct WorkloadStats {
+/// What one workload received during one time bucket.
+#[derive(Debug, Default, Clone)]
+struct Bucket {
+    /// Start of the bucket, seconds since the epoch, a multiple of the bucket width.
+    start: u64,
     inbound: Inbound,
     compliant: u64,
     blockers: HashMap<BlockerKey, BlockerAcc>,
+}
+
+#[derive(Debug, Default)]
+struct WorkloadStats {
+    /// Oldest first; a bounded ring: buckets older than the window are dropped.
+    buckets: std::collections::VecDeque<Bucket>,
     /// Client label sets already used on the blocking counter for this server workload.
-    blocking_labels: HashSet<(String, String)>,
+    blocking_labels: HashSet<(String, String, String)>,
+}
+
+/// Sums of the buckets inside a window.
+#[derive(Debug, Default)]
+struct Totals {
+    inbound: Inbound,
+    compliant: u64,
+    blockers: HashMap<BlockerKey, BlockerAcc>,
+}
+
+impl WorkloadStats {
+    fn bucket_mut(&mut self, start: u64) -> &mut Bucket {
+        match self.buckets.iter().rposition(|b| b.start == start) {
+            Some(i) => &mut self.buckets[i],
+            None => {
+                // Records arrive in time order; a late one (clock step) goes into the newest.
+                if self.buckets.back().is_some_and(|b| b.start > start) {
+                    return self.buckets.back_mut().expect("checked non-empty");
+                }
+                self.buckets.push_back(Bucket {
+                    start,
+                    ..Bucket::default()
+                });
+                self.buckets.back_mut().expect("just pushed")
+            }
+        }
+    }
+
+    fn expire(&mut self, oldest: u64) {
+        while self.buckets.front().is_some_and(|b| b.start < oldest) {
+            self.buckets.pop_front();
+        }
+    }
+
+    fn totals(&self, since: u64) -> Totals {
+        let mut t = Totals::default();
+        for b in self.buckets.iter().filter(|b| b.start >= since) {
+            t.inbound.add(&b.inbound);
+            t.compliant += b.compliant;
+            for (k, acc) in &b.blockers {
+                match t.blockers.get_mut(k) {
+                    Some(a) => {
+                        a.connections += acc.connections;
+                        if acc.last_seen >= a.last_seen {
+                            a.last_seen = acc.last_seen;
+                            a.last_address = acc.last_address;
+                            a.evidence.clone_from(&acc.evidence);
+                            a.mesh = acc.mesh;
+                            a.protocol = acc.protocol;
+                        }
+                    }
+                    None => {
+                        t.blockers.insert(k.clone(), acc.clone());
+                    }
+                }
+            }
+        }
+        t
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -85,6 +173,10 @@ pub enum ReportError {
     UnknownNamespace(String),
     #[error("workload {1:?} is not known in namespace {0:?}")]
     UnknownWorkload(String, String),
+    #[error("window {asked}s is longer than this agent keeps ({kept}s, its --window)")]
+    WindowTooLong { asked: u64, kept: u64 },
+    #[error("window must be at least 1s")]
+    WindowZero,
 }
 
 pub struct Aggregator {
@@ -92,22 +184,34 @@ pub struct Aggregator {
     resolver: Resolver,
     metrics: Metrics,
     started: Instant,
+    width: u64,
     workloads: HashMap<Arc<Workload>, WorkloadStats>,
+}
+
+/// How a judged inbound connection fares under STRICT (label `strict` of
+/// `mtls_agent_inbound_connections_total`).
+fn strict_label(exempt: bool, compliant: bool) -> &'static str {
+    if exempt {
+        "exempt"
+    } else if compliant {
+        "compliant"
+    } else {
+        "blocking"
+    }
 }
 
 impl Aggregator {
     pub fn new(cfg: AggregateConfig, resolver: Resolver, metrics: Metrics) -> Self {
+        let width = bucket_width(cfg.window);
         let agg = Self {
             cfg,
             resolver,
             metrics,
             started: Instant::now(),
+            width,
             workloads: HashMap::new(),
         };
-        // Every known namespace has its gauges from the start (no_data → not ready).
-        for ns in agg.resolver.namespaces() {
-            agg.metrics.strict_ready.with_label_values(&[ns]).set(0);
-        }
+        agg.publish_inventory();
         agg
     }
 
@@ -117,6 +221,24 @@ impl Aggregator {
 
     pub fn resolver_mut(&mut self) -> &mut Resolver {
         &mut self.resolver
+    }
+
+    pub fn window(&self) -> Duration {
+        self.cfg.window
+    }
+
+    /// Known workloads as `mtls_agent_workload_info` (sidecar or not), and every known namespace's
+    /// readiness gauge from the start (no data: not ready). Call again when identities change.
+    pub fn publish_inventory(&self) {
+        for w in self.resolver.workloads() {
+            self.metrics
+                .workload_info
+                .with_label_values(&[w.namespace.as_str(), w.name.as_str(), if w.sidecar { "true" } else { "false" }])
+                .set(1);
+        }
+        for ns in self.resolver.namespaces() {
+            self.metrics.strict_ready.with_label_values(&[ns]).set(0);
+        }
     }
 
     /// Counts one classified connection for each side that is a known workload.
@@ -149,21 +271,32 @@ impl Aggregator {
             || self.resolver.is_node(rec.client.ip());
         let compliant = sec == Security::Mtls
             && (rec.verdict.mesh == Mesh::Istio || self.cfg.generic_mesh);
+        self.metrics
+            .inbound
+            .with_label_values(&[
+                &server.namespace,
+                &server.name,
+                sec.as_str(),
+                strict_label(exempt, compliant),
+            ])
+            .inc();
+        let start = epoch_secs(rec.at) / self.width * self.width;
         let max_labels = self.cfg.max_blocking_clients;
         let stats = self.workloads.entry(server.clone()).or_default();
+        let bucket = stats.bucket_mut(start);
         if exempt {
-            stats.inbound.exempt += 1;
+            bucket.inbound.exempt += 1;
         } else {
             match sec {
-                Security::Mtls => stats.inbound.mtls += 1,
-                Security::Tls => stats.inbound.tls += 1,
-                Security::Plaintext => stats.inbound.plaintext += 1,
-                Security::Unknown => stats.inbound.unknown += 1,
+                Security::Mtls => bucket.inbound.mtls += 1,
+                Security::Tls => bucket.inbound.tls += 1,
+                Security::Plaintext => bucket.inbound.plaintext += 1,
+                Security::Unknown => bucket.inbound.unknown += 1,
             }
             if compliant {
-                stats.compliant += 1;
+                bucket.compliant += 1;
             } else {
-                let key = BlockerKey {
+                let mut key = BlockerKey {
                     server_workload: server.name.clone(),
                     port: rec.server.port(),
                     client_namespace: client_wl.as_ref().map(|c| c.namespace.clone()),
@@ -171,7 +304,12 @@ impl Aggregator {
                     client_address: client_wl.is_none().then(|| rec.client.ip()),
                     security: sec,
                 };
-                let acc = stats.blockers.entry(key).or_insert(BlockerAcc {
+                if !bucket.blockers.contains_key(&key) && bucket.blockers.len() >= MAX_BLOCKERS_PER_BUCKET {
+                    key.client_namespace = None;
+                    key.client_workload = None;
+                    key.client_address = None;
+                }
+                let acc = bucket.blockers.entry(key).or_insert(BlockerAcc {
                     connections: 0,
                     last_seen: rec.at,
                     last_address: rec.client.ip(),
@@ -186,9 +324,11 @@ impl Aggregator {
                 acc.mesh = rec.verdict.mesh;
                 acc.protocol = rec.verdict.protocol.map(|p| p.as_str());
 
+                // Unknown clients are told apart by address; every distinct label set counts
+                // against the per-server cap.
                 let labels = match &client_wl {
-                    Some(c) => (c.namespace.clone(), c.name.clone()),
-                    None => ("unknown".to_owned(), "unknown".to_owned()),
+                    Some(c) => (c.namespace.clone(), c.name.clone(), String::new()),
+                    None => ("unknown".to_owned(), "unknown".to_owned(), rec.client.ip().to_string()),
                 };
                 let labels = if stats.blocking_labels.contains(&labels)
                     || stats.blocking_labels.len() < max_labels
@@ -200,22 +340,25 @@ impl Aggregator {
                         .blocking_overflow
                         .with_label_values(&[&server.namespace, &server.name])
                         .inc();
-                    ("other".to_owned(), "other".to_owned())
+                    ("other".to_owned(), "other".to_owned(), String::new())
                 };
+                let values = [
+                    server.namespace.as_str(),
+                    server.name.as_str(),
+                    &rec.server.port().to_string(),
+                    &labels.0,
+                    &labels.1,
+                    &labels.2,
+                    sec.as_str(),
+                ];
+                self.metrics.blocking.with_label_values(&values).inc();
                 self.metrics
-                    .blocking
-                    .with_label_values(&[
-                        &server.namespace,
-                        &server.name,
-                        &rec.server.port().to_string(),
-                        &labels.0,
-                        &labels.1,
-                        sec.as_str(),
-                    ])
-                    .inc();
+                    .blocking_last_seen
+                    .with_label_values(&values)
+                    .set(epoch_secs(rec.at) as f64);
             }
         }
-        self.update_namespace_gauges(&server.namespace);
+        self.update_namespace_gauges(&server.namespace, SystemTime::now());
     }
 
     /// Adds the bytes of an ended connection to both sides.
@@ -233,24 +376,50 @@ impl Aggregator {
         }
     }
 
-    fn namespace_totals(&self, ns: &str) -> (Inbound, u64) {
+    /// First second inside a window ending now, at bucket granularity.
+    fn since(&self, window: Duration, now: SystemTime) -> u64 {
+        let now = epoch_secs(now);
+        // The current bucket counts whole; a window of N s covers the buckets that started in
+        // the last N s.
+        (now / self.width * self.width + self.width).saturating_sub(window.as_secs().max(self.width))
+    }
+
+    fn namespace_totals(&self, ns: &str, since: u64) -> (Inbound, u64) {
         let mut inbound = Inbound::default();
         let mut compliant = 0;
         for (w, s) in &self.workloads {
             if w.namespace == ns {
-                inbound.add(&s.inbound);
-                compliant += s.compliant;
+                let t = s.totals(since);
+                inbound.add(&t.inbound);
+                compliant += t.compliant;
             }
         }
         (inbound, compliant)
     }
 
-    fn update_namespace_gauges(&self, ns: &str) {
-        let (inbound, compliant) = self.namespace_totals(ns);
+    fn update_namespace_gauges(&self, ns: &str, now: SystemTime) {
+        let since = self.since(self.cfg.window, now);
+        let (inbound, compliant) = self.namespace_totals(ns, since);
         let ready = report::readiness(&inbound, compliant) == Readiness::Ready;
         self.metrics.strict_ready.with_label_values(&[ns]).set(ready as i64);
-        if let Some(r) = report::ratio(&inbound, compliant) {
-            self.metrics.mtls_ratio.with_label_values(&[ns]).set(r);
+        match report::ratio(&inbound, compliant) {
+            Some(r) => self.metrics.mtls_ratio.with_label_values(&[ns]).set(r),
+            None => {
+                let _ = self.metrics.mtls_ratio.remove_label_values(&[ns]);
+            }
+        }
+    }
+
+    /// Drops buckets that left the window and refreshes every namespace's gauges, so readiness
+    /// follows the window even when no traffic arrives. Called from the daemon's tick.
+    pub fn expire(&mut self, now: SystemTime) {
+        let oldest = self.since(self.cfg.window, now);
+        for s in self.workloads.values_mut() {
+            s.expire(oldest);
+        }
+        self.workloads.retain(|_, s| !s.buckets.is_empty());
+        for ns in self.namespaces() {
+            self.update_namespace_gauges(&ns, now);
         }
     }
 
@@ -262,10 +431,33 @@ impl Aggregator {
         out
     }
 
+    /// The report over the agent's whole window.
     pub fn report(&self, namespace: &str, workload: Option<&str>) -> Result<Report, ReportError> {
+        self.report_window(namespace, workload, None, SystemTime::now())
+    }
+
+    /// The report over `window` (default: the agent's `--window`), ending at `now`.
+    pub fn report_window(
+        &self,
+        namespace: &str,
+        workload: Option<&str>,
+        window: Option<Duration>,
+        now: SystemTime,
+    ) -> Result<Report, ReportError> {
+        let window = window.unwrap_or(self.cfg.window);
+        if window.is_zero() {
+            return Err(ReportError::WindowZero);
+        }
+        if window > self.cfg.window {
+            return Err(ReportError::WindowTooLong {
+                asked: window.as_secs(),
+                kept: self.cfg.window.as_secs(),
+            });
+        }
         if !self.namespaces().contains(namespace) {
             return Err(ReportError::UnknownNamespace(namespace.to_owned()));
         }
+        let since = self.since(window, now);
         let mut known: Vec<&Arc<Workload>> = self
             .resolver
             .workloads()
@@ -283,7 +475,6 @@ impl Aggregator {
         {
             return Err(ReportError::UnknownWorkload(namespace.to_owned(), name.to_owned()));
         }
-        let empty = WorkloadStats::default();
         let mut inbound = Inbound::default();
         let mut compliant = 0;
         let mut workloads = Vec::new();
@@ -292,18 +483,22 @@ impl Aggregator {
             if workload.is_some_and(|n| n != w.name) {
                 continue;
             }
-            let s = self.workloads.get(w).unwrap_or(&empty);
-            inbound.add(&s.inbound);
-            compliant += s.compliant;
+            let t = self
+                .workloads
+                .get(w)
+                .map(|s| s.totals(since))
+                .unwrap_or_default();
+            inbound.add(&t.inbound);
+            compliant += t.compliant;
             workloads.push(WorkloadReport {
                 name: w.name.clone(),
-                verdict: report::readiness(&s.inbound, s.compliant),
-                inbound: s.inbound,
+                verdict: report::readiness(&t.inbound, t.compliant),
+                inbound: t.inbound,
                 sidecar: w.sidecar,
-                mtls_ratio: report::ratio(&s.inbound, s.compliant),
-                compliant: s.compliant,
+                mtls_ratio: report::ratio(&t.inbound, t.compliant),
+                compliant: t.compliant,
             });
-            for (k, acc) in &s.blockers {
+            for (k, acc) in t.blockers {
                 blockers.push(Blocker {
                     client: ClientRef {
                         namespace: k.client_namespace.clone(),
@@ -323,16 +518,12 @@ impl Aggregator {
                 });
             }
         }
-        blockers.sort_by(|a, b| {
-            b.connections
-                .cmp(&a.connections)
-                .then_with(|| a.server.workload.cmp(&b.server.workload))
-                .then_with(|| a.client.address.cmp(&b.client.address))
-        });
+        report::sort_blockers(&mut blockers);
+        let uptime = self.started.elapsed().as_secs().max(1);
         Ok(Report {
             namespace: namespace.to_owned(),
             workload: workload.map(str::to_owned),
-            window_seconds: self.started.elapsed().as_secs(),
+            window_seconds: window.as_secs().min(uptime),
             verdict: report::readiness(&inbound, compliant),
             inbound,
             mtls_ratio: report::ratio(&inbound, compliant),
@@ -340,5 +531,149 @@ impl Aggregator {
             blockers,
             workloads,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        classify::{Evidence, Verdict},
+        identity::Inventory,
+    };
+
+    fn agg(window: Duration, max_blocking: usize) -> Aggregator {
+        let inv = Inventory::parse(
+            "workloads:\n  - {namespace: shop, name: web, addresses: [198.18.0.20]}\n  - {namespace: shop, name: api, addresses: [198.18.0.21]}\n  - {namespace: legacy, name: batch, addresses: [198.18.0.30], sidecar: false}\n  - {namespace: mesh, name: a, addresses: [198.18.0.40]}\nnode_addresses: [198.18.0.1]\n",
+        )
+        .unwrap();
+        Aggregator::new(
+            AggregateConfig {
+                window,
+                max_blocking_clients: max_blocking,
+                ..AggregateConfig::default()
+            },
+            Resolver::from_inventory(&inv),
+            Metrics::new(),
+        )
+    }
+
+    fn rec(client: &str, server: &str, sec: Security, mesh: Mesh, at: SystemTime) -> ConnRecord {
+        let mut verdict = Verdict::new(sec, Evidence::PlaintextFirstBytes);
+        verdict.mesh = mesh;
+        ConnRecord {
+            client: client.parse().unwrap(),
+            server: server.parse().unwrap(),
+            verdict,
+            at,
+        }
+    }
+
+    const T0: u64 = 1_800_000_000;
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(T0 + secs)
+    }
+
+    #[test]
+    fn readiness_exemptions_and_blockers() {
+        let mut a = agg(Duration::from_secs(900), 20);
+        let now = at(10);
+        for _ in 0..3 {
+            a.record(&rec("198.18.0.30:40000", "198.18.0.20:8080", Security::Plaintext, Mesh::None, now));
+        }
+        a.record(&rec("198.18.0.1:40000", "198.18.0.20:8080", Security::Plaintext, Mesh::None, now)); // node probe
+        a.record(&rec("198.18.0.30:40000", "198.18.0.21:15021", Security::Plaintext, Mesh::None, now)); // exempt port
+        a.record(&rec("203.0.113.9:40000", "198.18.0.21:9000", Security::Tls, Mesh::None, now)); // unknown client
+        a.record(&rec("198.18.0.40:40000", "198.18.0.21:9000", Security::Mtls, Mesh::Istio, now));
+        a.record(&rec("198.18.0.40:40000", "198.18.0.21:9000", Security::Mtls, Mesh::None, now)); // non-Istio mTLS
+        let r = a.report_window("shop", None, None, at(20)).unwrap();
+        assert_eq!(r.verdict, Readiness::NotReady);
+        assert_eq!(
+            r.inbound,
+            Inbound { mtls: 2, tls: 1, plaintext: 3, unknown: 0, exempt: 2 }
+        );
+        assert_eq!(r.compliant, 1);
+        assert_eq!(r.mtls_ratio, Some(1.0 / 6.0));
+        assert_eq!(r.blockers.len(), 3);
+        assert_eq!(r.blockers[0].connections, 3);
+        assert_eq!(r.blockers[0].client.workload.as_deref(), Some("batch"));
+        let unknown = r.blockers.iter().find(|b| b.client.workload.is_none()).unwrap();
+        assert_eq!(unknown.client.address, "203.0.113.9");
+        assert_eq!(unknown.security, "tls");
+        assert!(r.blockers.iter().any(|b| b.security == "mtls" && b.client.workload.as_deref() == Some("a")));
+        let web = a.report_window("shop", Some("web"), None, at(20)).unwrap();
+        assert_eq!(web.inbound.plaintext, 3);
+        assert_eq!(web.inbound.exempt, 1);
+        assert_eq!(web.workloads.len(), 1);
+        let legacy = a.report_window("legacy", None, None, at(20)).unwrap();
+        assert_eq!(legacy.verdict, Readiness::NoData);
+        assert!(!legacy.workloads[0].sidecar);
+        assert_eq!(
+            a.report("nowhere", None).unwrap_err(),
+            ReportError::UnknownNamespace("nowhere".into())
+        );
+        assert_eq!(
+            a.report("shop", Some("nope")).unwrap_err(),
+            ReportError::UnknownWorkload("shop".into(), "nope".into())
+        );
+    }
+
+    #[test]
+    fn windows_forget_old_traffic() {
+        let mut a = agg(Duration::from_secs(600), 20); // 10 s buckets
+        a.record(&rec("198.18.0.30:1", "198.18.0.20:8080", Security::Plaintext, Mesh::None, at(0)));
+        a.record(&rec("198.18.0.40:1", "198.18.0.20:8080", Security::Mtls, Mesh::Istio, at(500)));
+        // Whole window: both; last two minutes: only the mTLS one.
+        let all = a.report_window("shop", None, None, at(505)).unwrap();
+        assert_eq!(all.verdict, Readiness::NotReady);
+        let recent = a
+            .report_window("shop", None, Some(Duration::from_secs(120)), at(505))
+            .unwrap();
+        assert_eq!(recent.verdict, Readiness::Ready);
+        assert_eq!(recent.inbound.plaintext, 0);
+        // After the window has passed the plaintext connection, expiry drops it for good.
+        a.expire(at(650));
+        let later = a.report_window("shop", None, None, at(650)).unwrap();
+        assert_eq!(later.verdict, Readiness::Ready);
+        a.expire(at(1200));
+        assert_eq!(
+            a.report_window("shop", None, None, at(1200)).unwrap().verdict,
+            Readiness::NoData
+        );
+        assert_eq!(
+            a.report_window("shop", None, Some(Duration::from_secs(601)), at(1200)).unwrap_err(),
+            ReportError::WindowTooLong { asked: 601, kept: 600 }
+        );
+    }
+
+    #[test]
+    fn blocking_labels_are_capped_per_server() {
+        let mut a = agg(Duration::from_secs(900), 2);
+        for i in 0..5 {
+            a.record(&rec(&format!("203.0.113.{i}:1"), "198.18.0.20:8080", Security::Plaintext, Mesh::None, at(1)));
+        }
+        let text = a.metrics.render();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("mtls_agent_blocking_connections_total{"))
+            .count();
+        assert_eq!(series, 3, "2 distinct clients + other:\n{text}");
+        assert!(text.contains("client_workload=\"other\""));
+        assert!(text.contains("mtls_agent_blocking_clients_overflow_total{namespace=\"shop\",workload=\"web\"} 3"));
+        // The report still has every client (it is not a label).
+        assert_eq!(a.report_window("shop", None, None, at(2)).unwrap().blockers.len(), 5);
+    }
+
+    #[test]
+    fn gauges_follow_readiness() {
+        let mut a = agg(Duration::from_secs(900), 20);
+        a.record(&rec("198.18.0.40:1", "198.18.0.20:8080", Security::Mtls, Mesh::Istio, SystemTime::now()));
+        let text = a.metrics.render();
+        assert!(text.contains("mtls_agent_namespace_strict_ready{namespace=\"shop\"} 1"), "{text}");
+        assert!(text.contains("mtls_agent_namespace_strict_ready{namespace=\"legacy\"} 0"));
+        assert!(text.contains("mtls_agent_namespace_mtls_ratio{namespace=\"shop\"} 1"));
+        assert!(text.contains("mtls_agent_workload_info{namespace=\"legacy\",sidecar=\"false\",workload=\"batch\"} 1"));
+        assert!(text.contains("mtls_agent_inbound_connections_total{namespace=\"shop\",security=\"mtls\",strict=\"compliant\",workload=\"web\"} 1"));
     }
 }

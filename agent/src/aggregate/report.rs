@@ -119,6 +119,20 @@ pub fn readiness(inbound: &Inbound, compliant: u64) -> Readiness {
     }
 }
 
+/// Most connections first; ties by server, then client, so output is stable.
+pub fn sort_blockers(blockers: &mut [Blocker]) {
+    blockers.sort_by(|a, b| {
+        b.connections
+            .cmp(&a.connections)
+            .then_with(|| a.server.workload.cmp(&b.server.workload))
+            .then_with(|| a.server.port.cmp(&b.server.port))
+            .then_with(|| a.client.namespace.cmp(&b.client.namespace))
+            .then_with(|| a.client.workload.cmp(&b.client.workload))
+            .then_with(|| a.client.address.cmp(&b.client.address))
+            .then_with(|| a.security.cmp(&b.security))
+    });
+}
+
 pub fn ratio(inbound: &Inbound, compliant: u64) -> Option<f64> {
     let judged = inbound.judged();
     (judged > 0).then(|| compliant as f64 / judged as f64)
@@ -134,12 +148,20 @@ mod tests {
         assert_eq!(readiness(&none, 0), Readiness::NoData);
         let exempt_only = Inbound { exempt: 4, ..none };
         assert_eq!(readiness(&exempt_only, 0), Readiness::NoData);
-        let good = Inbound { mtls: 3, exempt: 1, ..none };
+        let good = Inbound {
+            mtls: 3,
+            exempt: 1,
+            ..none
+        };
         assert_eq!(readiness(&good, 3), Readiness::Ready);
         assert_eq!(ratio(&good, 3), Some(1.0));
         let non_istio_mtls = Inbound { mtls: 3, ..none };
         assert_eq!(readiness(&non_istio_mtls, 2), Readiness::NotReady);
-        let mixed = Inbound { mtls: 1, plaintext: 1, ..none };
+        let mixed = Inbound {
+            mtls: 1,
+            plaintext: 1,
+            ..none
+        };
         assert_eq!(readiness(&mixed, 1), Readiness::NotReady);
         assert_eq!(ratio(&mixed, 1), Some(0.5));
         assert_eq!(ratio(&none, 0), None);
@@ -152,12 +174,22 @@ mod tests {
             workload: None,
             window_seconds: 60,
             verdict: Readiness::NotReady,
-            inbound: Inbound { plaintext: 2, ..Default::default() },
+            inbound: Inbound {
+                plaintext: 2,
+                ..Default::default()
+            },
             mtls_ratio: Some(0.0),
             compliant: 0,
             blockers: vec![Blocker {
-                client: ClientRef { namespace: None, workload: None, address: "198.18.0.9".into() },
-                server: ServerRef { workload: "web".into(), port: 8080 },
+                client: ClientRef {
+                    namespace: None,
+                    workload: None,
+                    address: "198.18.0.9".into(),
+                },
+                server: ServerRef {
+                    workload: "web".into(),
+                    port: 8080,
+                },
                 security: "plaintext".into(),
                 connections: 2,
                 last_seen: "2026-11-24T01:00:00Z".into(),

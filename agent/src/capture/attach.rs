@@ -182,7 +182,11 @@ impl Attacher {
             Err(e) => return Err(format!("adding clsact qdisc: {e}")),
         };
         let nl = |p: &mut SchedClassifier, t| {
-            p.attach_with_options(&iface.name, t, TcAttachOptions::Netlink(NlOptions::default()))
+            p.attach_with_options(
+                &iface.name,
+                t,
+                TcAttachOptions::Netlink(NlOptions::default()),
+            )
         };
         let i = nl(ingress, TcAttachType::Ingress).map_err(|e| format!("clsact ingress: {e}"))?;
         let e = match nl(egress, TcAttachType::Egress) {
@@ -230,7 +234,9 @@ fn remove_clsact(name: &str) {
         .output()
     {
         Ok(o) if o.status.success() => debug!(interface = %name, "removed clsact qdisc"),
-        Ok(o) => warn!(interface = %name, stderr = %String::from_utf8_lossy(&o.stderr).trim(), "removing clsact qdisc failed"),
+        Ok(o) => {
+            warn!(interface = %name, stderr = %String::from_utf8_lossy(&o.stderr).trim(), "removing clsact qdisc failed")
+        }
         Err(e) => warn!(interface = %name, error = %e, "running tc to remove clsact failed"),
     }
 }

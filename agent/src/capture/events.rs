@@ -178,8 +178,10 @@ mod tests {
 
     fn bytes_of<T>(v: &T) -> Vec<u8> {
         // SAFETY: test helper over repr(C) POD values.
-        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
-            .to_vec()
+        unsafe {
+            std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>())
+        }
+        .to_vec()
     }
 
     #[test]
@@ -232,6 +234,9 @@ mod tests {
             DecodeError::BadLength { claimed: 4000, .. }
         ));
         let h = header(9);
-        assert_eq!(decode(&bytes_of(&h)).unwrap_err(), DecodeError::UnknownKind(9));
+        assert_eq!(
+            decode(&bytes_of(&h)).unwrap_err(),
+            DecodeError::UnknownKind(9)
+        );
     }
 }

@@ -38,7 +38,9 @@ pub enum CaptureError {
     CaptureBytes { got: u32, max: u32 },
     #[error("--ring-buffer-size must be a power of two of at least 4096 bytes, got {0}")]
     RingSize(u32),
-    #[error("loading the eBPF program failed: {0} (needs root or CAP_BPF+CAP_NET_ADMIN+CAP_PERFMON, and a kernel with BTF and ring buffers, 5.8+)")]
+    #[error(
+        "loading the eBPF program failed: {0} (needs root or CAP_BPF+CAP_NET_ADMIN+CAP_PERFMON, and a kernel with BTF and ring buffers, 5.8+)"
+    )]
     Load(#[source] aya::EbpfError),
     #[error("eBPF program {0}: {1}")]
     Program(&'static str, #[source] aya::programs::ProgramError),
@@ -69,7 +71,8 @@ impl Capture {
         if !cfg.ring_buffer_bytes.is_power_of_two() || cfg.ring_buffer_bytes < 4096 {
             return Err(CaptureError::RingSize(cfg.ring_buffer_bytes));
         }
-        let globs = Globs::new(&cfg.interfaces).map_err(|e| CaptureError::Map("globs", e.to_string()))?;
+        let globs =
+            Globs::new(&cfg.interfaces).map_err(|e| CaptureError::Map("globs", e.to_string()))?;
         bump_memlock_rlimit();
         let mut ebpf = EbpfLoader::new()
             .override_global(names::GLOBAL_MAX_SEGMENTS, &cfg.max_segments, true)
@@ -123,7 +126,10 @@ impl Capture {
     /// Attaches to new matching interfaces and forgets vanished ones.
     pub fn sync_interfaces(&mut self) -> std::io::Result<SyncReport> {
         let present = list_interfaces()?;
-        let mut attacher = std::mem::replace(&mut self.attacher, attach::Attacher::new(Globs::new(&[]).unwrap_or_else(|_| unreachable!())));
+        let mut attacher = std::mem::replace(
+            &mut self.attacher,
+            attach::Attacher::new(Globs::new(&[]).unwrap_or_else(|_| unreachable!())),
+        );
         let (i, e) = self.programs();
         let report = attacher.sync(i, e, &present);
         self.attacher = attacher;
@@ -140,7 +146,10 @@ impl Capture {
 
     /// Detaches everything this process attached. Other programs on the interfaces are untouched.
     pub fn detach_all(&mut self) {
-        let mut attacher = std::mem::replace(&mut self.attacher, attach::Attacher::new(Globs::new(&[]).unwrap_or_else(|_| unreachable!())));
+        let mut attacher = std::mem::replace(
+            &mut self.attacher,
+            attach::Attacher::new(Globs::new(&[]).unwrap_or_else(|_| unreachable!())),
+        );
         let (i, e) = self.programs();
         attacher.detach_all(i, e);
         self.attacher = attacher;
@@ -206,6 +215,8 @@ pub(crate) fn readable_fd<T: std::os::fd::AsRawFd>(
 ) -> std::io::Result<tokio::io::unix::AsyncFd<T>> {
     // SAFETY: every caller passes an owned object whose fd stays open, and the same, for as long
     // as the AsyncFd lives (it owns the object).
-    unsafe { tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| e.into_parts().1)
 }

@@ -25,7 +25,8 @@ impl LinkWatch {
             let fd = OwnedFd::from_raw_fd(fd);
             let mut addr: libc::sockaddr_nl = std::mem::zeroed();
             addr.nl_family = libc::AF_NETLINK as u16;
-            addr.nl_groups = (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32;
+            addr.nl_groups =
+                (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32;
             let rc = libc::bind(
                 fd.as_raw_fd(),
                 (&addr as *const libc::sockaddr_nl).cast(),
@@ -34,7 +35,9 @@ impl LinkWatch {
             if rc < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            Ok(Self { fd: super::readable_fd(fd)? })
+            Ok(Self {
+                fd: super::readable_fd(fd)?,
+            })
         }
     }
 

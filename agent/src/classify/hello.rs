@@ -6,6 +6,8 @@
 //! SNI that follow it.
 
 use tls_parser::{TlsExtension, TlsMessageHandshake};
+
+use super::records::array;
 use x509_parser::extensions::GeneralName;
 
 /// Extensions looked at per hello: a ClientHello that fits our buffer has at most ~4k.
@@ -59,11 +61,11 @@ pub(crate) struct ServerHelloInfo {
 /// Calls `f(type, whole extension bytes)` for each well-framed extension.
 fn for_each_extension(mut ext: &[u8], mut f: impl FnMut(u16, &[u8])) {
     for _ in 0..MAX_EXTENSIONS {
-        let (Some(t), Some(l)) = (ext.get(0..2), ext.get(2..4)) else {
+        let (Some(t), Some(l)) = (array(ext, 0), array(ext, 2)) else {
             return;
         };
-        let typ = u16::from_be_bytes([t[0], t[1]]);
-        let len = usize::from(u16::from_be_bytes([l[0], l[1]]));
+        let typ = u16::from_be_bytes(t);
+        let len = usize::from(u16::from_be_bytes(l));
         let Some(whole) = ext.get(..4 + len) else {
             return;
         };

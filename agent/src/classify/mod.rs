@@ -3,16 +3,16 @@
 //! The classifier is fed the first payload segments of each direction of one TCP connection, as the
 //! eBPF program or a pcap reader saw them: duplicated (the same skb seen on two interfaces),
 //! retransmitted, out of order, cut by the capture length, split over several segments. It
-//! reassembles each direction from its first byte ([`reassembly`]), then decides:
+//! reassembles each direction from its first byte (`reassembly`), then decides:
 //!
-//! * TLS ([`tls`]): parse the ClientHello/ServerHello with `tls-parser` and apply the client-auth
+//! * TLS (`tls`): parse the ClientHello/ServerHello with `tls-parser` and apply the client-auth
 //!   rules (TLS <= 1.2: the client's Certificate message is visible; TLS 1.3: the size of the
 //!   client's first encrypted record tells a Certificate from a bare Finished), inheriting the
 //!   outcome of resumed sessions from a [`ResumptionCache`];
-//! * plaintext ([`plaintext`]): the first client bytes are not a TLS record, with the sub-protocol
+//! * plaintext (`plaintext`): the first client bytes are not a TLS record, with the sub-protocol
 //!   where recognisable; preambles that wrap TLS (PostgreSQL SSLRequest, MySQL SSL request) are
 //!   unwrapped first;
-//! * mid-stream connections ([`midstream`]): only positive evidence, never plaintext on a guess.
+//! * mid-stream connections (`midstream`): only positive evidence, never plaintext on a guess.
 //!
 //! Nothing here touches the kernel or does I/O, so the same code serves live capture and pcap files.
 
@@ -292,7 +292,7 @@ pub struct ConnMeta {
 /// Classifies one TCP connection from its first payload segments.
 ///
 /// Memory per connection is bounded: each direction buffers at most
-/// [`reassembly::STREAM_CAP`] bytes, and both buffers are released once the verdict is final.
+/// `reassembly::STREAM_CAP` (16 KiB) bytes, and both buffers are released once the verdict is final.
 #[derive(Debug)]
 pub struct ConnClassifier {
     meta: ConnMeta,
@@ -303,6 +303,10 @@ pub struct ConnClassifier {
     tick: u64,
     /// Any payload seen at all (also mid-stream, where nothing is buffered).
     seen_payload: bool,
+    /// Bytes parsed so far without a decision, and the buffered length at the last parse (see
+    /// [`Self::worth_deciding`]).
+    parsed_total: usize,
+    parsed_len: usize,
     verdict: Option<Verdict>,
 }
 
@@ -314,6 +318,8 @@ impl ConnClassifier {
             meta,
             tick: 0,
             seen_payload: false,
+            parsed_total: 0,
+            parsed_len: 0,
             verdict: None,
         }
     }
@@ -322,7 +328,7 @@ impl ConnClassifier {
         &self.meta
     }
 
-    /// Feed one captured segment. `seq` is the TCP sequence number of payload[0]. `payload` may be
+    /// Feed one captured segment. `seq` is the TCP sequence number of `payload[0]`. `payload` may be
     /// shorter than the segment on the wire (capture cap) — then `wire_len` is larger; bytes past the
     /// capture are a gap. Returns true when this call made the verdict final.
     pub fn on_segment(
@@ -353,11 +359,8 @@ impl ConnClassifier {
             Direction::ToClient => &mut self.server,
         };
         let before = stream.contiguous_len();
-        let first_complete_before = stream.first_segment_complete();
         stream.insert(seq, payload, wire_len, self.tick);
-        if stream.contiguous_len() == before
-            && stream.first_segment_complete() == first_complete_before
-        {
+        if stream.contiguous_len() == before || !self.worth_deciding() {
             return false;
         }
         match self.decide(cache, false) {
@@ -367,6 +370,25 @@ impl ConnClassifier {
             }
             None => false,
         }
+    }
+
+    /// Each decision re-parses the buffered prefixes from the start, which is cheap for the few
+    /// segments a real handshake takes. A hostile sender trickling one byte per segment would make
+    /// that quadratic, so once `PARSE_BUDGET` bytes have been parsed without a decision, parse
+    /// again only when `REPARSE_STEP` more bytes arrived or a buffer is full (at most
+    /// 2 * STREAM_CAP / REPARSE_STEP more parses). `finish` always decides.
+    fn worth_deciding(&mut self) -> bool {
+        const PARSE_BUDGET: usize = 1 << 20;
+        const REPARSE_STEP: usize = 512;
+        let len = self.client.contiguous_len() + self.server.contiguous_len();
+        let full = self.client.contiguous_len() >= reassembly::STREAM_CAP
+            || self.server.contiguous_len() >= reassembly::STREAM_CAP;
+        if self.parsed_total >= PARSE_BUDGET && len < self.parsed_len + REPARSE_STEP && !full {
+            return false;
+        }
+        self.parsed_len = len;
+        self.parsed_total = self.parsed_total.saturating_add(len);
+        true
     }
 
     /// Final verdict if decided.
@@ -437,31 +459,31 @@ impl ConnClassifier {
                 plaintext::Preamble::Ssl => true,
                 plaintext::Preamble::Gss => false,
             };
-                    match s.get(soff) {
-                        None => return pending(Evidence::HandshakeIncomplete),
-                        Some(b'S') if ssl => {
-                            return tls::decide(
-                                &self.meta,
-                                &self.client,
-                                coff + 8,
-                                &self.server,
-                                soff + 1,
-                                cache,
-                                finishing,
-                            );
-                        }
-                        Some(b'N') => {
-                            coff += 8;
-                            soff += 1;
-                        }
-                        // 'G' (GSSAPI encryption, not TLS) or an error: the client's bytes were not TLS.
-                        Some(_) => {
-                            return Some(Verdict::plaintext(
-                                Protocol::Postgres,
-                                Evidence::PlaintextFirstBytes,
-                            ));
-                        }
-                    }
+            match s.get(soff) {
+                None => return pending(Evidence::HandshakeIncomplete),
+                Some(b'S') if ssl => {
+                    return tls::decide(
+                        &self.meta,
+                        &self.client,
+                        coff + 8,
+                        &self.server,
+                        soff + 1,
+                        cache,
+                        finishing,
+                    );
+                }
+                Some(b'N') => {
+                    coff += 8;
+                    soff += 1;
+                }
+                // 'G' (GSSAPI encryption, not TLS) or an error: the client's bytes were not TLS.
+                Some(_) => {
+                    return Some(Verdict::plaintext(
+                        Protocol::Postgres,
+                        Evidence::PlaintextFirstBytes,
+                    ));
+                }
+            }
         }
 
         let rest = c.get(coff..).unwrap_or_default();

@@ -6,7 +6,7 @@
 
 use super::Protocol;
 pub(crate) use super::records::Prefix;
-use super::records::{CT_HANDSHAKE, record_start};
+use super::records::{CT_HANDSHAKE, array, record_start};
 
 /// Result of one detector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,15 +127,15 @@ fn http1(b: &[u8]) -> Detect<Protocol> {
 
 /// PostgreSQL StartupMessage (length + protocol 3.x) or CancelRequest.
 fn postgres(b: &[u8]) -> Detect<Protocol> {
-    let (Some(len), Some(code)) = (b.get(0..4), b.get(4..8)) else {
+    let (Some(len), Some(code)) = (array(b, 0), array(b, 4)) else {
         return if b.first() == Some(&0) {
             Detect::Maybe
         } else {
             Detect::No
         };
     };
-    let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]);
-    let code = u32::from_be_bytes([code[0], code[1], code[2], code[3]]);
+    let len = u32::from_be_bytes(len);
+    let code = u32::from_be_bytes(code);
     let startup = code >> 16 == 3 && code & 0xffff < 16 && (9..=10_000).contains(&len);
     let cancel = code == 80_877_102 && len == 16;
     if startup || cancel {
@@ -203,7 +203,7 @@ pub(crate) fn classify_client(
 /// NUL-terminated printable version string. Found carries the packet length with its header,
 /// i.e. where the server's next bytes (TLS after an SSL request) start.
 pub(crate) fn mysql_greeting_len(s: &[u8]) -> Detect<usize> {
-    let (Some(l), Some(&seq), Some(&proto)) = (s.get(0..3), s.get(3), s.get(4)) else {
+    let (Some([l0, l1, l2]), Some(&seq), Some(&proto)) = (array(s, 0), s.get(3), s.get(4)) else {
         let consistent = s.get(3).is_none_or(|&q| q == 0);
         return if !s.is_empty() && consistent {
             Detect::Maybe
@@ -211,20 +211,22 @@ pub(crate) fn mysql_greeting_len(s: &[u8]) -> Detect<usize> {
             Detect::No
         };
     };
-    let len = usize::from(l[0]) | usize::from(l[1]) << 8 | usize::from(l[2]) << 16;
+    let len = usize::from(l0) | usize::from(l1) << 8 | usize::from(l2) << 16;
     if seq != 0 || proto != 10 || !(20..=1024).contains(&len) {
         return Detect::No;
     }
     let version = s.get(5..(4 + len).min(5 + 64)).unwrap_or_default();
     match version.iter().position(|&c| c == 0) {
         Some(0) => Detect::No,
-        Some(n) if version.get(..n).is_some_and(|v| v.iter().all(|c| c.is_ascii_graphic())) => {
+        Some(n)
+            if version
+                .get(..n)
+                .is_some_and(|v| v.iter().all(|c| c.is_ascii_graphic())) =>
+        {
             Detect::Found(4 + len)
         }
         Some(_) => Detect::No,
-        None if version.iter().all(|c| c.is_ascii_graphic()) && version.len() < 64 => {
-            Detect::Maybe
-        }
+        None if version.iter().all(|c| c.is_ascii_graphic()) && version.len() < 64 => Detect::Maybe,
         None => Detect::No,
     }
 }
@@ -233,11 +235,11 @@ pub(crate) fn mysql_greeting_len(s: &[u8]) -> Detect<usize> {
 /// capability. Found carries where the client's TLS starts.
 pub(crate) fn mysql_ssl_request(c: &[u8]) -> Detect<usize> {
     const CLIENT_SSL: u32 = 0x0800;
-    let (Some(l), Some(&seq), Some(caps)) = (c.get(0..3), c.get(3), c.get(4..8)) else {
+    let (Some([l0, l1, l2]), Some(&seq), Some(caps)) = (array(c, 0), c.get(3), array(c, 4)) else {
         return Detect::Maybe;
     };
-    let len = usize::from(l[0]) | usize::from(l[1]) << 8 | usize::from(l[2]) << 16;
-    let caps = u32::from_le_bytes([caps[0], caps[1], caps[2], caps[3]]);
+    let len = usize::from(l0) | usize::from(l1) << 8 | usize::from(l2) << 16;
+    let caps = u32::from_le_bytes(caps);
     if seq == 1 && len == 32 && caps & CLIENT_SSL != 0 {
         Detect::Found(4 + len)
     } else {

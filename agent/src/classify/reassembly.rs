@@ -9,7 +9,8 @@
 /// Bytes buffered per direction. A post-quantum ClientHello is ~2 KB and a TLS 1.2 server flight
 /// with a certificate chain a few KB; nothing beyond the first flights is needed.
 pub(crate) const STREAM_CAP: usize = 16 * 1024;
-/// Disjoint filled ranges kept; a segment that would open one more is dropped (hostile input).
+/// Disjoint filled ranges kept (hostile input: thousands of tiny segments); when full, the range
+/// farthest from the start gives way to a nearer one.
 const MAX_RANGES: usize = 64;
 /// Segments remembered for arrival order and "first segment complete".
 const MAX_SEGS: usize = 64;
@@ -32,7 +33,9 @@ pub(crate) struct Stream {
     /// Sequence number of stream offset 0.
     base: Option<u32>,
     /// `base` came from the SYN (isn + 1): bytes before it are not ours. Without it, `base` is the
-    /// lowest sequence number seen so far and moves down when an earlier segment shows up.
+    /// lowest sequence number seen so far and moves down when an earlier segment shows up; a
+    /// decision taken before that earlier segment arrived (its successor read as the stream start)
+    /// cannot be undone, so callers should pass the ISNs whenever the handshake was seen.
     isn_known: bool,
     buf: Vec<u8>,
     /// Filled byte ranges of `buf`, sorted, disjoint, not adjacent.
@@ -130,7 +133,13 @@ impl Stream {
         let end = offset.saturating_add(payload.len()).min(STREAM_CAP);
         let touches = self.ranges.iter().any(|&(s, e)| s <= end && offset <= e);
         if !touches && self.ranges.len() >= MAX_RANGES {
-            return;
+            // Full: keep the ranges nearest the start, which the prefix needs first.
+            match self.ranges.last() {
+                Some(&(last_start, _)) if last_start > offset => {
+                    self.ranges.pop();
+                }
+                _ => return,
+            }
         }
         if self.buf.len() < end {
             self.buf.resize(end, 0);
@@ -177,9 +186,7 @@ impl Stream {
 
     /// The contiguous prefix from offset 0.
     pub(crate) fn contiguous(&self) -> &[u8] {
-        self.buf
-            .get(..self.contiguous_len())
-            .unwrap_or_default()
+        self.buf.get(..self.contiguous_len()).unwrap_or_default()
     }
 
     /// The segment starting at offset 0 was captured whole and is in the prefix: the sender's first

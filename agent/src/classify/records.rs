@@ -44,11 +44,19 @@ pub(crate) enum Item<'a> {
         body: Vec<u8>,
     },
     ChangeCipherSpec,
-    Alert,
+    /// A plaintext alert; `fatal` when its level byte is 2 (a fatal alert ends the connection).
+    Alert {
+        fatal: bool,
+    },
     /// An ApplicationData record: offset of its header in the stream and its body length.
-    AppData { offset: usize, len: usize },
+    AppData {
+        offset: usize,
+        len: usize,
+    },
     /// A handshake record after ChangeCipherSpec in TLS <= 1.2 (the encrypted Finished).
-    Encrypted { body: Option<&'a [u8]> },
+    Encrypted {
+        body: Option<&'a [u8]>,
+    },
 }
 
 /// The items of a stream prefix.
@@ -112,6 +120,11 @@ fn header(b: &[u8]) -> Header {
         return Header::Bad;
     }
     Header::Ok { typ, len }
+}
+
+/// `N` bytes of `b` from `at`, if there.
+pub(crate) fn array<const N: usize>(b: &[u8], at: usize) -> Option<[u8; N]> {
+    b.get(at..at.checked_add(N)?)?.try_into().ok()
 }
 
 fn u24(b: &[u8]) -> Option<usize> {
@@ -187,7 +200,9 @@ pub(crate) fn itemize(b: &[u8], plain_after_ccs: bool) -> Items<'_> {
                 out.items.push(Item::ChangeCipherSpec);
                 encrypted = !plain_after_ccs;
             }
-            CT_ALERT => out.items.push(Item::Alert),
+            CT_ALERT => out.items.push(Item::Alert {
+                fatal: body.and_then(|b| b.first()) == Some(&2),
+            }),
             CT_APPLICATION_DATA => out.items.push(Item::AppData { offset: off, len }),
             _ => {}
         }

@@ -5,9 +5,9 @@
 //!   ClientKeyExchange is one-way TLS.
 //! * TLS 1.3: everything after the ServerHello is encrypted, but record sizes are not. The client's
 //!   first ApplicationData record after its (last) ClientHello, skipping ChangeCipherSpec, carries
-//!   either its Certificate (hundreds of bytes: OpenSSL sends 465) or only a Finished (53 bytes with
-//!   SHA-256 suites, 69 with SHA-384; an empty Certificate plus Finished stays under 100). 128 is
-//!   the threshold.
+//!   either its Certificate (hundreds of bytes: OpenSSL sends 465 with DESIGN.md's certificate,
+//!   529-853 with the test PKI's) or only a Finished (53 bytes with SHA-256 suites, 69 with
+//!   SHA-384; an empty Certificate plus Finished stays under 100). 128 is the threshold.
 //! * Resumption (TLS 1.2 session id echo or abbreviated server flight, TLS 1.3 accepted PSK): the
 //!   client certificate is not sent again, so the outcome is inherited from the last full handshake
 //!   between the same client and server ([`ResumptionCache`]).
@@ -17,6 +17,8 @@
 //!   whose first byte was captured before the ServerHello's last byte are skipped (capture order:
 //!   the segments' arrival order). When the PSK was accepted, early data is irrelevant: the session
 //!   is resumed and inherits.
+//! * A fatal plaintext alert (or, in TLS 1.3, a first encrypted record too small to be anything
+//!   but an alert) ends the handshake: `unknown` with `handshake_alert`, not one-way TLS.
 //!
 //! Decisions are final as soon as the deciding bytes are there. Without a ServerHello (the server
 //! direction was not captured) nothing is final before the connection ends; then the client's
@@ -36,6 +38,8 @@ use super::{ConnMeta, Evidence, ResumptionCache, Security, Verdict, mesh_of};
 
 /// Smallest first client record (TLS 1.3) taken as carrying a Certificate.
 pub(crate) const CERTIFICATE_RECORD_MIN: usize = 128;
+/// Largest TLS 1.3 record that is an encrypted alert rather than a handshake flight.
+const ENCRYPTED_ALERT_MAX: usize = 19;
 
 /// Server handshake message types that only a full TLS <= 1.2 handshake has.
 const HS_SERVER_KEY_EXCHANGE: u8 = 12;
@@ -86,7 +90,7 @@ enum Flow {
     Unknown,
     /// Certificate / ServerKeyExchange / CertificateRequest / ServerHelloDone seen.
     Full,
-    /// ServerHello, [NewSessionTicket], ChangeCipherSpec: resumption.
+    /// ServerHello, optional NewSessionTicket, ChangeCipherSpec: resumption.
     Abbreviated,
 }
 
@@ -230,7 +234,7 @@ impl Ctx<'_> {
                 declared,
                 ..
             }) if !too_big(self.soff, *declared) => return view,
-            Some(Item::Alert) => return ServerView::new(ServerState::Alert),
+            Some(Item::Alert { .. }) => return ServerView::new(ServerState::Alert),
             Some(_) => return ServerView::new(ServerState::Malformed),
             None if items.malformed => return ServerView::new(ServerState::Malformed),
             None => return view,
@@ -254,7 +258,7 @@ impl Ctx<'_> {
                         found = Some((i, parse_server_hello(body), *end));
                         break;
                     }
-                    Item::Alert => return ServerView::new(ServerState::Alert),
+                    Item::Alert { .. } => return ServerView::new(ServerState::Alert),
                     Item::PartialHandshake { .. } => break,
                     _ => return ServerView::new(ServerState::Malformed),
                 }
@@ -274,7 +278,8 @@ impl Ctx<'_> {
             .server
             .tick_of((self.soff + hello_end).saturating_sub(1));
         if sh.version < TLS13 {
-            self.scan_server_flight(&items.items[hello_idx + 1..], &mut view);
+            let after = items.items.get(hello_idx + 1..).unwrap_or_default();
+            self.scan_server_flight(after, &mut view);
         }
         view.hello = Some(sh);
         view
@@ -371,7 +376,9 @@ impl Ctx<'_> {
                         typ: HS_CLIENT_HELLO,
                         ..
                     }) => break,
-                    Some(Item::Alert) => return Step::Pending(with(base, Evidence::HandshakeAlert)),
+                    Some(Item::Alert { fatal: true }) => {
+                        return Step::Final(with(base, Evidence::HandshakeAlert));
+                    }
                     None | Some(Item::PartialHandshake { .. }) => {
                         return self.incomplete(base, items.malformed);
                     }
@@ -389,7 +396,10 @@ impl Ctx<'_> {
                     }
                     return Step::Final(first_record_verdict(base, *len));
                 }
-                Item::Alert => return Step::Pending(with(base, Evidence::HandshakeAlert)),
+                Item::Alert { fatal: true } => {
+                    return Step::Final(with(base, Evidence::HandshakeAlert));
+                }
+                Item::Alert { fatal: false } => {}
                 Item::PartialHandshake { .. } => break,
             }
         }
@@ -415,15 +425,16 @@ impl Ctx<'_> {
     /// TLS <= 1.2 full handshake: the client's second flight.
     fn tls12_flight(&self, base: Verdict, sv: &ServerView, cache: &mut ResumptionCache) -> Step {
         let items = itemize(self.client_bytes(), false);
-        if let Some(item) = items.items.get(1) {
+        for item in items.items.iter().skip(1) {
             if let Some(step) = self.tls12_rule(base.clone(), item) {
                 return step;
             }
             return match item {
+                Item::Alert { fatal: false } => continue,
+                Item::Alert { fatal: true } => Step::Final(with(base, Evidence::HandshakeAlert)),
                 Item::ChangeCipherSpec if sv.flow != Flow::Full => {
                     Step::Final(self.resumed(base, cache))
                 }
-                Item::Alert => Step::Pending(with(base, Evidence::HandshakeAlert)),
                 _ => Step::Final(with(base, Evidence::Malformed)),
             };
         }
@@ -493,7 +504,12 @@ impl Ctx<'_> {
     }
 
     /// No ServerHello: judge from the client's flight where it is unambiguous.
-    fn client_only(&self, base: Verdict, ch: &ClientHelloInfo, cache: &mut ResumptionCache) -> Step {
+    fn client_only(
+        &self,
+        base: Verdict,
+        ch: &ClientHelloInfo,
+        cache: &mut ResumptionCache,
+    ) -> Step {
         let items = itemize(self.client_bytes(), false);
         let mut hrr = false;
         for item in items.items.iter().skip(1) {
@@ -525,7 +541,10 @@ impl Ctx<'_> {
                     }
                     break;
                 }
-                Item::Alert => return Step::Pending(with(base, Evidence::HandshakeAlert)),
+                Item::Alert { fatal: true } => {
+                    return Step::Pending(with(base, Evidence::HandshakeAlert));
+                }
+                Item::Alert { fatal: false } => {}
                 _ => break,
             }
         }
@@ -544,8 +563,14 @@ fn looks_like_client_hello(body: &[u8]) -> bool {
     }
 }
 
-/// TLS 1.3 rule on the client's first encrypted record.
+/// TLS 1.3 rule on the client's first encrypted record. The smallest records are encrypted
+/// alerts (2 bytes + content type + 16-byte tag = 19): the client gave up on the handshake (e.g.
+/// it rejected the server certificate). Any flight is larger: an empty Certificate alone is 25.
+/// (CCM_8 suites, with an 8-byte tag, would make an empty Certificate 17; nobody uses them.)
 fn first_record_verdict(v: Verdict, len: usize) -> Verdict {
+    if len <= ENCRYPTED_ALERT_MAX {
+        return with(v, Evidence::HandshakeAlert);
+    }
     let security = if len >= CERTIFICATE_RECORD_MIN {
         Security::Mtls
     } else {

@@ -2,6 +2,7 @@
 //!
 //! Exit codes (DESIGN.md): 0 success, 1 runtime failure, 2 bad usage or bad input, each failure
 //! as one line on stderr naming the flag or file and what is wrong.
+pub mod prometheus;
 pub mod report;
 pub mod run;
 
@@ -24,15 +25,21 @@ Examples:
   mtls-agent run --interface 'cali*' --inventory inventory.yaml
 
   # Several CNIs' interface names, another port
-  mtls-agent run --interface 'lxc*' --interface 'veth*' --inventory inv.yaml --listen 0.0.0.0:9100";
+  mtls-agent run --interface 'lxc*' --interface 'veth*' --inventory inv.yaml --listen 0.0.0.0:9100
+
+  # On Kubernetes (a DaemonSet): identities and PeerAuthentication modes from the API
+  mtls-agent run --kubernetes --node-name \"$NODE_NAME\"";
 
 const REPORT_EXAMPLES: &str = "\
 Examples:
   # Would STRICT break anything in namespace shop?
   mtls-agent report --namespace shop --agent http://10.0.0.5:9477
 
-  # One workload, as JSON for scripts
-  mtls-agent report --namespace shop --workload api --output json";
+  # One workload over the last hour, as JSON for scripts
+  mtls-agent report --namespace shop --workload api --window 1h --output json
+
+  # Every namespace, cluster-wide, from the Prometheus that scrapes all agents
+  mtls-agent report --all-namespaces --prometheus http://prometheus:9090";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -69,9 +76,27 @@ pub struct RunArgs {
     /// (cali*, lxc*, veth*, eni*, gke*, azv*).
     #[arg(long = "interface", value_name = "GLOB")]
     pub interfaces: Vec<String>,
-    /// Inventory file (YAML) mapping addresses to namespaces and workloads.
+    /// Inventory file (YAML) mapping addresses to namespaces and workloads. Exactly one of
+    /// --inventory and --kubernetes is required.
     #[arg(long, value_name = "FILE")]
-    pub inventory: PathBuf,
+    pub inventory: Option<PathBuf>,
+    /// Identities and Istio PeerAuthentication modes from the Kubernetes API (in-cluster config,
+    /// or --kubeconfig) instead of an inventory file.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// Kubeconfig file for --kubernetes (default: KUBECONFIG, ~/.kube/config, then in-cluster).
+    #[arg(long, value_name = "FILE", requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name (--kubernetes): its addresses are probe sources, its pods' workloads are
+    /// the ones reported.
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// SPIFFE trust domain of the mesh (--kubernetes).
+    #[arg(long, value_name = "DOMAIN", default_value = crate::identity::kubernetes::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Istio root namespace, where mesh-wide PeerAuthentications live (--kubernetes).
+    #[arg(long, value_name = "NS", default_value = crate::identity::kubernetes::DEFAULT_ROOT_NAMESPACE)]
+    pub istio_root_namespace: String,
     /// Address for /metrics, /healthz and the report API.
     #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:9477")]
     pub listen: SocketAddr,
@@ -100,6 +125,10 @@ pub struct RunArgs {
     /// the rest into client_workload="other".
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub max_blocking_clients: usize,
+    /// How far back readiness is judged: the readiness gauges follow it, and `report --window`
+    /// can ask for any window up to it (e.g. 15m, 1h).
+    #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = parse_window)]
+    pub window: humantime::Duration,
     /// Log level or filter (also RUST_LOG), e.g. `info`, `mtls_agent=debug`.
     #[arg(long, value_name = "FILTER", default_value = "info")]
     pub log: String,
@@ -114,17 +143,46 @@ pub enum Output {
 #[derive(Debug, Args)]
 pub struct ReportArgs {
     /// Namespace to judge.
-    #[arg(long, value_name = "NS")]
-    pub namespace: String,
-    /// Only this workload of the namespace.
-    #[arg(long, value_name = "W")]
+    #[arg(
+        long,
+        value_name = "NS",
+        required_unless_present = "all_namespaces",
+        conflicts_with = "all_namespaces"
+    )]
+    pub namespace: Option<String>,
+    /// Only this workload of the namespace (workload-by-workload migration).
+    #[arg(long, value_name = "W", requires = "namespace")]
     pub workload: Option<String>,
-    /// Base URL of a running agent.
+    /// One line per namespace: verdict, mTLS ratio, blockers, sidecar coverage.
+    #[arg(long, short = 'A')]
+    pub all_namespaces: bool,
+    /// Base URL of a running agent (one node).
     #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9477")]
     pub agent: String,
+    /// Base URL of a Prometheus that scrapes every agent (cluster-wide).
+    #[arg(long, value_name = "URL", conflicts_with = "agent")]
+    pub prometheus: Option<String>,
+    /// Judge over this window (e.g. 5m, 1h). Default: the agent's --window; 15m with --prometheus.
+    #[arg(long, value_name = "DURATION", value_parser = parse_window)]
+    pub window: Option<humantime::Duration>,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     pub output: Output,
+}
+
+/// A window: a humantime duration (`90s`, `15m`, `1h`) of at least 1 s and at most 7 days.
+fn parse_window(s: &str) -> Result<humantime::Duration, String> {
+    let d: humantime::Duration = s
+        .parse()
+        .map_err(|e| format!("{e} (expected e.g. 90s, 15m, 1h)"))?;
+    let secs = std::time::Duration::from(d).as_secs();
+    if secs < 1 {
+        return Err("must be at least 1s".into());
+    }
+    if secs > 7 * 24 * 3600 {
+        return Err("must be at most 7d".into());
+    }
+    Ok(d)
 }
 
 /// Parses the command line and runs it; returns the process exit code.
@@ -133,9 +191,18 @@ pub fn main() -> u8 {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
                 let _ = e.print();
-                return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand { 2 } else { 0 };
+                return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                    2
+                } else {
+                    0
+                };
             }
             eprintln!("mtls-agent: {} (see --help)", clap_one_line(&e));
             return 2;
@@ -148,7 +215,11 @@ pub fn main() -> u8 {
     match result {
         Ok(()) => 0,
         Err(e) => {
-            let code = if e.downcast_ref::<UsageError>().is_some() { 2 } else { 1 };
+            let code = if e.downcast_ref::<UsageError>().is_some() {
+                2
+            } else {
+                1
+            };
             eprintln!("mtls-agent: {}", one_line(&format!("{e:#}")));
             code
         }
@@ -166,7 +237,11 @@ fn clap_one_line(e: &clap::Error) -> String {
         .collect();
     let line = para.join(" ");
     let line = line.trim_start_matches("error: ").trim();
-    if line.is_empty() { "invalid arguments".to_owned() } else { line.to_owned() }
+    if line.is_empty() {
+        "invalid arguments".to_owned()
+    } else {
+        line.to_owned()
+    }
 }
 
 fn one_line(s: &str) -> String {
@@ -189,11 +264,21 @@ mod tests {
             vec!["mtls-agent", "run", "--inventory", "x", "--listen", "nope"],
             vec!["mtls-agent", "run", "--bogus"],
             vec!["mtls-agent", "report"],
-            vec!["mtls-agent", "report", "--namespace", "a", "--output", "xml"],
+            vec![
+                "mtls-agent",
+                "report",
+                "--namespace",
+                "a",
+                "--output",
+                "xml",
+            ],
         ] {
             let e = Cli::try_parse_from(&argv).unwrap_err();
             let line = clap_one_line(&e);
-            assert!(!line.is_empty() && !line.contains('\n'), "{argv:?}: {line:?}");
+            assert!(
+                !line.is_empty() && !line.contains('\n'),
+                "{argv:?}: {line:?}"
+            );
         }
     }
 }

@@ -3,18 +3,59 @@
 use std::{io::Write as _, time::Duration};
 
 use anyhow::Context as _;
-use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use comfy_table::{ContentArrangement, Table, presets::UTF8_BORDERS_ONLY};
 use owo_colors::{OwoColorize as _, Stream};
 
-use super::{Output, ReportArgs, usage};
+use super::{Output, ReportArgs, prometheus::Prometheus, usage};
 use crate::{
     aggregate::{Blocker, Readiness, Report},
-    export::http::ApiError,
+    export::http::{ApiError, NamespaceSummary},
 };
 
 pub fn report(args: ReportArgs) -> anyhow::Result<()> {
-    let report = fetch(&args)?;
+    let window = args.window.map(Duration::from);
     let mut stdout = std::io::stdout().lock();
+    if args.all_namespaces {
+        let list = match &args.prometheus {
+            Some(url) => {
+                let prom = Prometheus::new(url)?;
+                let window = window.unwrap_or(crate::aggregate::DEFAULT_WINDOW);
+                let mut list = Vec::new();
+                for ns in prom.namespaces(window)? {
+                    list.push(NamespaceSummary::from_report(&prom.report(&ns, None, window)?));
+                }
+                list
+            }
+            None => get_json(&args.agent, "/api/v1/namespaces", &window_query(window))?,
+        };
+        match args.output {
+            Output::Json => {
+                serde_json::to_writer_pretty(&mut stdout, &list).context("writing JSON")?;
+                writeln!(stdout)?;
+            }
+            Output::Table => write!(stdout, "{}", render_namespaces(&list))?,
+        }
+        return Ok(());
+    }
+    let namespace = args
+        .namespace
+        .as_deref()
+        .ok_or_else(|| usage("--namespace or --all-namespaces is required"))?;
+    let report: Report = match &args.prometheus {
+        Some(url) => Prometheus::new(url)?.report(
+            namespace,
+            args.workload.as_deref(),
+            window.unwrap_or(crate::aggregate::DEFAULT_WINDOW),
+        )?,
+        None => {
+            let mut q = vec![("namespace", namespace.to_owned())];
+            if let Some(w) = &args.workload {
+                q.push(("workload", w.clone()));
+            }
+            q.extend(window_query(window));
+            get_json(&args.agent, "/api/v1/report", &q)?
+        }
+    };
     match args.output {
         Output::Json => {
             serde_json::to_writer_pretty(&mut stdout, &report).context("writing JSON")?;
@@ -25,12 +66,22 @@ pub fn report(args: ReportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn fetch(args: &ReportArgs) -> anyhow::Result<Report> {
-    let base = args.agent.trim_end_matches('/');
+fn window_query(window: Option<Duration>) -> Vec<(&'static str, String)> {
+    window
+        .map(|w| vec![("window", w.as_secs().to_string())])
+        .unwrap_or_default()
+}
+
+/// GET a JSON document from the agent's API; 400/404 answers are the user's to fix (exit 2).
+fn get_json<T: serde::de::DeserializeOwned>(
+    agent_url: &str,
+    path: &str,
+    query: &[(&str, String)],
+) -> anyhow::Result<T> {
+    let base = agent_url.trim_end_matches('/');
     if !(base.starts_with("http://") || base.starts_with("https://")) {
         return Err(usage(format!(
-            "--agent: {:?} is not an http:// or https:// URL",
-            args.agent
+            "--agent: {agent_url:?} is not an http:// or https:// URL"
         )));
     }
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -38,11 +89,9 @@ fn fetch(args: &ReportArgs) -> anyhow::Result<Report> {
         .http_status_as_error(false)
         .build()
         .into();
-    let mut req = agent
-        .get(format!("{base}/api/v1/report"))
-        .query("namespace", &args.namespace);
-    if let Some(w) = &args.workload {
-        req = req.query("workload", w);
+    let mut req = agent.get(format!("{base}{path}"));
+    for (k, v) in query {
+        req = req.query(*k, v);
     }
     let mut resp = req
         .call()
@@ -64,6 +113,37 @@ fn fetch(args: &ReportArgs) -> anyhow::Result<Report> {
     } else {
         Err(anyhow::anyhow!("the agent at {base} answered {status}: {msg}"))
     }
+}
+
+/// `report --all-namespaces` for people.
+pub fn render_namespaces(list: &[NamespaceSummary]) -> String {
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header([
+            "NAMESPACE", "VERDICT", "MTLS RATIO", "INBOUND", "BLOCKING CONNS", "BLOCKERS",
+            "SIDECARS",
+        ]);
+    for n in list {
+        t.add_row([
+            n.namespace.clone(),
+            verdict_text(n.verdict),
+            pct(n.mtls_ratio),
+            (n.inbound.judged() + n.inbound.exempt).to_string(),
+            n.blocking_connections.to_string(),
+            n.blockers.to_string(),
+            format!("{}/{}", n.workloads_with_sidecar, n.workloads),
+        ]);
+    }
+    let ready = list.iter().filter(|n| n.verdict == Readiness::Ready).count();
+    let window = list.first().map(|n| n.window_seconds).unwrap_or(0);
+    format!(
+        "{t}
+{ready} of {} namespaces ready for STRICT (window {})
+",
+        list.len(),
+        humantime::format_duration(Duration::from_secs(window))
+    )
 }
 
 fn pct(r: Option<f64>) -> String {
@@ -109,10 +189,15 @@ pub fn advice(b: &Blocker, report: &Report) -> String {
             if b.security == "plaintext" {
                 format!("inject a sidecar into {client}")
             } else {
-                format!("{client} speaks non-Istio TLS: inject a sidecar or exempt port {}?", b.server.port)
+                format!(
+                    "{client} speaks non-Istio TLS: inject a sidecar or exempt port {}?",
+                    b.server.port
+                )
             }
         }
-        "unknown" => "handshake not seen (started before the agent, or events lost): watch again".into(),
+        "unknown" => {
+            "handshake not seen (started before the agent, or events lost): watch again".into()
+        }
         _ => format!("{client} does not present an Istio client certificate"),
     }
 }
@@ -143,10 +228,19 @@ pub fn render_table(r: &Report) -> String {
     if !r.blockers.is_empty() {
         s += "\nBlockers — these connections would break under STRICT:\n";
         let mut t = Table::new();
-        t.load_preset(UTF8_BORDERS_ONLY).set_header([
-            "CLIENT", "ADDRESS", "SERVER", "PORT", "SECURITY", "CONNS", "LAST SEEN", "EVIDENCE",
-            "WHAT TO DO",
-        ]);
+        t.load_preset(UTF8_BORDERS_ONLY)
+            .set_content_arrangement(ContentArrangement::Dynamic)
+            .set_header([
+                "CLIENT",
+                "ADDRESS",
+                "SERVER",
+                "PORT",
+                "SECURITY",
+                "CONNS",
+                "LAST SEEN",
+                "EVIDENCE",
+                "WHAT TO DO",
+            ]);
         for b in &r.blockers {
             let security = match &b.protocol {
                 Some(p) => format!("{} ({p})", b.security),
@@ -169,10 +263,19 @@ pub fn render_table(r: &Report) -> String {
     if !r.workloads.is_empty() {
         s += "\nWorkloads:\n";
         let mut t = Table::new();
-        t.load_preset(UTF8_BORDERS_ONLY).set_header([
-            "WORKLOAD", "VERDICT", "SIDECAR", "MTLS", "TLS", "PLAINTEXT", "UNKNOWN", "EXEMPT",
-            "MTLS RATIO",
-        ]);
+        t.load_preset(UTF8_BORDERS_ONLY)
+            .set_content_arrangement(ContentArrangement::Dynamic)
+            .set_header([
+                "WORKLOAD",
+                "VERDICT",
+                "SIDECAR",
+                "MTLS",
+                "TLS",
+                "PLAINTEXT",
+                "UNKNOWN",
+                "EXEMPT",
+                "MTLS RATIO",
+            ]);
         for w in &r.workloads {
             t.add_row([
                 w.name.clone(),
@@ -214,7 +317,12 @@ mod tests {
             workload: None,
             window_seconds: 125,
             verdict: Readiness::NotReady,
-            inbound: Inbound { mtls: 1, plaintext: 2, exempt: 1, ..Default::default() },
+            inbound: Inbound {
+                mtls: 1,
+                plaintext: 2,
+                exempt: 1,
+                ..Default::default()
+            },
             mtls_ratio: Some(1.0 / 3.0),
             compliant: 1,
             blockers: vec![Blocker {
@@ -223,7 +331,10 @@ mod tests {
                     workload: Some("batch".into()),
                     address: "198.18.0.4".into(),
                 },
-                server: ServerRef { workload: "web".into(), port: 8080 },
+                server: ServerRef {
+                    workload: "web".into(),
+                    port: 8080,
+                },
                 security: "plaintext".into(),
                 connections: 2,
                 last_seen: "2026-11-24T01:00:00Z".into(),
@@ -234,7 +345,12 @@ mod tests {
             workloads: vec![WorkloadReport {
                 name: "web".into(),
                 verdict: Readiness::NotReady,
-                inbound: Inbound { mtls: 1, plaintext: 2, exempt: 1, ..Default::default() },
+                inbound: Inbound {
+                    mtls: 1,
+                    plaintext: 2,
+                    exempt: 1,
+                    ..Default::default()
+                },
                 sidecar: true,
                 mtls_ratio: Some(1.0 / 3.0),
                 compliant: 1,

@@ -19,7 +19,11 @@ use crate::{
         metrics::{Metrics, mirror},
     },
     flows::{Output, Tracker, TrackerConfig},
-    identity::{Inventory, Resolver, node},
+    identity::{
+        Inventory, KubeConfig, KubeStore, Resolver,
+        kubernetes_watch::{self, KubeWatch},
+        node,
+    },
 };
 
 /// Ring-buffer records handled per wake-up before other work gets a turn.
@@ -47,9 +51,22 @@ pub fn init_logging(filter: &str) {
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logging(&args.log);
     // Validate everything the user gave before touching the kernel.
-    let inventory = Inventory::load(&args.inventory).map_err(|e| usage(e.to_string()))?;
+    // --- Kubernetes mode (issue 4): exactly one identity source. ---
+    let inventory = match (&args.inventory, args.kubernetes) {
+        (Some(path), false) => Inventory::load(path).map_err(|e| usage(e.to_string()))?,
+        (None, true) => Inventory::default(),
+        _ => {
+            return Err(usage(
+                "exactly one of --inventory FILE and --kubernetes is required",
+            ));
+        }
+    };
+    // --- end Kubernetes mode ---
     let interfaces: Vec<String> = if args.interfaces.is_empty() {
-        DEFAULT_INTERFACE_GLOBS.iter().map(|s| s.to_string()).collect()
+        DEFAULT_INTERFACE_GLOBS
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
     } else {
         args.interfaces.clone()
     };
@@ -78,14 +95,27 @@ fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-async fn daemon(args: RunArgs, inventory: Inventory, interfaces: Vec<String>) -> anyhow::Result<()> {
+async fn daemon(
+    args: RunArgs,
+    inventory: Inventory,
+    interfaces: Vec<String>,
+) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     metrics
         .build_info
         .with_label_values(&[env!("CARGO_PKG_VERSION"), &kernel_release()])
         .set(1);
 
-    let mut resolver = Resolver::from_inventory(&inventory);
+    // --- Kubernetes mode (issue 4): identities from the API instead of the inventory. ---
+    let mut kube_watch = None;
+    let mut resolver = if args.kubernetes {
+        let (resolver, watch) = kubernetes_identity(&args, &metrics).await?;
+        kube_watch = Some(watch);
+        resolver
+    } else {
+        Resolver::from_inventory(&inventory)
+    };
+    // --- end Kubernetes mode ---
     let configured_node = inventory.node_networks.clone();
     let refresh_node = |resolver: &mut Resolver| {
         let mut nets = configured_node.clone();
@@ -107,10 +137,23 @@ async fn daemon(args: RunArgs, inventory: Inventory, interfaces: Vec<String>) ->
             exempt_ports,
             generic_mesh: args.generic_mesh,
             max_blocking_clients: args.max_blocking_clients,
+            window: args.window.into(),
         },
         resolver,
         metrics.clone(),
     )));
+
+    // --- Kubernetes mode (issue 4): keep the identities in step with the API. ---
+    if let Some(watch) = kube_watch {
+        let agg = aggregator.clone();
+        tokio::spawn(watch.run(move |apply| {
+            let mut agg = agg.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(store) = agg.resolver_mut().kube_mut() {
+                apply(store);
+            }
+        }));
+    }
+    // --- end Kubernetes mode ---
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -159,6 +202,7 @@ async fn daemon(args: RunArgs, inventory: Inventory, interfaces: Vec<String>) ->
     let mut out = Vec::new();
     let mut tick = tokio::time::interval(TICK);
     let mut last_rescan = Instant::now();
+    let mut last_expire = Instant::now();
     let mut seen = KernelSeen::default();
     let started = Instant::now();
 
@@ -200,6 +244,10 @@ async fn daemon(args: RunArgs, inventory: Inventory, interfaces: Vec<String>) ->
             _ = tick.tick() => {
                 tracker.sweep(Instant::now(), SystemTime::now(), &mut out);
                 apply(&aggregator, &mut out);
+                if last_expire.elapsed() >= Duration::from_secs(1) {
+                    aggregator.lock().unwrap_or_else(|p| p.into_inner()).expire(SystemTime::now());
+                    last_expire = Instant::now();
+                }
                 metrics.flows_tracked.set(tracker.len() as i64);
                 metrics.uptime.set(started.elapsed().as_secs_f64());
                 match capture.kernel_stats() {
@@ -240,7 +288,9 @@ fn sync_interfaces(capture: &mut Capture, metrics: &Metrics) {
         }
         Err(e) => warn!(error = %e, "listing interfaces failed"),
     }
-    metrics.interfaces_attached.set(capture.attached_count() as i64);
+    metrics
+        .interfaces_attached
+        .set(capture.attached_count() as i64);
 }
 
 fn apply(aggregator: &Mutex<Aggregator>, out: &mut Vec<Output>) {
@@ -296,10 +346,52 @@ impl KernelSeen {
             at(stats::PARSE_ERROR),
         );
         mirror(
-            &m.kernel_errors.with_label_values(&["ipv6_extension_headers"]),
+            &m.kernel_errors
+                .with_label_values(&["ipv6_extension_headers"]),
             &mut self.v6ext,
             at(stats::IPV6_EXT_HEADERS),
         );
         mirror(&m.tcp_packets, &mut self.packets, at(stats::TCP_PACKETS));
     }
+}
+
+// --- Kubernetes mode (issue 4) ---
+
+/// How long start-up waits for the first complete list of every resource; the watchers keep
+/// trying after that, and identities appear as they arrive.
+const KUBE_INITIAL_SYNC: Duration = Duration::from_secs(30);
+
+/// Connects to the API, lists pods, namespaces, nodes and PeerAuthentications once and returns
+/// the resolver over that store, with the watchers that keep it current.
+async fn kubernetes_identity(
+    args: &RunArgs,
+    metrics: &Metrics,
+) -> anyhow::Result<(Resolver, KubeWatch)> {
+    let client = kubernetes_watch::client(args.kubeconfig.as_deref())
+        .await
+        .map_err(|e| usage(format!("{e:#}")))?;
+    if args.node_name.is_none() {
+        warn!("no --node-name (NODE_NAME): reports list the workloads of every node");
+    }
+    let mut store = KubeStore::new(KubeConfig {
+        node_name: args.node_name.clone(),
+        trust_domain: args.trust_domain.clone(),
+        root_namespace: args.istio_root_namespace.clone(),
+    });
+    let mut watch = KubeWatch::start(client, metrics.clone());
+    let missing = watch.initial_sync(&mut store, KUBE_INITIAL_SYNC).await;
+    if missing.is_empty() {
+        info!(
+            pods = store.pod_count(),
+            addresses = store.address_count(),
+            "Kubernetes identities listed"
+        );
+    } else {
+        let missing: Vec<&str> = missing.iter().map(|r| r.as_str()).collect();
+        warn!(
+            ?missing,
+            "Kubernetes API not fully listed yet; starting anyway, identities follow as they arrive"
+        );
+    }
+    Ok((Resolver::from_kube(store), watch))
 }

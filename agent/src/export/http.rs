@@ -1,6 +1,9 @@
 //! The agent's HTTP surface (axum): `/metrics`, `/healthz`, `/api/v1/report`,
 //! `/api/v1/namespaces`. Handlers hold the pipeline lock only to copy out what they answer.
-use std::sync::{Arc, Mutex};
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
 
 use axum::{
     Json, Router,
@@ -33,7 +36,10 @@ pub fn router(state: AppState) -> Router {
 
 async fn metrics(State(s): State<AppState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         s.metrics.render(),
     )
         .into_response()
@@ -43,6 +49,13 @@ async fn metrics(State(s): State<AppState>) -> Response {
 pub struct ReportQuery {
     pub namespace: Option<String>,
     pub workload: Option<String>,
+    /// Seconds; default the agent's `--window`.
+    pub window: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WindowQuery {
+    pub window: Option<u64>,
 }
 
 /// Error body of the JSON API: `{"error": "..."}`.
@@ -57,40 +70,73 @@ fn error(status: StatusCode, msg: String) -> Response {
 
 async fn report(State(s): State<AppState>, Query(q): Query<ReportQuery>) -> Response {
     let Some(ns) = q.namespace.filter(|n| !n.is_empty()) else {
-        return error(StatusCode::BAD_REQUEST, "query parameter `namespace` is required".into());
+        return error(
+            StatusCode::BAD_REQUEST,
+            "query parameter `namespace` is required".into(),
+        );
     };
     let result = {
         let agg = s.aggregator.lock().unwrap_or_else(|p| p.into_inner());
-        agg.report(&ns, q.workload.as_deref())
+        agg.report_window(
+            &ns,
+            q.workload.as_deref(),
+            q.window.map(Duration::from_secs),
+            SystemTime::now(),
+        )
     };
     match result {
         Ok(r) => Json(r).into_response(),
         Err(e @ (ReportError::UnknownNamespace(_) | ReportError::UnknownWorkload(..))) => {
             error(StatusCode::NOT_FOUND, e.to_string())
         }
+        Err(e @ (ReportError::WindowTooLong { .. } | ReportError::WindowZero)) => {
+            error(StatusCode::BAD_REQUEST, e.to_string())
+        }
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// One line of `report --all-namespaces`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NamespaceSummary {
     pub namespace: String,
+    pub window_seconds: u64,
     pub verdict: crate::aggregate::Readiness,
     pub mtls_ratio: Option<f64>,
+    pub inbound: crate::aggregate::Inbound,
+    /// Distinct blockers (client × server port × security).
     pub blockers: usize,
+    /// Blocking connections in the window.
+    pub blocking_connections: u64,
+    pub workloads: usize,
+    pub workloads_with_sidecar: usize,
 }
 
-async fn namespaces(State(s): State<AppState>) -> Response {
-    let agg = s.aggregator.lock().unwrap_or_else(|p| p.into_inner());
-    let list: Vec<NamespaceSummary> = agg
-        .namespaces()
-        .into_iter()
-        .filter_map(|ns| agg.report(&ns, None).ok())
-        .map(|r| NamespaceSummary {
-            namespace: r.namespace,
+impl NamespaceSummary {
+    pub fn from_report(r: &crate::aggregate::Report) -> Self {
+        Self {
+            namespace: r.namespace.clone(),
+            window_seconds: r.window_seconds,
             verdict: r.verdict,
             mtls_ratio: r.mtls_ratio,
+            inbound: r.inbound,
             blockers: r.blockers.len(),
-        })
-        .collect();
+            blocking_connections: r.blockers.iter().map(|b| b.connections).sum(),
+            workloads: r.workloads.len(),
+            workloads_with_sidecar: r.workloads.iter().filter(|w| w.sidecar).count(),
+        }
+    }
+}
+
+async fn namespaces(State(s): State<AppState>, Query(q): Query<WindowQuery>) -> Response {
+    let agg = s.aggregator.lock().unwrap_or_else(|p| p.into_inner());
+    let now = SystemTime::now();
+    let window = q.window.map(Duration::from_secs);
+    let mut list = Vec::new();
+    for ns in agg.namespaces() {
+        match agg.report_window(&ns, None, window, now) {
+            Ok(r) => list.push(NamespaceSummary::from_report(&r)),
+            Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+        }
+    }
     Json(list).into_response()
 }

@@ -4,6 +4,18 @@ use prometheus::{
     Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
+/// Labels of the blocking series. `client_address` is set only for clients without identity
+/// (empty otherwise); distinct label sets per server are capped by `--max-blocking-clients`.
+pub const BLOCKING_LABELS: &[&str] = &[
+    "namespace",
+    "workload",
+    "port",
+    "client_namespace",
+    "client_workload",
+    "client_address",
+    "security",
+];
+
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
@@ -12,6 +24,9 @@ pub struct Metrics {
     pub strict_ready: IntGaugeVec,
     pub mtls_ratio: GaugeVec,
     pub blocking: IntCounterVec,
+    pub blocking_last_seen: GaugeVec,
+    pub inbound: IntCounterVec,
+    pub workload_info: IntGaugeVec,
     pub blocking_overflow: IntCounterVec,
     pub evidence: IntCounterVec,
     pub unattributed: IntCounterVec,
@@ -25,6 +40,10 @@ pub struct Metrics {
     pub attach_failures: IntCounter,
     pub build_info: IntGaugeVec,
     pub uptime: Gauge,
+    /// Kubernetes mode (identity/kubernetes_watch.rs): failed list/watch calls per resource.
+    pub kubernetes_api_errors: IntCounterVec,
+    /// Kubernetes mode: Unix time of the last complete list or watch event per resource.
+    pub kubernetes_last_sync: GaugeVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -69,7 +88,8 @@ impl Metrics {
             &["namespace"],
         )
         .expect("static metric definition");
-        r.register(Box::new(strict_ready.clone())).expect("unique metric name");
+        r.register(Box::new(strict_ready.clone()))
+            .expect("unique metric name");
         let mtls_ratio = GaugeVec::new(
             Opts::new(
                 "mtls_agent_namespace_mtls_ratio",
@@ -78,13 +98,40 @@ impl Metrics {
             &["namespace"],
         )
         .expect("static metric definition");
-        r.register(Box::new(mtls_ratio.clone())).expect("unique metric name");
+        r.register(Box::new(mtls_ratio.clone()))
+            .expect("unique metric name");
         let blocking = counter_vec(
             &r,
             "mtls_agent_blocking_connections_total",
             "Inbound connections STRICT would reject, by server workload and port and client identity (bounded: extra clients per server are folded into client_workload=\"other\").",
-            &["namespace", "workload", "port", "client_namespace", "client_workload", "security"],
+            BLOCKING_LABELS,
         );
+        let blocking_last_seen = GaugeVec::new(
+            Opts::new(
+                "mtls_agent_blocking_last_seen_timestamp_seconds",
+                "Unix time of the last blocking connection per series of mtls_agent_blocking_connections_total.",
+            ),
+            BLOCKING_LABELS,
+        )
+        .expect("static metric definition");
+        r.register(Box::new(blocking_last_seen.clone()))
+            .expect("unique metric name");
+        let inbound = counter_vec(
+            &r,
+            "mtls_agent_inbound_connections_total",
+            "Inbound connections to a workload by security and how STRICT would treat them (strict: compliant, blocking, exempt).",
+            &["namespace", "workload", "security", "strict"],
+        );
+        let workload_info = IntGaugeVec::new(
+            Opts::new(
+                "mtls_agent_workload_info",
+                "Known workloads; always 1. Label sidecar is true when the workload has an Istio sidecar.",
+            ),
+            &["namespace", "workload", "sidecar"],
+        )
+        .expect("static metric definition");
+        r.register(Box::new(workload_info.clone()))
+            .expect("unique metric name");
         let blocking_overflow = counter_vec(
             &r,
             "mtls_agent_blocking_clients_overflow_total",
@@ -115,27 +162,73 @@ impl Metrics {
             "Packets the kernel program could not track: flow_table_full, parse_error, ipv6_extension_headers.",
             &["reason"],
         );
-        let tcp_packets = counter(&r, "mtls_agent_tcp_packets_total", "TCP packets seen by the kernel program.");
-        let events = counter(&r, "mtls_agent_events_total", "Events read from the ring buffer.");
-        let decode_errors = counter(&r, "mtls_agent_event_decode_errors_total", "Ring-buffer records that could not be decoded.");
-        let flows_tracked = gauge(&r, "mtls_agent_flows_tracked", "Connections currently tracked by the agent.");
-        let interfaces_attached = gauge(&r, "mtls_agent_interfaces_attached", "Interfaces the TC programs are attached to.");
-        let attach_failures = counter(&r, "mtls_agent_attach_failures_total", "Failed attempts to attach to a matching interface.");
+        let tcp_packets = counter(
+            &r,
+            "mtls_agent_tcp_packets_total",
+            "TCP packets seen by the kernel program.",
+        );
+        let events = counter(
+            &r,
+            "mtls_agent_events_total",
+            "Events read from the ring buffer.",
+        );
+        let decode_errors = counter(
+            &r,
+            "mtls_agent_event_decode_errors_total",
+            "Ring-buffer records that could not be decoded.",
+        );
+        let flows_tracked = gauge(
+            &r,
+            "mtls_agent_flows_tracked",
+            "Connections currently tracked by the agent.",
+        );
+        let interfaces_attached = gauge(
+            &r,
+            "mtls_agent_interfaces_attached",
+            "Interfaces the TC programs are attached to.",
+        );
+        let attach_failures = counter(
+            &r,
+            "mtls_agent_attach_failures_total",
+            "Failed attempts to attach to a matching interface.",
+        );
         let build_info = IntGaugeVec::new(
             Opts::new("mtls_agent_build_info", "Build information; always 1."),
             &["version", "kernel"],
         )
         .expect("static metric definition");
-        r.register(Box::new(build_info.clone())).expect("unique metric name");
-        let uptime = Gauge::new("mtls_agent_uptime_seconds", "Seconds since the agent started.")
-            .expect("static metric definition");
-        r.register(Box::new(uptime.clone())).expect("unique metric name");
+        r.register(Box::new(build_info.clone()))
+            .expect("unique metric name");
+        let uptime = Gauge::new(
+            "mtls_agent_uptime_seconds",
+            "Seconds since the agent started.",
+        )
+        .expect("static metric definition");
+        r.register(Box::new(uptime.clone()))
+            .expect("unique metric name");
         for reason in ["ring_buffer_full", "copy_failed", "decode_error"] {
             events_lost.with_label_values(&[reason]);
         }
         for reason in ["flow_table_full", "parse_error", "ipv6_extension_headers"] {
             kernel_errors.with_label_values(&[reason]);
         }
+        // Kubernetes mode (issue 4).
+        let kubernetes_api_errors = counter_vec(
+            &r,
+            "mtls_agent_kubernetes_api_errors_total",
+            "Failed Kubernetes API list/watch calls (also 410 Gone and dropped watches), by resource: pods, namespaces, nodes, peerauthentications.",
+            &["resource"],
+        );
+        let kubernetes_last_sync = GaugeVec::new(
+            Opts::new(
+                "mtls_agent_kubernetes_last_sync_timestamp_seconds",
+                "Unix time of the last complete list or watch event received from the Kubernetes API, by resource.",
+            ),
+            &["resource"],
+        )
+        .expect("static metric definition");
+        r.register(Box::new(kubernetes_last_sync.clone()))
+            .expect("unique metric name");
         Self {
             registry: r,
             connections,
@@ -143,6 +236,9 @@ impl Metrics {
             strict_ready,
             mtls_ratio,
             blocking,
+            blocking_last_seen,
+            inbound,
+            workload_info,
             blocking_overflow,
             evidence,
             unattributed,
@@ -156,6 +252,8 @@ impl Metrics {
             attach_failures,
             build_info,
             uptime,
+            kubernetes_api_errors,
+            kubernetes_last_sync,
         }
     }
 

@@ -177,7 +177,10 @@ node_addresses: ["198.18.0.1"]
         .unwrap();
         assert_eq!(inv.workloads.len(), 3);
         assert_eq!(inv.workloads[0].networks[0].to_string(), "198.18.1.2/32");
-        assert_eq!(inv.workloads[0].networks[1].to_string(), "2001:db8:1::2/128");
+        assert_eq!(
+            inv.workloads[0].networks[1].to_string(),
+            "2001:db8:1::2/128"
+        );
         assert!(!inv.workloads[1].sidecar);
         assert!(inv.workloads[2].sidecar, "sidecar defaults to true");
         assert_eq!(inv.node_networks.len(), 1);
@@ -186,13 +189,28 @@ node_addresses: ["198.18.0.1"]
     #[test]
     fn errors_name_the_entry() {
         let cases = [
-            ("workloads:\n  - namespace: shop\n    name: web\n    addresses: [\"nope\"]\n", "workloads[0].addresses[0]: \"nope\" is not an IP address or CIDR"),
-            ("workloads:\n  - namespace: Shop\n    name: web\n    addresses: [\"198.18.1.1\"]\n", "workloads[0].namespace"),
-            ("workloads:\n  - namespace: shop\n    name: web\n    adresses: [\"198.18.1.1\"]\n", "unknown field `adresses`"),
-            ("workloads:\n  - namespace: shop\n    name: web\n    addresses: []\n", "workloads[0].addresses: empty"),
+            (
+                "workloads:\n  - namespace: shop\n    name: web\n    addresses: [\"nope\"]\n",
+                "workloads[0].addresses[0]: \"nope\" is not an IP address or CIDR",
+            ),
+            (
+                "workloads:\n  - namespace: Shop\n    name: web\n    addresses: [\"198.18.1.1\"]\n",
+                "workloads[0].namespace",
+            ),
+            (
+                "workloads:\n  - namespace: shop\n    name: web\n    adresses: [\"198.18.1.1\"]\n",
+                "unknown field `adresses`",
+            ),
+            (
+                "workloads:\n  - namespace: shop\n    name: web\n    addresses: []\n",
+                "workloads[0].addresses: empty",
+            ),
             ("", "file is empty"),
             ("workloads: [1, 2", "did not find expected"),
-            ("workloads:\n  - {namespace: a, name: b, addresses: [198.18.0.9]}\n  - {namespace: a, name: b, addresses: [198.18.0.8]}\n", "listed twice"),
+            (
+                "workloads:\n  - {namespace: a, name: b, addresses: [198.18.0.9]}\n  - {namespace: a, name: b, addresses: [198.18.0.8]}\n",
+                "listed twice",
+            ),
         ];
         for (text, want) in cases {
             let err = Inventory::parse(text).unwrap_err();
@@ -204,6 +222,9 @@ node_addresses: ["198.18.0.1"]
     #[test]
     fn load_names_the_file() {
         let err = Inventory::load(Path::new("/nonexistent/inv.yaml")).unwrap_err();
-        assert!(err.to_string().starts_with("inventory /nonexistent/inv.yaml: "));
+        assert!(
+            err.to_string()
+                .starts_with("inventory /nonexistent/inv.yaml: ")
+        );
     }
 }

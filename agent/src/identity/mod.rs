@@ -1,6 +1,12 @@
 //! identity: who an address is — namespace, workload, sidecar — and which addresses are the node
 //! itself (kubelet probes). Lookups happen once per connection, not per packet.
+//!
+//! Two sources: the static inventory file (`inventory.rs`) or the Kubernetes API
+//! (`kubernetes.rs`, the store, fed by `kubernetes_watch.rs`), which also knows the Istio
+//! PeerAuthentication mode of every workload and port and the namespaces' injection labels.
 pub mod inventory;
+pub mod kubernetes;
+pub mod kubernetes_watch;
 pub mod node;
 
 use std::{net::IpAddr, sync::Arc};
@@ -8,6 +14,10 @@ use std::{net::IpAddr, sync::Arc};
 use ipnet::IpNet;
 
 pub use inventory::{Inventory, InventoryError};
+pub use kubernetes::{
+    EffectiveMode, Injection, InjectionState, KubeConfig, KubeStore, Mode, ModeSource,
+    PodIdentity, WorkloadKind,
+};
 
 /// A workload as the rest of the pipeline sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -24,6 +34,8 @@ pub struct Resolver {
     entries: Vec<(IpNet, Arc<Workload>)>,
     workloads: Vec<Arc<Workload>>,
     node: Vec<IpNet>,
+    /// Kubernetes mode: the API's pods, namespaces, nodes and PeerAuthentications.
+    kube: Option<Box<KubeStore>>,
 }
 
 impl Resolver {
@@ -46,24 +58,104 @@ impl Resolver {
             entries,
             workloads,
             node: inv.node_networks.clone(),
+            kube: None,
         }
+    }
+
+    /// Kubernetes mode: identities from a store the API watchers fill (see
+    /// `kubernetes_watch::KubeWatch`).
+    pub fn from_kube(store: KubeStore) -> Self {
+        Self {
+            kube: Some(Box::new(store)),
+            ..Self::default()
+        }
+    }
+
+    /// The Kubernetes store, in Kubernetes mode.
+    pub fn kube(&self) -> Option<&KubeStore> {
+        self.kube.as_deref()
+    }
+
+    pub fn kube_mut(&mut self) -> Option<&mut KubeStore> {
+        self.kube.as_deref_mut()
     }
 
     pub fn lookup(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         let ip = canonical(ip);
+        if let Some(w) = self.kube.as_ref().and_then(|k| k.lookup(ip)) {
+            return Some(w);
+        }
         self.entries
             .iter()
             .find(|(net, _)| net.contains(&ip))
             .map(|(_, w)| w)
     }
 
-    /// Every workload known, for reports that list workloads without traffic.
+    /// Every workload known, for reports that list workloads without traffic. In Kubernetes
+    /// mode: the workloads with a pod on this node.
     pub fn workloads(&self) -> &[Arc<Workload>] {
-        &self.workloads
+        match &self.kube {
+            Some(k) => k.local_workloads(),
+            None => &self.workloads,
+        }
     }
 
+    /// Namespaces with a known workload; in Kubernetes mode also every Namespace object.
     pub fn namespaces(&self) -> std::collections::BTreeSet<&str> {
-        self.workloads.iter().map(|w| w.namespace.as_str()).collect()
+        let mut out: std::collections::BTreeSet<&str> = self
+            .workloads()
+            .iter()
+            .map(|w| w.namespace.as_str())
+            .collect();
+        if let Some(k) = &self.kube {
+            out.extend(k.namespace_names());
+        }
+        out
+    }
+
+    /// The effective Istio PeerAuthentication mode of `workload` in `namespace` for server
+    /// `port` (workload port-level → workload → namespace → mesh → PERMISSIVE; never `Unset`).
+    /// `None` outside Kubernetes mode or for an unknown namespace.
+    pub fn mode(&self, namespace: &str, workload: &str, port: u16) -> Option<Mode> {
+        self.kube()?
+            .effective_mode(namespace, Some(workload), Some(port))
+            .map(|m| m.mode)
+    }
+
+    /// The namespace-level mode (namespace → mesh → PERMISSIVE), ignoring workload policies.
+    pub fn namespace_mode(&self, namespace: &str) -> Option<Mode> {
+        self.kube()?
+            .effective_mode(namespace, None, None)
+            .map(|m| m.mode)
+    }
+
+    /// The mode that applies to a connection to `server` (the pod's own labels select the
+    /// workload policy). `None` outside Kubernetes mode or when the address is not a pod.
+    pub fn mode_for(&self, server: std::net::SocketAddr) -> Option<Mode> {
+        self.kube()?
+            .effective_mode_for_ip(server.ip(), server.port())
+            .map(|m| m.mode)
+    }
+
+    /// The full answer: mode, deciding level and policy name.
+    pub fn effective_mode(
+        &self,
+        namespace: &str,
+        workload: Option<&str>,
+        port: Option<u16>,
+    ) -> Option<EffectiveMode> {
+        self.kube()?.effective_mode(namespace, workload, port)
+    }
+
+    /// The namespace's injection labels (`istio-injection`, `istio.io/rev`,
+    /// `istio.io/dataplane-mode`). `None` outside Kubernetes mode or for an unknown namespace.
+    pub fn injection(&self, namespace: &str) -> Option<&Injection> {
+        self.kube()?.injection(namespace)
+    }
+
+    /// Pod, service account and SPIFFE ID behind an address (Kubernetes mode).
+    pub fn pod(&self, ip: IpAddr) -> Option<PodIdentity> {
+        self.kube()?.pod(ip)
     }
 
     /// Sets the node's own addresses (detected plus configured).
@@ -74,11 +166,12 @@ impl Resolver {
     pub fn is_node(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
         self.node.iter().any(|n| n.contains(&ip))
+            || self.kube.as_ref().is_some_and(|k| k.is_local_node(ip))
     }
 }
 
 /// IPv4-mapped IPv6 addresses are IPv4 for lookup purposes.
-fn canonical(ip: IpAddr) -> IpAddr {
+pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
         v4 => v4,
@@ -96,10 +189,22 @@ mod tests {
         )
         .unwrap();
         let r = Resolver::from_inventory(&inv);
-        assert_eq!(r.lookup("198.18.1.7".parse().unwrap()).unwrap().name, "narrow");
-        assert_eq!(r.lookup("198.18.1.8".parse().unwrap()).unwrap().name, "wide");
-        assert_eq!(r.lookup("::ffff:198.18.1.7".parse().unwrap()).unwrap().name, "narrow");
-        assert_eq!(r.lookup("2001:db8::7".parse().unwrap()).unwrap().namespace, "b");
+        assert_eq!(
+            r.lookup("198.18.1.7".parse().unwrap()).unwrap().name,
+            "narrow"
+        );
+        assert_eq!(
+            r.lookup("198.18.1.8".parse().unwrap()).unwrap().name,
+            "wide"
+        );
+        assert_eq!(
+            r.lookup("::ffff:198.18.1.7".parse().unwrap()).unwrap().name,
+            "narrow"
+        );
+        assert_eq!(
+            r.lookup("2001:db8::7".parse().unwrap()).unwrap().namespace,
+            "b"
+        );
         assert!(r.lookup("203.0.113.1".parse().unwrap()).is_none());
         assert!(r.is_node("198.18.0.1".parse().unwrap()));
         assert!(!r.is_node("198.18.0.2".parse().unwrap()));

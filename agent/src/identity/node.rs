@@ -21,7 +21,9 @@ pub fn local_addresses() -> std::io::Result<Vec<IpNet>> {
                 let ip = match (*addr).sa_family as i32 {
                     libc::AF_INET => {
                         let sin = &*(addr as *const libc::sockaddr_in);
-                        Some(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()))
+                        Some(IpAddr::from(
+                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                        ))
                     }
                     libc::AF_INET6 => {
                         let sin6 = &*(addr as *const libc::sockaddr_in6);

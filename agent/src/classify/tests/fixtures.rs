@@ -97,7 +97,16 @@ pub(crate) fn client_hello(ch: &Ch) -> Vec<u8> {
     }
     if ch.tls13 {
         exts.extend(ext(43, &vec8(&[0x03, 0x04, 0x03, 0x03])));
-        exts.extend(ext(51, &vec16(&[0, 29, 0, 32].iter().copied().chain([7; 32]).collect::<Vec<_>>())));
+        exts.extend(ext(
+            51,
+            &vec16(
+                &[0, 29, 0, 32]
+                    .iter()
+                    .copied()
+                    .chain([7; 32])
+                    .collect::<Vec<_>>(),
+            ),
+        ));
     }
     if ch.early_data {
         exts.extend(ext(42, &[]));
@@ -162,7 +171,14 @@ pub(crate) fn server_hello(sh: &Sh) -> Vec<u8> {
         if sh.hrr {
             exts.extend(ext(51, &[0, 29]));
         } else {
-            exts.extend(ext(51, &[0, 29, 0, 32].iter().copied().chain([8; 32]).collect::<Vec<_>>()));
+            exts.extend(ext(
+                51,
+                &[0, 29, 0, 32]
+                    .iter()
+                    .copied()
+                    .chain([8; 32])
+                    .collect::<Vec<_>>(),
+            ));
         }
     }
     if sh.psk {
@@ -192,7 +208,14 @@ pub(crate) fn certificate_request() -> Vec<u8> {
 }
 
 pub(crate) fn server_key_exchange() -> Vec<u8> {
-    hs(12, &[3, 0, 29, 32].iter().copied().chain([5; 32]).collect::<Vec<_>>())
+    hs(
+        12,
+        &[3, 0, 29, 32]
+            .iter()
+            .copied()
+            .chain([5; 32])
+            .collect::<Vec<_>>(),
+    )
 }
 
 pub(crate) fn server_hello_done() -> Vec<u8> {
@@ -222,5 +245,5 @@ pub(crate) fn encrypted_finished() -> Vec<u8> {
 }
 
 pub(crate) fn alert() -> Vec<u8> {
-    record(21, &[2, 40])
+    record(21, &[2, 40]) // fatal handshake_failure
 }

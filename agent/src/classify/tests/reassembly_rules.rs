@@ -38,7 +38,7 @@ fn out_of_order_duplicates_and_overlaps_reassemble() {
 fn first_copy_wins_on_conflicting_overlap() {
     let mut s = Stream::new(Some(0));
     s.insert(1, b"abcdef", 6, 0);
-    s.insert(3, b"XXXXXXgh", 8, 1);
+    s.insert(3, b"XXXXgh", 6, 1);
     assert_eq!(s.contiguous(), b"abcdefgh");
 }
 
