@@ -10,3 +10,4 @@ pub mod cli;
 pub mod export;
 pub mod flows;
 pub mod identity;
+pub mod pcap;

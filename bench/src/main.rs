@@ -1,12 +1,14 @@
 //! `mtls-bench`: the load generators of `cargo xtask bench` that stock tools do not provide.
 //!
-//! - `serve --listen ADDR:PORT --mode reply|hold [--threads N]`: a TCP server. `reply` reads one
-//!   request, answers a short HTTP response and closes (connection churn); `hold` accepts and
-//!   keeps every connection open without reading (idle flows).
+//! - `serve --listen ADDR:PORT --mode reply|hold [--threads N] [--more-ports P,P..]`: a TCP
+//!   server. `reply` reads one request, answers a short HTTP response and closes (connection
+//!   churn); `hold` listens (on more ports too) and never accepts: connections stay open in the
+//!   accept queues without costing a file descriptor (idle flows).
 //! - `churn --connect ADDR:PORT --sources IP,IP.. --threads N --seconds S`: opens, uses and
 //!   closes connections as fast as it can (connect, send an HTTP/1.1 request, read the answer
 //!   until the server closes); prints `connections=N errors=E seconds=S`.
-//! - `hold --connect ADDR:PORT --sources IP,IP.. --count N [--threads T]`: opens N connections,
+//! - `hold --connect ADDR:PORT [--more-ports P,P..] --sources IP,IP.. --count N [--threads T]`:
+//!   opens N connections (run several processes when N exceeds the file-descriptor limit),
 //!   sends a few plaintext bytes on each (so the agent classifies and tracks them), prints
 //!   `ready N` and keeps them open until killed.
 //!
@@ -154,17 +156,25 @@ fn listen(addr: SocketAddrV4) -> std::io::Result<TcpListener> {
     }
 }
 
-/// Lets one process hold `n` sockets (root may raise the hard limit up to fs.nr_open).
+/// Lets one process hold `n` sockets: raises the soft RLIMIT_NOFILE as far as the hard limit
+/// allows (raising the hard limit needs CAP_SYS_RESOURCE, which a container may not have).
 fn raise_nofile(n: u64) {
-    let lim = libc::rlimit {
-        rlim_cur: n as libc::rlim_t,
-        rlim_max: n as libc::rlim_t,
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
-    // SAFETY: setrlimit with a valid struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        lim.rlim_cur = (n as libc::rlim_t).min(lim.rlim_max);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+    if (lim.rlim_cur as u64) < n {
         eprintln!(
-            "mtls-bench: raising RLIMIT_NOFILE to {n} failed: {}",
-            std::io::Error::last_os_error()
+            "mtls-bench: only {} file descriptors allowed (wanted {n})",
+            lim.rlim_cur
         );
     }
 }
@@ -173,7 +183,6 @@ fn serve(a: &Args) -> Result<(), String> {
     let addr: SocketAddrV4 = get(a, "listen", None)?;
     let mode = a.get("mode").map(String::as_str).unwrap_or("reply");
     let threads: usize = get(a, "threads", Some(2))?;
-    raise_nofile(1 << 20);
     let l = listen(addr).map_err(|e| format!("listen {addr}: {e}"))?;
     match mode {
         "reply" => {
@@ -197,15 +206,27 @@ fn serve(a: &Args) -> Result<(), String> {
             Ok(())
         }
         "hold" => {
-            let mut held = Vec::new();
-            loop {
-                match l.accept() {
-                    Ok((s, _)) => held.push(s),
-                    Err(e) => {
-                        eprintln!("mtls-bench: accept: {e}");
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
+            // Never accept: completed connections wait in the accept queue (up to
+            // net.core.somaxconn each), which needs no file descriptor per connection (the
+            // hard RLIMIT_NOFILE may be low and not raisable in a container).
+            let mut listeners = vec![l];
+            for port in a
+                .get("more-ports")
+                .map(String::as_str)
+                .unwrap_or("")
+                .split(',')
+            {
+                if port.is_empty() {
+                    continue;
                 }
+                let port: u16 = port
+                    .parse()
+                    .map_err(|_| format!("--more-ports: {port:?}"))?;
+                let extra = SocketAddrV4::new(*addr.ip(), port);
+                listeners.push(listen(extra).map_err(|e| format!("listen {extra}: {e}"))?);
+            }
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
             }
         }
         m => Err(format!("--mode: {m:?} is not reply or hold")),
@@ -260,6 +281,19 @@ fn churn(a: &Args) -> Result<(), String> {
 
 fn hold(a: &Args) -> Result<(), String> {
     let dst: SocketAddrV4 = get(a, "connect", None)?;
+    // Destination ports: the first from --connect, more from --more-ports.
+    let mut ports = vec![dst.port()];
+    for p in a
+        .get("more-ports")
+        .map(String::as_str)
+        .unwrap_or("")
+        .split(',')
+    {
+        if !p.is_empty() {
+            ports.push(p.parse().map_err(|_| format!("--more-ports: {p:?}"))?);
+        }
+    }
+    let ports = Arc::new(ports);
     let srcs = Arc::new(sources(a)?);
     let count: usize = get(a, "count", None)?;
     let threads: usize = get(a, "threads", Some(4))?;
@@ -267,13 +301,15 @@ fn hold(a: &Args) -> Result<(), String> {
     let start = Instant::now();
     let mut handles = Vec::new();
     for t in 0..threads.max(1) {
-        let srcs = srcs.clone();
+        let (srcs, ports) = (srcs.clone(), ports.clone());
         let n = count / threads + usize::from(t < count % threads);
         handles.push(std::thread::spawn(
             move || -> Result<Vec<TcpStream>, String> {
                 let mut held = Vec::with_capacity(n);
                 for i in 0..n {
-                    let src = srcs[(i * threads + t) % srcs.len()];
+                    let k = i * threads + t;
+                    let src = srcs[k % srcs.len()];
+                    let dst = SocketAddrV4::new(*dst.ip(), ports[(k / srcs.len()) % ports.len()]);
                     let mut tries = 0;
                     loop {
                         match connect_from(src, dst).and_then(|mut s| {

@@ -160,6 +160,20 @@ impl Agent {
         ))
     }
 
+    /// Runs `mtls-agent report ARGS` inside the node namespace without `--agent` (e.g. with
+    /// `--prometheus`).
+    pub fn report_with(&self, tb: &Testbed, args: &[&str]) -> Result<(ExitStatus, String, String)> {
+        let bin = self.bin.to_str().context("agent path is not UTF-8")?;
+        let mut argv = vec![bin, "report"];
+        argv.extend_from_slice(args);
+        let out = tb.output(&self.ns, &argv, None, Duration::from_secs(15))?;
+        Ok((
+            out.status,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
     /// The JSON report of a namespace (optionally one workload).
     pub fn report_json(
         &self,

@@ -72,10 +72,7 @@ impl KubeResource {
     }
 
     fn namespaced(self) -> bool {
-        matches!(
-            self,
-            KubeResource::Pods | KubeResource::PeerAuthentications
-        )
+        matches!(self, KubeResource::Pods | KubeResource::PeerAuthentications)
     }
 
     /// The fixture file of this resource.
@@ -319,7 +316,10 @@ fn apply(st: &mut State, res: KubeResource, mut obj: Value) -> u64 {
         obj["metadata"]["namespace"] = json!("default");
     }
     let key = key_of(res, &obj);
-    let c = st.colls.get_mut(&res).expect("every resource has a collection");
+    let c = st
+        .colls
+        .get_mut(&res)
+        .expect("every resource has a collection");
     let ty = if c.objects.insert(key, obj.clone()).is_some() {
         "MODIFIED"
     } else {
@@ -340,7 +340,10 @@ fn delete(st: &mut State, res: KubeResource, namespace: Option<&str>, name: &str
     );
     st.rv += 1;
     let rv = st.rv;
-    let c = st.colls.get_mut(&res).expect("every resource has a collection");
+    let c = st
+        .colls
+        .get_mut(&res)
+        .expect("every resource has a collection");
     let Some(mut obj) = c.objects.remove(&key) else {
         return false;
     };
@@ -493,7 +496,11 @@ fn serve(shared: &Shared, conn: TcpStream) -> Result<()> {
                 &mut conn,
                 503,
                 "Service Unavailable",
-                &status(503, "ServiceUnavailable", "the server is currently unable to handle the request"),
+                &status(
+                    503,
+                    "ServiceUnavailable",
+                    "the server is currently unable to handle the request",
+                ),
             );
         }
         route(&st, &req.path)
@@ -503,7 +510,11 @@ fn serve(shared: &Shared, conn: TcpStream) -> Result<()> {
             &mut conn,
             404,
             "Not Found",
-            &status(404, "NotFound", "the server could not find the requested resource"),
+            &status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ),
         );
     };
     if req.method != "GET" {
@@ -511,7 +522,11 @@ fn serve(shared: &Shared, conn: TcpStream) -> Result<()> {
             &mut conn,
             405,
             "Method Not Allowed",
-            &status(405, "MethodNotAllowed", "the double only serves list and watch"),
+            &status(
+                405,
+                "MethodNotAllowed",
+                "the double only serves list and watch",
+            ),
         );
     }
     let watching = matches!(
@@ -520,9 +535,26 @@ fn serve(shared: &Shared, conn: TcpStream) -> Result<()> {
     );
     if !watching {
         let st = shared.lock();
-        let items: Vec<Value> = st.colls[&res]
-            .objects
+        // Pages: `limit` objects, then a `continue` token ("<offset>:<resourceVersion>") that
+        // lists the rest as of the first page's resourceVersion, as the API server does.
+        let (offset, rv) = match req.query.get("continue") {
+            Some(c) => {
+                let (o, r) = c.split_once(':').unwrap_or(("0", "0"));
+                (o.parse().unwrap_or(0), r.parse().unwrap_or(st.rv))
+            }
+            None => (0usize, st.rv),
+        };
+        let limit = req
+            .query
+            .get("limit")
+            .and_then(|l| l.parse::<usize>().ok())
+            .filter(|l| *l > 0)
+            .unwrap_or(usize::MAX);
+        let all = &st.colls[&res].objects;
+        let items: Vec<Value> = all
             .values()
+            .skip(offset)
+            .take(limit)
             .map(|o| {
                 if res == KubeResource::PeerAuthentications {
                     typed(res, &version, o.clone())
@@ -531,10 +563,16 @@ fn serve(shared: &Shared, conn: TcpStream) -> Result<()> {
                 }
             })
             .collect();
+        let next = offset + items.len();
+        let mut metadata = json!({"resourceVersion": rv.to_string()});
+        if next < all.len() {
+            metadata["continue"] = json!(format!("{next}:{rv}"));
+            metadata["remainingItemCount"] = json!(all.len() - next);
+        }
         let list = json!({
             "kind": format!("{}List", res.kind()),
             "apiVersion": api_version(res, &version),
-            "metadata": {"resourceVersion": st.rv.to_string()},
+            "metadata": metadata,
             "items": items,
         });
         drop(st);
@@ -585,7 +623,10 @@ fn serve_watch(
         let rv = st.rv;
         drop(st);
         for o in objs {
-            chunk(conn, &json!({"type": "ADDED", "object": typed(res, version, o)}))?;
+            chunk(
+                conn,
+                &json!({"type": "ADDED", "object": typed(res, version, o)}),
+            )?;
         }
         st = shared.lock();
         rv
@@ -709,7 +750,12 @@ fn serve_admin(shared: &Shared, conn: &mut TcpStream, what: &str, req: &Request)
             let r = shared.lock().requests.clone();
             respond(conn, 200, "OK", &json!(r))
         }
-        _ => respond(conn, 404, "Not Found", &json!({"error": "unknown admin request"})),
+        _ => respond(
+            conn,
+            404,
+            "Not Found",
+            &json!({"error": "unknown admin request"}),
+        ),
     }
 }
 
@@ -749,7 +795,9 @@ impl KubeDoubleClient {
     }
 
     pub fn delete(&self, res: KubeResource, namespace: Option<&str>, name: &str) -> Result<()> {
-        let ns = namespace.map(|n| format!("&namespace={n}")).unwrap_or_default();
+        let ns = namespace
+            .map(|n| format!("&namespace={n}"))
+            .unwrap_or_default();
         self.post(
             &format!("delete?resource={}&name={name}{ns}", res.plural()),
             b"",
@@ -817,8 +865,10 @@ pub fn pod_json(
     ips: &[&str],
     sidecar: bool,
 ) -> Value {
-    let mut lbl: serde_json::Map<String, Value> =
-        labels.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+    let mut lbl: serde_json::Map<String, Value> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
     let mut owners = Vec::new();
     if let Some((kind, oname)) = owner {
         let api = match kind {
@@ -905,6 +955,309 @@ pub fn pod_json(
 }
 
 fn fxhash(s: &str) -> u32 {
-    s.bytes()
-        .fold(0x811c9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x01000193))
+    s.bytes().fold(0x811c9dc5u32, |h, b| {
+        (h ^ b as u32).wrapping_mul(0x01000193)
+    })
+}
+
+/// The `kube-double` binary running inside a test bed namespace, with the agent's kubeconfig.
+pub struct KubeDoubleProc {
+    proc: crate::proc::Proc,
+    ns: String,
+    addr: SocketAddr,
+    kubeconfig: PathBuf,
+}
+
+impl KubeDoubleProc {
+    /// Starts `kube-double` in `ns` on `addr` (e.g. `127.0.0.1:6443`, the loopback of that
+    /// namespace) with the fixtures of `fixtures`, and writes a kubeconfig for it into the bed's
+    /// work directory.
+    pub fn start(
+        tb: &crate::netns::Testbed,
+        ns: &str,
+        addr: SocketAddr,
+        fixtures: &Path,
+    ) -> Result<Self> {
+        let bin = kube_double_bin()?;
+        let kubeconfig = tb.workdir().join("kubeconfig");
+        let proc = tb.spawn(
+            ns,
+            &[
+                bin.to_str().context("kube-double path is not UTF-8")?,
+                "--listen",
+                &addr.to_string(),
+                "--fixtures",
+                fixtures.to_str().context("fixtures path is not UTF-8")?,
+                "--kubeconfig",
+                kubeconfig.to_str().context("work dir is not UTF-8")?,
+            ],
+        )?;
+        tb.wait_tcp_listening(ns, addr, Duration::from_secs(10))
+            .with_context(|| format!("kube-double did not listen: {}", proc.stderr_tail()))?;
+        Ok(Self {
+            proc,
+            ns: ns.to_owned(),
+            addr,
+            kubeconfig,
+        })
+    }
+
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    pub fn proc(&self) -> &crate::proc::Proc {
+        &self.proc
+    }
+
+    /// POSTs an admin request from inside the double's namespace (curl).
+    fn admin(&self, tb: &crate::netns::Testbed, path_query: &str, body: &Value) -> Result<Value> {
+        let url = format!("http://{}/_double/{path_query}", self.addr);
+        let body = serde_json::to_string(body)?;
+        let out = tb.output(
+            &self.ns,
+            &[
+                "curl",
+                "-sS",
+                "--fail",
+                "--noproxy",
+                "*",
+                "--max-time",
+                "5",
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                "@-",
+                &url,
+            ],
+            Some(body.as_bytes()),
+            Duration::from_secs(8),
+        )?;
+        if !out.status.success() {
+            bail!(
+                "kube-double admin {path_query}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// ADDED/MODIFIED `obj` in the double.
+    pub fn apply(&self, tb: &crate::netns::Testbed, res: KubeResource, obj: &Value) -> Result<()> {
+        self.admin(tb, &format!("apply?resource={}", res.plural()), obj)
+            .map(drop)
+    }
+
+    /// DELETED.
+    pub fn delete(
+        &self,
+        tb: &crate::netns::Testbed,
+        res: KubeResource,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<()> {
+        let ns = namespace
+            .map(|n| format!("&namespace={n}"))
+            .unwrap_or_default();
+        self.admin(
+            tb,
+            &format!("delete?resource={}&name={name}{ns}", res.plural()),
+            &json!({}),
+        )
+        .map(drop)
+    }
+
+    /// Compacts the history and drops the watches (410 Gone on re-watch).
+    pub fn expire_history(&self, tb: &crate::netns::Testbed) -> Result<()> {
+        self.admin(tb, "expire", &json!({})).map(drop)
+    }
+
+    pub fn requests(&self, tb: &crate::netns::Testbed) -> Result<Vec<String>> {
+        Ok(serde_json::from_value(self.admin(
+            tb,
+            "requests",
+            &json!({}),
+        )?)?)
+    }
+}
+
+/// `mtls-agent run --kubernetes` in a test bed's node namespace, read the way a user would
+/// (`/metrics`, `/api/v1/identity`, `mtls-agent report`). The inventory-mode twin is
+/// [`crate::Agent`].
+pub struct KubeAgent {
+    proc: crate::proc::Proc,
+    bin: PathBuf,
+    ns: String,
+    listen: SocketAddr,
+}
+
+impl KubeAgent {
+    /// Starts the agent with `--kubernetes --kubeconfig K --node-name N` plus `globs` and
+    /// `extra`, and waits until it answers and has attached to `expect_interfaces` interfaces.
+    pub fn start(
+        tb: &crate::netns::Testbed,
+        bin: &Path,
+        kubeconfig: &Path,
+        node_name: &str,
+        globs: &[&str],
+        extra: &[&str],
+        expect_interfaces: usize,
+    ) -> Result<Self> {
+        let listen: SocketAddr = "127.0.0.1:9477".parse()?;
+        let listen_s = listen.to_string();
+        let mut args = vec![
+            bin.to_str().context("agent path is not UTF-8")?,
+            "run",
+            "--kubernetes",
+            "--kubeconfig",
+            kubeconfig
+                .to_str()
+                .context("kubeconfig path is not UTF-8")?,
+            "--node-name",
+            node_name,
+            "--listen",
+            &listen_s,
+        ];
+        for g in globs {
+            args.push("--interface");
+            args.push(g);
+        }
+        args.extend_from_slice(extra);
+        let proc = tb.spawn_env(
+            tb.node_netns(),
+            &args,
+            &[("RUST_LOG", "info,mtls_agent=debug"), ("NO_COLOR", "1")],
+        )?;
+        let agent = Self {
+            proc,
+            bin: bin.to_path_buf(),
+            ns: tb.node_netns().to_owned(),
+            listen,
+        };
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            agent
+                .proc
+                .ensure_running()
+                .context("mtls-agent exited during start-up")?;
+            if let Ok(m) = agent.metrics(tb)
+                && crate::metric_value(&m, "mtls_agent_interfaces_attached", &[])
+                    .is_some_and(|v| v as usize >= expect_interfaces)
+            {
+                return Ok(agent);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "mtls-agent --kubernetes did not come up with {expect_interfaces} interfaces within 40s; stderr: {}",
+                    agent.proc.stderr_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.listen)
+    }
+
+    pub fn proc(&self) -> &crate::proc::Proc {
+        &self.proc
+    }
+
+    /// GET a path of the agent from inside the node namespace.
+    pub fn get(&self, tb: &crate::netns::Testbed, path: &str) -> Result<String> {
+        let out = tb.output(
+            &self.ns,
+            &[
+                "curl",
+                "-sS",
+                "--fail",
+                "--noproxy",
+                "*",
+                "--max-time",
+                "5",
+                &format!("{}{path}", self.url()),
+            ],
+            None,
+            Duration::from_secs(8),
+        )?;
+        if !out.status.success() {
+            bail!(
+                "GET {path} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn metrics(&self, tb: &crate::netns::Testbed) -> Result<String> {
+        self.get(tb, "/metrics")
+    }
+
+    /// `/api/v1/identity?<query>` as JSON.
+    pub fn identity(&self, tb: &crate::netns::Testbed, query: &str) -> Result<Value> {
+        Ok(serde_json::from_str(
+            &self.get(tb, &format!("/api/v1/identity?{query}"))?,
+        )?)
+    }
+
+    /// Waits until no connection is tracked any more; returns the metrics then.
+    pub fn settle(&self, tb: &crate::netns::Testbed, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.proc.ensure_running()?;
+            let m = self.metrics(tb)?;
+            if crate::metric_value(&m, "mtls_agent_flows_tracked", &[]) == Some(0.0) {
+                return Ok(m);
+            }
+            if Instant::now() > deadline {
+                bail!("connections still tracked after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// `mtls-agent report --agent URL ARGS` in the node namespace: (status, stdout, stderr).
+    pub fn report(
+        &self,
+        tb: &crate::netns::Testbed,
+        args: &[&str],
+    ) -> Result<(std::process::ExitStatus, String, String)> {
+        let bin = self.bin.to_str().context("agent path is not UTF-8")?;
+        let url = self.url();
+        let mut argv = vec![bin, "report", "--agent", &url];
+        argv.extend_from_slice(args);
+        let out = tb.output(&self.ns, &argv, None, Duration::from_secs(15))?;
+        Ok((
+            out.status,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    pub fn report_json(
+        &self,
+        tb: &crate::netns::Testbed,
+        namespace: &str,
+        workload: Option<&str>,
+    ) -> Result<Value> {
+        let mut args = vec!["--namespace", namespace, "--output", "json"];
+        if let Some(w) = workload {
+            args.extend(["--workload", w]);
+        }
+        let (status, out, err) = self.report(tb, &args)?;
+        if !status.success() {
+            bail!("mtls-agent report failed ({status}): {err}");
+        }
+        serde_json::from_str(&out).with_context(|| format!("report is not JSON: {out}"))
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(mut self) -> Result<std::process::ExitStatus> {
+        self.proc
+            .stop_with_grace(Duration::from_secs(10))
+            .context("agent was not running")
+    }
 }

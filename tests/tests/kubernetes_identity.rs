@@ -51,7 +51,10 @@ async fn start(configure: impl FnOnce(&KubeDouble)) -> Result<Running> {
         .initial_sync(&mut store, Duration::from_secs(20))
         .await;
     if !missing.is_empty() {
-        bail!("not listed: {missing:?}; requests: {:#?}", double.requests());
+        bail!(
+            "not listed: {missing:?}; requests: {:#?}",
+            double.requests()
+        );
     }
     let store = Arc::new(Mutex::new(store));
     let s = store.clone();
@@ -109,7 +112,10 @@ async fn fixtures_resolve_identities_owner_chains_and_modes() -> Result<()> {
     // Owner chains without reading the owners, and sidecar detection three ways.
     assert_eq!(r.workload("198.18.0.10"), wl("payments", "api", true));
     assert_eq!(r.workload("2001:db8::10"), wl("payments", "api", true));
-    assert_eq!(r.workload("::ffff:198.18.0.10"), wl("payments", "api", true));
+    assert_eq!(
+        r.workload("::ffff:198.18.0.10"),
+        wl("payments", "api", true)
+    );
     assert_eq!(r.workload("198.18.0.11"), wl("payments", "worker", true));
     assert_eq!(r.workload("198.18.0.12"), wl("payments", "reports", true));
     assert_eq!(r.workload("198.18.0.20"), wl("shop", "web", true));
@@ -122,10 +128,30 @@ async fn fixtures_resolve_identities_owner_chains_and_modes() -> Result<()> {
     {
         let s = r.store.lock().unwrap();
         let kinds = [
-            ("198.18.0.10", WorkloadKind::Deployment, "api-6d8f7b9c4-x7k2p", "api"),
-            ("198.18.0.11", WorkloadKind::DaemonSet, "worker-8xk2n", "worker"),
-            ("198.18.0.12", WorkloadKind::StatefulSet, "reports-0", "reports"),
-            ("198.18.0.30", WorkloadKind::CronJob, "batch-29399820-4wq8z", "default"),
+            (
+                "198.18.0.10",
+                WorkloadKind::Deployment,
+                "api-6d8f7b9c4-x7k2p",
+                "api",
+            ),
+            (
+                "198.18.0.11",
+                WorkloadKind::DaemonSet,
+                "worker-8xk2n",
+                "worker",
+            ),
+            (
+                "198.18.0.12",
+                WorkloadKind::StatefulSet,
+                "reports-0",
+                "reports",
+            ),
+            (
+                "198.18.0.30",
+                WorkloadKind::CronJob,
+                "batch-29399820-4wq8z",
+                "default",
+            ),
             ("198.18.0.40", WorkloadKind::Pod, "ledger", "ledger"),
         ];
         for (addr, kind, pod, sa) in kinds {
@@ -148,7 +174,10 @@ async fn fixtures_resolve_identities_owner_chains_and_modes() -> Result<()> {
         let inj = |ns: &str| s.injection(ns).map(|i| i.state);
         assert_eq!(inj("payments"), Some(InjectionState::Sidecar));
         assert_eq!(inj("shop"), Some(InjectionState::Sidecar), "istio.io/rev");
-        assert_eq!(s.injection("shop").unwrap().revision.as_deref(), Some("1-24-2"));
+        assert_eq!(
+            s.injection("shop").unwrap().revision.as_deref(),
+            Some("1-24-2")
+        );
         assert_eq!(inj("legacy"), Some(InjectionState::Disabled));
         assert_eq!(inj("audit"), Some(InjectionState::Ambient));
         assert_eq!(inj("default"), Some(InjectionState::None));
@@ -184,10 +213,16 @@ async fn fixtures_resolve_identities_owner_chains_and_modes() -> Result<()> {
                 Some("payments/reports-metrics")
             )
         );
-        let m = s.effective_mode("legacy", Some("batch"), Some(8080)).unwrap();
+        let m = s
+            .effective_mode("legacy", Some("batch"), Some(8080))
+            .unwrap();
         assert_eq!(
             (m.mode, m.source, m.policy.as_deref()),
-            (Mode::Permissive, ModeSource::Mesh, Some("istio-system/default")),
+            (
+                Mode::Permissive,
+                ModeSource::Mesh,
+                Some("istio-system/default")
+            ),
             "UNSET in the namespace inherits the mesh"
         );
     }
@@ -207,10 +242,15 @@ async fn fixtures_resolve_identities_owner_chains_and_modes() -> Result<()> {
     );
     let resolver = Resolver::from_kube(store);
     assert_eq!(
-        resolver.lookup(ip("::ffff:198.18.0.10")).map(|w| w.name.as_str()),
+        resolver
+            .lookup(ip("::ffff:198.18.0.10"))
+            .map(|w| w.name.as_str()),
         Some("api")
     );
-    assert_eq!(resolver.mode("payments", "reports", 9090), Some(Mode::Disable));
+    assert_eq!(
+        resolver.mode("payments", "reports", 9090),
+        Some(Mode::Disable)
+    );
     assert_eq!(resolver.namespace_mode("payments"), Some(Mode::Strict));
     assert_eq!(resolver.namespace_mode("shop"), Some(Mode::Permissive));
     assert_eq!(
@@ -230,24 +270,34 @@ async fn fixtures_resolve_identities_owner_chains_and_modes() -> Result<()> {
         serde_json::from_value::<Mode>(json!("permissive"))?,
         Mode::Permissive
     );
-    // The watchers asked the way a real client does.
-    let reqs = r.double.requests();
-    assert!(
-        reqs.iter()
-            .any(|q| q.starts_with("GET /api/v1/pods?") && q.contains("resourceVersion=0")),
-        "{reqs:#?}"
-    );
-    assert!(
-        reqs.iter().any(|q| q.starts_with("GET /api/v1/pods?")
-            && q.contains("watch=true")
-            && q.contains("allowWatchBookmarks=true")),
-        "{reqs:#?}"
-    );
-    assert!(
-        reqs.iter()
-            .any(|q| q.starts_with("GET /apis/security.istio.io/v1/peerauthentications?")),
-        "{reqs:#?}"
-    );
+    // The watchers asked the way a real client does: paged lists, then watches from the
+    // list's resourceVersion with bookmarks.
+    for (what, pred) in [
+        (
+            "paged pod list",
+            (|q: &str| q.starts_with("GET /api/v1/pods?") && q.contains("limit=500"))
+                as fn(&str) -> bool,
+        ),
+        ("pod watch with bookmarks", |q: &str| {
+            q.starts_with("GET /api/v1/pods?")
+                && q.contains("watch=true")
+                && q.contains("allowWatchBookmarks=true")
+                && q.contains("resourceVersion=")
+        }),
+        ("PeerAuthentication v1", |q: &str| {
+            q.starts_with("GET /apis/security.istio.io/v1/peerauthentications?")
+        }),
+    ] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !r.double.requests().iter().any(|q| pred(q)) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {:#?}",
+                r.double.requests()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     Ok(())
 }
 
@@ -269,7 +319,8 @@ async fn pod_changes_and_address_reuse_switch_identity_at_once() -> Result<()> {
         ),
     );
     r.until("cart appears", |s| {
-        s.lookup(ip("198.18.0.60")).is_some_and(|w| w.name == "cart")
+        s.lookup(ip("198.18.0.60"))
+            .is_some_and(|w| w.name == "cart")
     })
     .await?;
 
@@ -292,9 +343,13 @@ async fn pod_changes_and_address_reuse_switch_identity_at_once() -> Result<()> {
     })
     .await?;
     // The old pod's deletion does not take the address away from the new one.
-    assert!(r.double.delete(KubeResource::Pods, Some("billing"), "ledger"));
+    assert!(
+        r.double
+            .delete(KubeResource::Pods, Some("billing"), "ledger")
+    );
     r.until("ledger gone", |s| {
-        s.pod(ip("198.18.0.40")).is_some_and(|p| p.pod == "search-0")
+        s.pod(ip("198.18.0.40"))
+            .is_some_and(|p| p.pod == "search-0")
             && !s.local_workloads().iter().any(|w| w.name == "ledger")
     })
     .await?;
@@ -337,7 +392,10 @@ async fn pod_changes_and_address_reuse_switch_identity_at_once() -> Result<()> {
     .await?;
 
     // Deletion.
-    assert!(r.double.delete(KubeResource::Pods, Some("shop"), "search-0"));
+    assert!(
+        r.double
+            .delete(KubeResource::Pods, Some("shop"), "search-0")
+    );
     r.until("search gone", |s| s.lookup(ip("198.18.0.40")).is_none())
         .await?;
     Ok(())
@@ -502,14 +560,58 @@ async fn peer_authentication_v1beta1_and_no_istio() -> Result<()> {
     assert_eq!(r.mode("payments", "api", 8443), Some(Mode::Strict));
     let deadline = Instant::now() + Duration::from_secs(10);
     while !r.double.requests().iter().any(|q| {
-        q.contains("/apis/security.istio.io/v1beta1/peerauthentications") && q.contains("watch=true")
+        q.contains("/apis/security.istio.io/v1beta1/peerauthentications")
+            && q.contains("watch=true")
     }) {
         assert!(Instant::now() < deadline, "{:#?}", r.double.requests());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(r);
     let r = start(|d| d.set_peer_authentication_versions(&[])).await?;
-    assert!(r.store.lock().unwrap().is_synced(Resource::PeerAuthentications));
+    assert!(
+        r.store
+            .lock()
+            .unwrap()
+            .is_synced(Resource::PeerAuthentications)
+    );
     assert_eq!(r.mode("payments", "api", 8443), Some(Mode::Permissive));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_lists_come_in_pages() -> Result<()> {
+    let r = start(|d| {
+        for i in 0..1200u32 {
+            let addr = format!("198.18.{}.{}", 10 + i / 250, 1 + i % 250);
+            d.apply(
+                KubeResource::Pods,
+                pod_json(
+                    "bulk",
+                    &format!("filler-5d8c7b6a9f-{i:05}"),
+                    Some(("ReplicaSet", "filler-5d8c7b6a9f")),
+                    &[("app", "filler")],
+                    "filler",
+                    "node-b",
+                    &[&addr],
+                    true,
+                ),
+            );
+        }
+    })
+    .await?;
+    {
+        let s = r.store.lock().unwrap();
+        assert_eq!(s.pod_count(), 1200 + 10, "every page applied");
+        assert_eq!(
+            s.lookup(ip("198.18.14.200")).map(|w| w.name.as_str()),
+            Some("filler")
+        );
+    }
+    let reqs = r.double.requests();
+    let pages = reqs
+        .iter()
+        .filter(|q| q.starts_with("GET /api/v1/pods?") && q.contains("continue="))
+        .count();
+    assert_eq!(pages, 2, "1,210 pods in pages of 500: {reqs:#?}");
     Ok(())
 }

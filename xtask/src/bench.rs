@@ -701,54 +701,82 @@ fn traffic(bed: &Bed, plan: &Plan, sc: Scenario) -> anyhow::Result<(f64, Option<
     }
 }
 
-/// Opens the idle flows (server holds, client sends a few bytes on each and waits).
-fn open_idle(bed: &Bed, n: usize) -> anyhow::Result<(Proc, Proc, f64)> {
+/// Connections one `mtls-bench hold` process opens: below the hard file-descriptor limit that a
+/// container may not let us raise (20000 here).
+const HOLD_PER_PROCESS: usize = 15_000;
+/// Ports the hold server listens on; each accept queue holds up to 65535 connections.
+const HOLD_PORTS: u16 = 4;
+
+/// Opens the idle flows: the server listens and never accepts, client processes send a few
+/// bytes on each connection and keep it open. Returns the processes and the time it took.
+fn open_idle(bed: &Bed, n: usize) -> anyhow::Result<(Vec<Proc>, f64)> {
     let tool = s(&bed.tool)?;
     let listen = format!("0.0.0.0:{HOLD_PORT}");
-    let server = bed.tb.spawn(
+    let more: Vec<String> = (1..HOLD_PORTS)
+        .map(|i| (HOLD_PORT + i).to_string())
+        .collect();
+    let more = more.join(",");
+    let mut procs = vec![bed.tb.spawn(
         &bed.srv.netns,
-        &[tool, "serve", "--listen", &listen, "--mode", "hold"],
-    )?;
-    bed.tb.wait_tcp_listening(
-        &bed.srv.netns,
-        std::net::SocketAddr::from(([0, 0, 0, 0], HOLD_PORT)),
-        Duration::from_secs(15),
-    )?;
-    let client = bed.tb.spawn(
-        &bed.cli.netns,
         &[
             tool,
+            "serve",
+            "--listen",
+            &listen,
+            "--mode",
             "hold",
-            "--connect",
-            &format!("{SRV}:{HOLD_PORT}"),
-            "--sources",
-            &bed.sources(),
-            "--count",
-            &n.to_string(),
-            "--threads",
-            "4",
+            "--more-ports",
+            &more,
         ],
-    )?;
+    )?];
+    for i in 0..HOLD_PORTS {
+        bed.tb.wait_tcp_listening(
+            &bed.srv.netns,
+            std::net::SocketAddr::from(([0, 0, 0, 0], HOLD_PORT + i)),
+            Duration::from_secs(15),
+        )?;
+    }
     let start = Instant::now();
+    let nproc = n.div_ceil(HOLD_PER_PROCESS).max(1);
+    let connect = format!("{SRV}:{HOLD_PORT}");
+    let sources = bed.sources();
+    for k in 0..nproc {
+        let count = n / nproc + usize::from(k < n % nproc);
+        procs.push(bed.tb.spawn(
+            &bed.cli.netns,
+            &[
+                tool,
+                "hold",
+                "--connect",
+                &connect,
+                "--more-ports",
+                &more,
+                "--sources",
+                &sources,
+                "--count",
+                &count.to_string(),
+                "--threads",
+                "2",
+            ],
+        )?);
+    }
     let deadline = start + Duration::from_secs(300);
     loop {
-        let out = client.stdout();
-        if let Some(l) = out.lines().find(|l| l.starts_with("ready")) {
-            let secs = l
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("seconds=")?.parse().ok())
-                .unwrap_or_else(|| start.elapsed().as_secs_f64());
-            return Ok((server, client, secs));
+        let ready = procs[1..]
+            .iter()
+            .filter(|p| p.stdout().lines().any(|l| l.starts_with("ready")))
+            .count();
+        if ready == nproc {
+            return Ok((procs, start.elapsed().as_secs_f64()));
         }
-        client.ensure_running().context("mtls-bench hold failed")?;
-        server.ensure_running().context("mtls-bench serve (hold)")?;
+        for p in &procs {
+            p.ensure_running()
+                .context("idle-flow load generator failed")?;
+        }
         if Instant::now() > deadline {
-            bail!(
-                "{n} idle connections not open after 300s: {}",
-                client.stderr_tail()
-            );
+            bail!("{n} idle connections not open after 300s");
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -758,7 +786,7 @@ fn run_once(bed: &Bed, plan: &Plan, sc: Scenario, v: Variant) -> anyhow::Result<
     let obs = start_observer(bed, v)?;
     let mut idle = None;
     if sc == Scenario::Idle {
-        let (server, client, secs) = open_idle(bed, plan.idle_flows)?;
+        let (procs, secs) = open_idle(bed, plan.idle_flows)?;
         sample.setup_s = Some(secs);
         if let Observer::Agent { .. } = obs {
             // Wait until the agent tracks the flows it was shown (or stops making progress).
@@ -775,7 +803,7 @@ fn run_once(bed: &Bed, plan: &Plan, sc: Scenario, v: Variant) -> anyhow::Result<
                 last = t;
             }
         }
-        idle = Some((server, client));
+        idle = Some(procs);
     }
     let base = baseline(bed, &obs)?;
     let t0 = Instant::now();
@@ -881,6 +909,7 @@ pub fn bench(agent: &Path, tool: &Path, opts: &Opts) -> anyhow::Result<()> {
         plan.secs
     );
     let mut results: Vec<(Scenario, Variant, usize, Sample)> = Vec::new();
+    let mut failures: Vec<String> = Vec::new();
     'outer: for rep in 0..plan.reps {
         for &sc in &plan.scenarios {
             let mut order = Variant::ALL;
@@ -890,9 +919,21 @@ pub fn bench(agent: &Path, tool: &Path, opts: &Opts) -> anyhow::Result<()> {
                     break 'outer;
                 }
                 let t = Instant::now();
-                let sample = run_once(&bed, &plan, sc, v).with_context(|| {
-                    format!("{} with {} (repetition {})", sc.name(), v.label(), rep + 1)
-                })?;
+                let sample = match run_once(&bed, &plan, sc, v) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // One failed run is reported, not fatal: the others still count.
+                        let msg = format!(
+                            "{} with {} (repetition {}): {e:#}",
+                            sc.name(),
+                            v.label(),
+                            rep + 1
+                        );
+                        eprintln!("bench: FAILED {msg}");
+                        failures.push(msg);
+                        continue;
+                    }
+                };
                 eprintln!(
                     "bench: rep {} {:<9} {:<14} {:>10.2} {:<13} ({:.1}s)",
                     rep + 1,
@@ -918,6 +959,7 @@ pub fn bench(agent: &Path, tool: &Path, opts: &Opts) -> anyhow::Result<()> {
         started: wall_start,
         elapsed,
         results: &results,
+        failures: &failures,
     });
     println!("{md}");
     let path = match &opts.output {

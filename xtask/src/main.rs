@@ -1,6 +1,7 @@
 //! Workflows of mtls-agent, as `cargo xtask <command>` (see .cargo/config.toml).
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -33,6 +34,16 @@ enum Cmd {
         /// Seconds of traffic before the reports.
         #[arg(long, default_value_t = 6)]
         seconds: u64,
+    },
+    /// Run each cargo-fuzz target (classifier segments, pcap reader) for a bounded time; needs
+    /// nightly (installed by setup) and cargo-fuzz (installed on first use).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only these targets (segments, pcap), comma-separated.
+        #[arg(long = "target", value_delimiter = ',')]
+        targets: Vec<String>,
     },
     /// Setup, build, then measure the agent's cost against no program and a tshark capture on
     /// a namespace pair (bulk, small messages, TLS/TCP churn, idle flows); writes BENCHMARKS.md.
@@ -151,6 +162,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Setup => setup::setup(),
+        Cmd::Fuzz { seconds, targets } => fuzz::fuzz(seconds, &targets),
         Cmd::Build => setup::setup().and_then(|_| build_release().map(|_| ())),
         Cmd::Test { args } => test(&args),
         Cmd::Demo { seconds } => setup::setup()

@@ -28,7 +28,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "checking that no program is left attached"),
     ("prometheus", "a real Prometheus (and promtool) for the rules, dashboards and report --prometheus tests"),
     ("iperf3", "bulk and small-message load for `cargo xtask bench`"),
-    ("tshark", "the packet capture `cargo xtask bench` compares against"),
+    ("tshark", "the packet capture `cargo xtask bench` compares against, and the corpus test's capture and cross-check"),
+    ("postgresql", "a real PostgreSQL server (SSLRequest, TLS with and without client certificates) in the corpus test"),
 ];
 
 fn step(msg: &str) {
@@ -181,4 +182,17 @@ pub fn setup() -> anyhow::Result<()> {
     }
     step("done");
     Ok(())
+}
+
+/// `cargo xtask fuzz` only (not part of the default setup): cargo-fuzz, built from crates.io.
+pub fn ensure_cargo_fuzz() -> anyhow::Result<()> {
+    if ok(Command::new("cargo").args(["fuzz", "--version"])) {
+        step("cargo-fuzz: present");
+        return Ok(());
+    }
+    step("installing cargo-fuzz (cargo install cargo-fuzz)");
+    run(
+        Command::new("cargo").args(["install", "--locked", "cargo-fuzz"]),
+        "cargo install cargo-fuzz",
+    )
 }

@@ -230,6 +230,7 @@ impl Aggregator {
     /// Known workloads as `mtls_agent_workload_info` (sidecar or not), and every known namespace's
     /// readiness gauge from the start (no data: not ready). Call again when identities change.
     pub fn publish_inventory(&self) {
+        self.publish_modes();
         for w in self.resolver.workloads() {
             self.metrics
                 .workload_info
@@ -238,6 +239,18 @@ impl Aggregator {
         }
         for ns in self.resolver.namespaces() {
             self.metrics.strict_ready.with_label_values(&[ns]).set(0);
+        }
+    }
+
+    /// `mtls_agent_namespace_strict_intended` for every known namespace, from the
+    /// PeerAuthentication modes the identity layer knows (none in inventory mode).
+    fn publish_modes(&self) {
+        for ns in self.resolver.namespaces() {
+            let strict = self.resolver.namespace_mode(ns) == Some(crate::identity::Mode::Strict);
+            self.metrics
+                .strict_intended
+                .with_label_values(&[ns])
+                .set(strict as i64);
         }
     }
 
@@ -418,6 +431,7 @@ impl Aggregator {
             s.expire(oldest);
         }
         self.workloads.retain(|_, s| !s.buckets.is_empty());
+        self.publish_modes();
         for ns in self.namespaces() {
             self.update_namespace_gauges(&ns, now);
         }

@@ -20,16 +20,18 @@ mod hello;
 mod midstream;
 mod plaintext;
 mod reassembly;
+mod record;
 mod records;
 mod resumption;
 mod tls;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::fmt;
 use std::net::SocketAddr;
 
+pub use record::{ConnectionRecord, RecentConnections, RecentSnapshot};
 pub use resumption::ResumptionCache;
 
 use reassembly::Stream;

@@ -1,7 +1,8 @@
-//! cli: the `mtls-agent` command line — `run` (the daemon) and `report`.
+//! cli: the `mtls-agent` command line — `run` (the daemon), `report` and `classify`.
 //!
 //! Exit codes (DESIGN.md): 0 success, 1 runtime failure, 2 bad usage or bad input, each failure
 //! as one line on stderr naming the flag or file and what is wrong.
+pub mod classify;
 pub mod prometheus;
 pub mod report;
 pub mod run;
@@ -41,6 +42,15 @@ Examples:
   # Every namespace, cluster-wide, from the Prometheus that scrapes all agents
   mtls-agent report --all-namespaces --prometheus http://prometheus:9090";
 
+const CLASSIFY_EXAMPLES: &str = "\
+Examples:
+  # Capture a pod's traffic, then classify every TCP connection in it
+  tshark -i cali1234 -w pod.pcapng   # or: tcpdump -i cali1234 -w pod.pcap
+  mtls-agent classify --pcap pod.pcapng
+
+  # The same as JSON records (client, server, security, mesh, tls_version, alpn, sni, evidence, protocol)
+  mtls-agent classify --pcap pod.pcapng --output json";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "mtls-agent",
@@ -65,6 +75,10 @@ pub enum Command {
     /// Print the STRICT readiness of a namespace (or one workload) from a running agent.
     #[command(after_help = REPORT_EXAMPLES)]
     Report(ReportArgs),
+    /// Classify every TCP connection of a capture file (pcap/pcapng) offline, with the daemon's
+    /// classifier.
+    #[command(after_help = CLASSIFY_EXAMPLES)]
+    Classify(ClassifyArgs),
 }
 
 /// Host-side pod veth names of common CNIs: Calico, Cilium, Flannel/bridge, AWS VPC CNI, GKE, Azure.
@@ -132,6 +146,24 @@ pub struct RunArgs {
     /// Log level or filter (also RUST_LOG), e.g. `info`, `mtls_agent=debug`.
     #[arg(long, value_name = "FILTER", default_value = "info")]
     pub log: String,
+    /// Classified connections kept in memory for `GET /api/v1/connections` (0: none).
+    #[arg(long, value_name = "N", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub recent_connections: u32,
+    /// Include SNI and certificate identities in `/api/v1/connections` (off: only addresses,
+    /// security, mesh, TLS version, ALPN and evidence).
+    #[arg(long)]
+    pub expose_handshake_details: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ClassifyArgs {
+    /// Capture file: pcap or pcapng; Ethernet, Linux cooked (SLL/SLL2) or raw IP; IPv4 and IPv6.
+    #[arg(long, value_name = "FILE")]
+    pub pcap: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub output: Output,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -211,6 +243,7 @@ pub fn main() -> u8 {
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Report(args) => report::report(args),
+        Command::Classify(args) => classify::classify(args),
     };
     match result {
         Ok(()) => 0,

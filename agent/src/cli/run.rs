@@ -14,6 +14,7 @@ use super::{DEFAULT_INTERFACE_GLOBS, RunArgs, usage};
 use crate::{
     aggregate::{AggregateConfig, Aggregator, DEFAULT_EXEMPT_PORTS},
     capture::{self, Capture, CaptureConfig, KernelStats, events, netlink::LinkWatch},
+    classify::RecentConnections,
     export::{
         http::{self, AppState},
         metrics::{Metrics, mirror},
@@ -116,6 +117,9 @@ async fn daemon(
         Resolver::from_inventory(&inventory)
     };
     // --- end Kubernetes mode ---
+    if !args.kubernetes {
+        metrics.identity_last_sync.set(unix_now());
+    }
     let configured_node = inventory.node_networks.clone();
     let refresh_node = |resolver: &mut Resolver| {
         let mut nets = configured_node.clone();
@@ -184,10 +188,17 @@ async fn daemon(
     );
 
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    // --- Recent connections (issue 3): a bounded ring for GET /api/v1/connections. ---
+    let recent = Arc::new(Mutex::new(RecentConnections::new(
+        args.recent_connections as usize,
+        args.expose_handshake_details,
+    )));
     let app = http::router(AppState {
         aggregator: aggregator.clone(),
         metrics: metrics.clone(),
-    });
+    })
+    .merge(http::connections_router(recent.clone()));
+    // --- end recent connections ---
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async {
@@ -230,7 +241,7 @@ async fn daemon(
                 if n < BATCH {
                     guard.clear_ready();
                 }
-                apply(&aggregator, &mut out);
+                apply(&aggregator, &recent, &mut out);
             }
             changed = async { links.as_mut().expect("guarded").changed().await }, if links.is_some() => {
                 if let Err(e) = changed {
@@ -243,7 +254,12 @@ async fn daemon(
             }
             _ = tick.tick() => {
                 tracker.sweep(Instant::now(), SystemTime::now(), &mut out);
-                apply(&aggregator, &mut out);
+                apply(&aggregator, &recent, &mut out);
+                if args.kubernetes {
+                    if let Some(t) = oldest_kubernetes_sync(&metrics) {
+                        metrics.identity_last_sync.set(t);
+                    }
+                }
                 if last_expire.elapsed() >= Duration::from_secs(1) {
                     aggregator.lock().unwrap_or_else(|p| p.into_inner()).expire(SystemTime::now());
                     last_expire = Instant::now();
@@ -269,7 +285,7 @@ async fn daemon(
     metrics.interfaces_attached.set(0);
     info!(interfaces = attached, "detached");
     tracker.drain(Instant::now(), SystemTime::now(), &mut out);
-    apply(&aggregator, &mut out);
+    apply(&aggregator, &recent, &mut out);
     let _ = stop_http.send(());
     match tokio::time::timeout(Duration::from_secs(2), server).await {
         Ok(Ok(Err(e))) => warn!(error = %e, "HTTP server ended with an error"),
@@ -277,6 +293,26 @@ async fn daemon(
         _ => {}
     }
     Ok(())
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The oldest of the Kubernetes watches' last syncs: identities are only as fresh as that.
+fn oldest_kubernetes_sync(metrics: &Metrics) -> Option<f64> {
+    use prometheus::core::Collector as _;
+    metrics
+        .kubernetes_last_sync
+        .collect()
+        .iter()
+        .flat_map(|f| f.get_metric())
+        .map(|m| m.get_gauge().get_value())
+        .filter(|v| *v > 0.0)
+        .reduce(f64::min)
 }
 
 fn sync_interfaces(capture: &mut Capture, metrics: &Metrics) {
@@ -293,14 +329,23 @@ fn sync_interfaces(capture: &mut Capture, metrics: &Metrics) {
         .set(capture.attached_count() as i64);
 }
 
-fn apply(aggregator: &Mutex<Aggregator>, out: &mut Vec<Output>) {
+fn apply(
+    aggregator: &Mutex<Aggregator>,
+    recent: &Mutex<RecentConnections>,
+    out: &mut Vec<Output>,
+) {
     if out.is_empty() {
         return;
     }
     let mut agg = aggregator.lock().unwrap_or_else(|p| p.into_inner());
+    let mut recent = recent.lock().unwrap_or_else(|p| p.into_inner());
     for o in out.drain(..) {
         match o {
-            Output::Classified(rec) => agg.record(&rec),
+            Output::Classified(rec) => {
+                let midstream = rec.verdict.evidence.kind().starts_with("midstream");
+                recent.push(rec.client, rec.server, &rec.verdict, midstream, rec.at);
+                agg.record(&rec)
+            }
             Output::Ended {
                 client,
                 server,

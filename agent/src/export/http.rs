@@ -1,5 +1,5 @@
 //! The agent's HTTP surface (axum): `/metrics`, `/healthz`, `/api/v1/report`,
-//! `/api/v1/namespaces`. Handlers hold the pipeline lock only to copy out what they answer.
+//! `/api/v1/namespaces`, `/api/v1/connections`. Handlers hold the pipeline lock only to copy out what they answer.
 use std::{
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
@@ -31,6 +31,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/api/v1/report", get(report))
         .route("/api/v1/namespaces", get(namespaces))
+        .route("/api/v1/identity", get(identity))
         .with_state(state)
 }
 
@@ -139,4 +140,77 @@ async fn namespaces(State(s): State<AppState>, Query(q): Query<WindowQuery>) -> 
         }
     }
     Json(list).into_response()
+}
+
+// --- Kubernetes mode (issue 4): who an address is, and which PeerAuthentication mode applies. ---
+
+#[derive(Debug, Deserialize)]
+pub struct IdentityQuery {
+    /// An address: its workload, pod, service account, SPIFFE ID, node.
+    pub ip: Option<String>,
+    /// Or a namespace (with optional workload): its injection labels and mode.
+    pub namespace: Option<String>,
+    pub workload: Option<String>,
+    /// Server port for the mode (workload `portLevelMtls`).
+    pub port: Option<u16>,
+}
+
+/// `GET /api/v1/identity?ip=A[&port=P]` or `?namespace=NS[&workload=W][&port=P]`.
+async fn identity(State(s): State<AppState>, Query(q): Query<IdentityQuery>) -> Response {
+    use crate::identity::Workload;
+    let agg = s.aggregator.lock().unwrap_or_else(|p| p.into_inner());
+    let r = agg.resolver();
+    if let Some(ip) = q.ip.as_deref() {
+        let Ok(ip) = ip.parse::<std::net::IpAddr>() else {
+            return error(StatusCode::BAD_REQUEST, format!("ip: {ip:?} is not an address"));
+        };
+        let workload = r.lookup(ip).map(|w: &std::sync::Arc<Workload>| {
+            serde_json::json!({"namespace": w.namespace, "name": w.name, "sidecar": w.sidecar})
+        });
+        let kube = r.kube();
+        let mode = match (kube, q.port) {
+            (Some(k), Some(port)) => k.effective_mode_for_ip(ip, port),
+            _ => None,
+        };
+        let namespace = r.lookup(ip).map(|w| w.namespace.clone());
+        return Json(serde_json::json!({
+            "ip": ip.to_string(),
+            "workload": workload,
+            "pod": r.pod(ip),
+            "node": r.is_node(ip),
+            "node_name": kube.and_then(|k| k.node_of(ip)),
+            "mode": mode,
+            "injection": namespace.as_deref().and_then(|ns| r.injection(ns)),
+        }))
+        .into_response();
+    }
+    let Some(ns) = q.namespace.filter(|n| !n.is_empty()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "query parameter `ip` or `namespace` is required".into(),
+        );
+    };
+    Json(serde_json::json!({
+        "namespace": ns,
+        "workload": q.workload,
+        "port": q.port,
+        "mode": r.effective_mode(&ns, q.workload.as_deref(), q.port),
+        "injection": r.injection(&ns),
+    }))
+    .into_response()
+}
+
+// --- Recent connections (issue 3) ---
+
+/// `GET /api/v1/connections`: the ring of recently classified connections, oldest first
+/// (`--recent-connections`, `--expose-handshake-details`).
+pub fn connections_router(recent: Arc<Mutex<crate::classify::RecentConnections>>) -> Router {
+    Router::new()
+        .route("/api/v1/connections", get(connections))
+        .with_state(recent)
+}
+
+async fn connections(State(recent): State<Arc<Mutex<crate::classify::RecentConnections>>>) -> Response {
+    let snapshot = recent.lock().unwrap_or_else(|p| p.into_inner()).snapshot();
+    Json(snapshot).into_response()
 }

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub blocking_last_seen: GaugeVec,
     pub inbound: IntCounterVec,
     pub workload_info: IntGaugeVec,
+    pub strict_intended: IntGaugeVec,
+    pub identity_last_sync: Gauge,
     pub blocking_overflow: IntCounterVec,
     pub evidence: IntCounterVec,
     pub unattributed: IntCounterVec,
@@ -44,6 +46,8 @@ pub struct Metrics {
     pub kubernetes_api_errors: IntCounterVec,
     /// Kubernetes mode: Unix time of the last complete list or watch event per resource.
     pub kubernetes_last_sync: GaugeVec,
+    /// Kubernetes mode: 1 for the effective namespace-level PeerAuthentication mode.
+    pub namespace_peer_authentication_mode: IntGaugeVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -131,6 +135,23 @@ impl Metrics {
         )
         .expect("static metric definition");
         r.register(Box::new(workload_info.clone()))
+            .expect("unique metric name");
+        let strict_intended = IntGaugeVec::new(
+            Opts::new(
+                "mtls_agent_namespace_strict_intended",
+                "1 when the namespace's PeerAuthentication mode is STRICT (Kubernetes mode), so plaintext reaching it is rejected; 0 otherwise.",
+            ),
+            &["namespace"],
+        )
+        .expect("static metric definition");
+        r.register(Box::new(strict_intended.clone()))
+            .expect("unique metric name");
+        let identity_last_sync = Gauge::new(
+            "mtls_agent_identity_last_sync_timestamp_seconds",
+            "Unix time the identity source last synced: the inventory file's load, or the oldest of the Kubernetes watches' last syncs.",
+        )
+        .expect("static metric definition");
+        r.register(Box::new(identity_last_sync.clone()))
             .expect("unique metric name");
         let blocking_overflow = counter_vec(
             &r,
@@ -229,6 +250,16 @@ impl Metrics {
         .expect("static metric definition");
         r.register(Box::new(kubernetes_last_sync.clone()))
             .expect("unique metric name");
+        let namespace_peer_authentication_mode = IntGaugeVec::new(
+            Opts::new(
+                "mtls_agent_namespace_peer_authentication_mode",
+                "Kubernetes mode: 1 for the namespace's effective Istio PeerAuthentication mode (namespace policy, else mesh policy, else PERMISSIVE), 0 for the other modes.",
+            ),
+            &["namespace", "mode"],
+        )
+        .expect("static metric definition");
+        r.register(Box::new(namespace_peer_authentication_mode.clone()))
+            .expect("unique metric name");
         Self {
             registry: r,
             connections,
@@ -239,6 +270,8 @@ impl Metrics {
             blocking_last_seen,
             inbound,
             workload_info,
+            strict_intended,
+            identity_last_sync,
             blocking_overflow,
             evidence,
             unattributed,
@@ -254,6 +287,7 @@ impl Metrics {
             uptime,
             kubernetes_api_errors,
             kubernetes_last_sync,
+            namespace_peer_authentication_mode,
         }
     }
 

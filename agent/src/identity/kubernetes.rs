@@ -238,18 +238,26 @@ impl Default for KubeConfig {
 }
 
 /// Sorted (key, value) pairs, interned: pods of one ReplicaSet share one.
-type LabelSet = [(Arc<str>, Arc<str>)];
+type LabelSet = Box<[(Arc<str>, Arc<str>)]>;
+
+/// StatefulSet pods carry their own name and ordinal as labels. Kept as flags (the values
+/// follow from the pod name), so that the pods of a StatefulSet share one label set.
+const POD_NAME_LABEL: &str = "statefulset.kubernetes.io/pod-name";
+const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
 
 const F_LOCAL: u8 = 1;
 const F_HOST_NETWORK: u8 = 2;
 /// Running or pending with an address; Succeeded/Failed pods have released theirs.
 const F_LIVE: u8 = 4;
 const F_SIDECAR: u8 = 8;
+/// Has `statefulset.kubernetes.io/pod-name` = its name.
+const F_POD_NAME_LABEL: u8 = 16;
+/// Has `apps.kubernetes.io/pod-index` = the ordinal at the end of its name.
+const F_POD_INDEX_LABEL: u8 = 32;
 
-/// One pod: about 100 bytes plus its name.
+/// One pod: 80 bytes plus its name. The namespace is the workload's.
 #[derive(Debug)]
 struct PodRec {
-    namespace: Arc<str>,
     name: Box<str>,
     service_account: Arc<str>,
     workload: Arc<Workload>,
@@ -263,6 +271,9 @@ struct PodRec {
 }
 
 impl PodRec {
+    fn namespace(&self) -> &str {
+        &self.workload.namespace
+    }
     fn ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.v4
             .map(IpAddr::V4)
@@ -271,6 +282,91 @@ impl PodRec {
     }
     fn has(&self, f: u8) -> bool {
         self.flags & f != 0
+    }
+}
+
+/// Pods in fixed-size chunks: growing never copies or doubles the whole table.
+#[derive(Debug, Default)]
+struct Slab {
+    chunks: Vec<Box<[Option<PodRec>]>>,
+    used: usize,
+    free: Vec<u32>,
+}
+
+const CHUNK: usize = 1024;
+
+impl Slab {
+    fn get(&self, i: u32) -> Option<&PodRec> {
+        let i = i as usize;
+        self.chunks.get(i / CHUNK)?[i % CHUNK].as_ref()
+    }
+    fn take(&mut self, i: u32) -> Option<PodRec> {
+        let i = i as usize;
+        let rec = self.chunks.get_mut(i / CHUNK)?[i % CHUNK].take();
+        if rec.is_some() {
+            self.free.push(i as u32);
+        }
+        rec
+    }
+    fn insert(&mut self, rec: PodRec) -> u32 {
+        let i = match self.free.pop() {
+            Some(i) => i as usize,
+            None => {
+                if self.used == self.chunks.len() * CHUNK {
+                    self.chunks.push(
+                        (0..CHUNK)
+                            .map(|_| None)
+                            .collect::<Vec<_>>()
+                            .into_boxed_slice(),
+                    );
+                }
+                self.used += 1;
+                self.used - 1
+            }
+        };
+        self.chunks[i / CHUNK][i % CHUNK] = Some(rec);
+        i as u32
+    }
+    fn len(&self) -> usize {
+        self.used - self.free.len()
+    }
+    fn iter(&self) -> impl Iterator<Item = (u32, &PodRec)> {
+        self.chunks
+            .iter()
+            .flat_map(|c| c.iter())
+            .enumerate()
+            .filter_map(|(i, p)| p.as_ref().map(|p| (i as u32, p)))
+    }
+}
+
+/// Address → slab index, IPv4 and IPv6 apart (8- and 20-byte entries instead of 24).
+#[derive(Debug, Default)]
+struct AddressIndex {
+    v4: HashMap<u32, u32>,
+    v6: HashMap<[u8; 16], u32>,
+}
+
+impl AddressIndex {
+    fn get(&self, ip: &IpAddr) -> Option<u32> {
+        match ip {
+            IpAddr::V4(a) => self.v4.get(&a.to_bits()).copied(),
+            IpAddr::V6(a) => self.v6.get(&a.octets()).copied(),
+        }
+    }
+    fn insert(&mut self, ip: IpAddr, idx: u32) {
+        match ip {
+            IpAddr::V4(a) => self.v4.insert(a.to_bits(), idx),
+            IpAddr::V6(a) => self.v6.insert(a.octets(), idx),
+        };
+    }
+    fn remove(&mut self, ip: &IpAddr) {
+        match ip {
+            IpAddr::V4(a) => self.v4.remove(&a.to_bits()),
+            IpAddr::V6(a) => self.v6.remove(&a.octets()),
+        };
+    }
+    fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
     }
 }
 
@@ -428,10 +524,9 @@ pub struct KubeStore {
     strings: HashSet<Arc<str>>,
     label_sets: HashSet<Arc<LabelSet>>,
     workload_arcs: HashSet<Arc<Workload>>,
-    pods: Vec<Option<PodRec>>,
-    free: Vec<u32>,
+    pods: Slab,
     by_name: HashTable<u32>,
-    ips: HashMap<IpAddr, u32>,
+    ips: AddressIndex,
     /// Workloads with pods on this node (or everywhere without a node name): pod counts.
     local: HashMap<Arc<Workload>, u32>,
     local_list: Vec<Arc<Workload>>,
@@ -454,10 +549,9 @@ impl KubeStore {
             strings: HashSet::new(),
             label_sets: HashSet::new(),
             workload_arcs: HashSet::new(),
-            pods: Vec::new(),
-            free: Vec::new(),
+            pods: Slab::default(),
             by_name: HashTable::new(),
-            ips: HashMap::new(),
+            ips: AddressIndex::default(),
             local: HashMap::new(),
             local_list: Vec::new(),
             workload_labels: HashMap::new(),
@@ -483,13 +577,13 @@ impl KubeStore {
         a
     }
 
-    fn intern_labels(&mut self, labels: &[(String, String)]) -> Arc<LabelSet> {
+    fn intern_labels(&mut self, labels: &[(&str, &str)]) -> Arc<LabelSet> {
         let mut v: Vec<(Arc<str>, Arc<str>)> = labels
             .iter()
             .map(|(k, v)| (self.intern(k), self.intern(v)))
             .collect();
         v.sort();
-        let set: Arc<LabelSet> = Arc::from(v);
+        let set: Arc<LabelSet> = Arc::new(v.into_boxed_slice());
         if let Some(a) = self.label_sets.get(&set) {
             return a.clone();
         }
@@ -526,8 +620,8 @@ impl KubeStore {
                 let stale: Vec<u32> = self
                     .pods
                     .iter()
-                    .enumerate()
-                    .filter_map(|(i, p)| p.as_ref().filter(|p| p.epoch != epoch).map(|_| i as u32))
+                    .filter(|(_, p)| p.epoch != epoch)
+                    .map(|(i, _)| i)
                     .collect();
                 for i in stale {
                     self.remove_pod_at(i);
@@ -572,9 +666,9 @@ impl KubeStore {
         let h = self.pod_hash(namespace, name);
         self.by_name
             .find(h, |&i| {
-                self.pods[i as usize]
-                    .as_ref()
-                    .is_some_and(|p| &*p.namespace == namespace && &*p.name == name)
+                self.pods
+                    .get(i)
+                    .is_some_and(|p| p.namespace() == namespace && &*p.name == name)
             })
             .copied()
     }
@@ -610,7 +704,25 @@ impl KubeStore {
         };
         let namespace = self.intern(&s.namespace);
         let workload = self.intern_workload(&s.namespace, &s.workload, s.sidecar);
-        let labels = self.intern_labels(&s.labels);
+        let index = s.name.rsplit_once('-').map(|(_, i)| i);
+        let mut extra = 0;
+        let kept: Vec<(&str, &str)> = s
+            .labels
+            .iter()
+            .filter(|(k, v)| {
+                if k == POD_NAME_LABEL && *v == s.name {
+                    extra |= F_POD_NAME_LABEL;
+                    false
+                } else if k == POD_INDEX_LABEL && Some(v.as_str()) == index {
+                    extra |= F_POD_INDEX_LABEL;
+                    false
+                } else {
+                    true
+                }
+            })
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let labels = self.intern_labels(&kept);
         let service_account = self.intern(&s.service_account);
         let (mut v4, mut v6) = (None, None);
         for ip in &s.ips {
@@ -620,7 +732,7 @@ impl KubeStore {
                 _ => {}
             }
         }
-        let mut flags = 0;
+        let mut flags = extra;
         for (on, f) in [
             (local, F_LOCAL),
             (s.host_network, F_HOST_NETWORK),
@@ -632,7 +744,6 @@ impl KubeStore {
             }
         }
         let rec = PodRec {
-            namespace: namespace.clone(),
             name: s.name.as_str().into(),
             service_account,
             workload: workload.clone(),
@@ -644,34 +755,21 @@ impl KubeStore {
             kind: s.kind,
             flags,
         };
-        let idx = match self.free.pop() {
-            Some(i) => {
-                self.pods[i as usize] = Some(rec);
-                i
-            }
-            None => {
-                self.pods.push(Some(rec));
-                (self.pods.len() - 1) as u32
-            }
-        };
+        let idx = self.pods.insert(rec);
         let h = self.pod_hash(&s.namespace, &s.name);
         let pods = &self.pods;
         let hasher = &self.hasher;
         self.by_name.insert_unique(h, idx, |&i| {
-            let p = pods[i as usize].as_ref().expect("indexed pods exist");
-            hasher.hash_one((&*p.namespace, &*p.name))
+            let p = pods.get(i).expect("indexed pods exist");
+            hasher.hash_one((p.namespace(), &*p.name))
         });
         // Addresses: hostNetwork pods have the node's address, which stays the node's.
         if s.live && !s.host_network {
-            let ips: Vec<IpAddr> = self.pods[idx as usize]
-                .as_ref()
-                .expect("just inserted")
-                .ips()
-                .collect();
+            let ips: Vec<IpAddr> = self.pods.get(idx).expect("just inserted").ips().collect();
             for ip in ips {
                 let claim = match self.ips.get(&ip) {
                     None => true,
-                    Some(&other) => match self.pods[other as usize].as_ref() {
+                    Some(other) => match self.pods.get(other) {
                         Some(o) => !(o.has(F_LIVE) && o.created > s.created),
                         None => true,
                     },
@@ -698,22 +796,22 @@ impl KubeStore {
     }
 
     fn remove_pod_at(&mut self, idx: u32) {
-        let Some(rec) = self.pods[idx as usize].take() else {
+        let Some(rec) = self.pods.take(idx) else {
             return;
         };
-        let h = self.pod_hash(&rec.namespace, &rec.name);
+        let h = self.pod_hash(rec.namespace(), &rec.name);
         if let Ok(e) = self.by_name.find_entry(h, |&i| i == idx) {
             e.remove();
         }
         for ip in rec.ips() {
-            if self.ips.get(&ip) == Some(&idx) {
+            if self.ips.get(&ip) == Some(idx) {
                 self.ips.remove(&ip);
             }
         }
         if rec.has(F_LOCAL) {
             self.local_remove(&rec.workload);
         }
-        if let Some(by_wl) = self.workload_labels.get_mut(&*rec.namespace) {
+        if let Some(by_wl) = self.workload_labels.get_mut(rec.namespace()) {
             if let Some(sets) = by_wl.get_mut(rec.workload.name.as_str()) {
                 if let Some(pos) = sets.iter().position(|(l, _)| Arc::ptr_eq(l, &rec.labels)) {
                     sets[pos].1 -= 1;
@@ -726,10 +824,9 @@ impl KubeStore {
                 }
             }
             if by_wl.is_empty() {
-                self.workload_labels.remove(&*rec.namespace);
+                self.workload_labels.remove(rec.namespace());
             }
         }
-        self.free.push(idx);
     }
 
     fn local_add(&mut self, w: &Arc<Workload>) {
@@ -850,17 +947,18 @@ impl KubeStore {
         labels: impl Fn(&str, &str) -> bool + 'a,
         port: Option<u16>,
     ) -> EffectiveMode {
-        let oldest = |list: Option<&'a Vec<PolicyRec>>, with_selector: bool| -> Option<&'a PolicyRec> {
-            list.into_iter()
-                .flatten()
-                .filter(|p| {
-                    p.selector.is_some() == with_selector
-                        && p.selector
-                            .as_ref()
-                            .is_none_or(|sel| sel.iter().all(|(k, v)| labels(k, v)))
-                })
-                .min_by(|a, b| a.created.cmp(&b.created).then_with(|| a.name.cmp(&b.name)))
-        };
+        let oldest =
+            |list: Option<&'a Vec<PolicyRec>>, with_selector: bool| -> Option<&'a PolicyRec> {
+                list.into_iter()
+                    .flatten()
+                    .filter(|p| {
+                        p.selector.is_some() == with_selector
+                            && p.selector
+                                .as_ref()
+                                .is_none_or(|sel| sel.iter().all(|(k, v)| labels(k, v)))
+                    })
+                    .min_by(|a, b| a.created.cmp(&b.created).then_with(|| a.name.cmp(&b.name)))
+            };
         let name = |p: &PolicyRec, ns: &str| Some(format!("{ns}/{}", p.name));
         let list = |ns: &str| -> Option<&'a Vec<PolicyRec>> { self.policies.get(ns) };
         if let Some(p) = oldest(list(namespace), true) {
@@ -932,37 +1030,42 @@ impl KubeStore {
                 .map(|(l, _)| l)
         });
         Some(match set {
-            Some(set) => self.effective(namespace, label_matcher(set), port),
+            Some(set) => self.effective(namespace, label_matcher(set, "", 0), port),
             None => self.effective(namespace, |_, _| false, port),
         })
     }
 
     /// The effective mode for the pod behind `ip` on `port`, from that pod's own labels.
     pub fn effective_mode_for_ip(&self, ip: IpAddr, port: u16) -> Option<EffectiveMode> {
-        let idx = *self.ips.get(&super::canonical(ip))?;
-        let p = self.pods[idx as usize].as_ref()?;
-        Some(self.effective(&p.namespace, label_matcher(&p.labels), Some(port)))
+        let p = self.pods.get(self.ips.get(&super::canonical(ip))?)?;
+        Some(self.effective(
+            p.namespace(),
+            label_matcher(&p.labels, &p.name, p.flags),
+            Some(port),
+        ))
     }
 
     // ---------------------------------------------------------------- lookups
 
     pub fn lookup(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
-        let idx = *self.ips.get(&super::canonical(ip))?;
-        self.pods[idx as usize].as_ref().map(|p| &p.workload)
+        self.pods
+            .get(self.ips.get(&super::canonical(ip))?)
+            .map(|p| &p.workload)
     }
 
     pub fn pod(&self, ip: IpAddr) -> Option<PodIdentity> {
-        let idx = *self.ips.get(&super::canonical(ip))?;
-        let p = self.pods[idx as usize].as_ref()?;
+        let p = self.pods.get(self.ips.get(&super::canonical(ip))?)?;
         Some(PodIdentity {
-            namespace: p.namespace.to_string(),
+            namespace: p.namespace().to_owned(),
             pod: p.name.to_string(),
             workload: p.workload.name.clone(),
             workload_kind: p.kind,
             service_account: p.service_account.to_string(),
             spiffe_id: format!(
                 "spiffe://{}/ns/{}/sa/{}",
-                self.cfg.trust_domain, p.namespace, p.service_account
+                self.cfg.trust_domain,
+                p.namespace(),
+                p.service_account
             ),
             sidecar: p.has(F_SIDECAR),
             local: p.has(F_LOCAL),
@@ -976,7 +1079,10 @@ impl KubeStore {
 
     /// Whether `ip` is an address of this agent's node (a kubelet probe source).
     pub fn is_local_node(&self, ip: IpAddr) -> bool {
-        match (&self.cfg.node_name, self.node_ips.get(&super::canonical(ip))) {
+        match (
+            &self.cfg.node_name,
+            self.node_ips.get(&super::canonical(ip)),
+        ) {
             (Some(me), Some(n)) => **n == **me,
             _ => false,
         }
@@ -1001,7 +1107,7 @@ impl KubeStore {
 
     /// Pods in the store.
     pub fn pod_count(&self) -> usize {
-        self.pods.len() - self.free.len()
+        self.pods.len()
     }
 
     /// Addresses that resolve to a pod.
@@ -1010,8 +1116,19 @@ impl KubeStore {
     }
 }
 
-fn label_matcher(set: &LabelSet) -> impl Fn(&str, &str) -> bool + '_ {
+/// Whether a pod's labels include `k=v`; the StatefulSet per-pod labels come from its name.
+fn label_matcher<'a>(
+    set: &'a LabelSet,
+    name: &'a str,
+    flags: u8,
+) -> impl Fn(&str, &str) -> bool + 'a {
     move |k: &str, v: &str| {
+        if k == POD_NAME_LABEL && flags & F_POD_NAME_LABEL != 0 {
+            return v == name;
+        }
+        if k == POD_INDEX_LABEL && flags & F_POD_INDEX_LABEL != 0 {
+            return name.rsplit_once('-').is_some_and(|(_, i)| i == v);
+        }
         set.binary_search_by(|(kk, _)| (**kk).cmp(k))
             .is_ok_and(|i| &*set[i].1 == v)
     }

@@ -103,6 +103,7 @@ type Item = (Resource, Event<Object>);
 pub struct KubeWatch {
     rx: mpsc::Receiver<Item>,
     tasks: Vec<JoinHandle<()>>,
+    metrics: Metrics,
 }
 
 impl Drop for KubeWatch {
@@ -121,8 +122,7 @@ fn now_secs() -> f64 {
 }
 
 impl KubeWatch {
-    /// Starts the watchers (inside a tokio runtime). Pods are listed with resourceVersion=0
-    /// (served from the API server's cache: cheap with one agent per node).
+    /// Starts the watchers (inside a tokio runtime).
     pub fn start(client: Client, metrics: Metrics) -> Self {
         let (tx, rx) = mpsc::channel(1024);
         let tasks = vec![
@@ -147,14 +147,18 @@ impl KubeWatch {
                 tx.clone(),
                 metrics.clone(),
             )),
-            tokio::spawn(watch_policies(client, tx, metrics)),
+            tokio::spawn(watch_policies(client, tx, metrics.clone())),
         ];
-        Self { rx, tasks }
+        Self { rx, tasks, metrics }
     }
 
     /// Applies events straight to `store` until every resource has been listed once, or until
     /// `timeout`. Returns the resources not listed yet (their watchers keep trying).
-    pub async fn initial_sync(&mut self, store: &mut KubeStore, timeout: Duration) -> Vec<Resource> {
+    pub async fn initial_sync(
+        &mut self,
+        store: &mut KubeStore,
+        timeout: Duration,
+    ) -> Vec<Resource> {
         let deadline = tokio::time::Instant::now() + timeout;
         while !Resource::ALL.iter().all(|r| store.is_synced(*r)) {
             match tokio::time::timeout_at(deadline, self.rx.recv()).await {
@@ -175,10 +179,18 @@ impl KubeWatch {
         F: Fn(&mut dyn FnMut(&mut KubeStore)) + Send,
     {
         let mut batch: Vec<Item> = Vec::with_capacity(BATCH);
+        let metrics = self.metrics.clone();
+        with_store(&mut |store: &mut KubeStore| export_namespace_modes(store, &metrics));
         while self.rx.recv_many(&mut batch, BATCH).await > 0 {
+            let modes_changed = batch.iter().any(|(res, _)| {
+                matches!(res, Resource::Namespaces | Resource::PeerAuthentications)
+            });
             with_store(&mut |store: &mut KubeStore| {
                 for (res, ev) in batch.drain(..) {
                     apply(store, res, ev);
+                }
+                if modes_changed {
+                    export_namespace_modes(store, &metrics);
                 }
             });
             batch.clear();
@@ -186,14 +198,31 @@ impl KubeWatch {
     }
 }
 
-/// Lists with resourceVersion=0 and no page limit, like client-go's informers: the API server
-/// answers from its watch cache instead of a quorum read of etcd, which matters with one agent
-/// per node each listing every pod of the cluster. (kube drops resourceVersion=0 from paged
-/// lists, hence no page size.)
+/// Lists in pages of 500 objects, like client-go's informers: with every pod of a large
+/// cluster, one unpaged list would be deserialised whole (about 10 KB per pod) before the first
+/// object reaches the store; pages keep that transient memory to one page. (API servers from
+/// 1.31 serve these consistent paged lists from their watch cache.)
 fn list_config() -> watcher::Config {
-    let mut cfg = watcher::Config::default().any_semantic();
-    cfg.page_size = None;
-    cfg
+    watcher::Config::default().page_size(500)
+}
+
+/// Sets `mtls_agent_namespace_peer_authentication_mode` for every namespace (1 for its mode,
+/// 0 for the others) and drops the series of namespaces that are gone.
+pub fn export_namespace_modes(store: &KubeStore, metrics: &Metrics) {
+    use super::kubernetes::Mode;
+    let gauge = &metrics.namespace_peer_authentication_mode;
+    gauge.reset();
+    let names: std::collections::BTreeSet<&str> = store.namespace_names().collect();
+    for ns in names {
+        let Some(m) = store.effective_mode(ns, None, None) else {
+            continue;
+        };
+        for mode in [Mode::Strict, Mode::Permissive, Mode::Disable] {
+            gauge
+                .with_label_values(&[ns, mode.as_str()])
+                .set((m.mode == mode) as i64);
+        }
+    }
 }
 
 async fn watch<K>(
@@ -239,7 +268,10 @@ async fn forward<K, S>(
                 }
             }
             Err(e) => {
-                metrics.kubernetes_api_errors.with_label_values(&label).inc();
+                metrics
+                    .kubernetes_api_errors
+                    .with_label_values(&label)
+                    .inc();
                 warn!(resource = res.as_str(), error = %e, "Kubernetes API watch failed; retrying with backoff");
             }
         }
@@ -306,7 +338,9 @@ async fn watch_policies(client: Client, tx: mpsc::Sender<Item>, metrics: Metrics
             Discovery::Missing => {
                 failures = 0;
                 if !reported_missing {
-                    info!("no PeerAuthentication API (Istio not installed?): every mode is PERMISSIVE");
+                    info!(
+                        "no PeerAuthentication API (Istio not installed?): every mode is PERMISSIVE"
+                    );
                     reported_missing = true;
                 }
                 metrics
@@ -321,7 +355,10 @@ async fn watch_policies(client: Client, tx: mpsc::Sender<Item>, metrics: Metrics
                 tokio::time::sleep(POLICY_REDISCOVERY).await;
             }
             Discovery::Failed(e) => {
-                metrics.kubernetes_api_errors.with_label_values(&label).inc();
+                metrics
+                    .kubernetes_api_errors
+                    .with_label_values(&label)
+                    .inc();
                 warn!(error = %e, "looking up the PeerAuthentication API failed; retrying");
                 failures = failures.saturating_add(1);
                 let backoff = Duration::from_millis(800 * 2u64.pow(failures.min(6)));

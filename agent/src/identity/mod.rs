@@ -15,8 +15,8 @@ use ipnet::IpNet;
 
 pub use inventory::{Inventory, InventoryError};
 pub use kubernetes::{
-    EffectiveMode, Injection, InjectionState, KubeConfig, KubeStore, Mode, ModeSource,
-    PodIdentity, WorkloadKind,
+    EffectiveMode, Injection, InjectionState, KubeConfig, KubeStore, Mode, ModeSource, PodIdentity,
+    WorkloadKind,
 };
 
 /// A workload as the rest of the pipeline sees it.

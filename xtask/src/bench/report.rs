@@ -62,6 +62,7 @@ pub struct Run<'a> {
     pub started: std::time::SystemTime,
     pub elapsed: Duration,
     pub results: &'a [(Scenario, Variant, usize, Sample)],
+    pub failures: &'a [String],
 }
 
 pub fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -468,6 +469,13 @@ pub fn render(r: &Run<'_>) -> String {
         );
     }
     let _ = writeln!(o);
+    if !r.failures.is_empty() {
+        let _ = writeln!(o, "## Failed runs\n");
+        for f in r.failures {
+            let _ = writeln!(o, "- {}", f.replace('\n', " "));
+        }
+        let _ = writeln!(o);
+    }
     o.push_str(ANALYSIS);
     o
 }

@@ -6,7 +6,7 @@
 //! buffers stay within [`STREAM_CAP`].
 
 mod api;
-mod fixtures;
+pub(crate) mod fixtures;
 mod hostile;
 mod midstream_rules;
 mod plaintext_rules;

@@ -1,0 +1,439 @@
+//! A real Prometheus (Debian's package) scraping a real agent on real traffic: the dashboards,
+//! recording rules and alerts are checked against what the agent really exports, and
+//! `report --prometheus` must agree with `report --agent`. Needs root; fails, never skips.
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use mtls_agent_testbed::*;
+use serde_json::Value;
+
+const ISTIO_ALPN: &str = "istio-peer-exchange,istio";
+const PROM: &str = "127.0.0.1:9090";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// Instant query through curl inside the node netns (Prometheus listens on its loopback).
+fn query(tb: &Testbed, q: &str) -> Result<Vec<Value>> {
+    let out = tb.output(
+        tb.node_netns(),
+        &[
+            "curl",
+            "-sS",
+            "--fail-with-body",
+            "--max-time",
+            "10",
+            "--noproxy",
+            "*",
+            "-G",
+            &format!("http://{PROM}/api/v1/query"),
+            "--data-urlencode",
+            &format!("query={q}"),
+        ],
+        None,
+        Duration::from_secs(15),
+    )?;
+    let body: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("query {q}: {}", String::from_utf8_lossy(&out.stdout)))?;
+    if body["status"] != "success" {
+        bail!("query {q} failed: {body}");
+    }
+    Ok(body["data"]["result"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default())
+}
+
+fn wait_for(
+    tb: &Testbed,
+    what: &str,
+    timeout: Duration,
+    mut ok: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if ok()? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what} (node {})", tb.node_netns());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Every PromQL expression of a Grafana dashboard, with its variables filled in.
+fn dashboard_exprs(path: &Path, namespace: &str) -> Result<Vec<String>> {
+    let d: Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+    let mut out = Vec::new();
+    for p in d["panels"].as_array().context("panels")? {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let e = t["expr"].as_str().context("expr")?;
+            out.push(
+                e.replace("$namespace", namespace)
+                    .replace("$workload", ".*")
+                    .replace("$__range", "10m")
+                    .replace("$__rate_interval", "1m")
+                    .replace("$__interval", "1s"),
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Metric names an expression refers to (mtls-agent series, recording rules, up).
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let bytes = expr.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let c = bytes[i] as char;
+        if c.is_ascii_alphabetic() || c == '_' || c == ':' {
+            let start = i;
+            while i < bytes.len()
+                && ((bytes[i] as char).is_ascii_alphanumeric()
+                    || bytes[i] == b'_'
+                    || bytes[i] == b':')
+            {
+                i += 1;
+            }
+            let w = &expr[start..i];
+            if w.starts_with("mtls_agent_") || w.contains(":mtls_agent_") || w == "up" {
+                names.push(w.to_owned());
+            }
+        } else {
+            i += 1;
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Each rule's health and last error, from Prometheus's rules API (for failure messages).
+fn rule_states(tb: &Testbed) -> String {
+    let out = tb.output(
+        tb.node_netns(),
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "--noproxy",
+            "*",
+            &format!("http://{PROM}/api/v1/rules"),
+        ],
+        None,
+        Duration::from_secs(8),
+    );
+    let Ok(out) = out else {
+        return "unavailable".into();
+    };
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let mut s = String::new();
+    for g in v["data"]["groups"].as_array().into_iter().flatten() {
+        for r in g["rules"].as_array().into_iter().flatten() {
+            s += &format!("\n  {} {} {}", r["name"], r["health"], r["lastError"]);
+        }
+    }
+    s
+}
+
+fn promtool(args: &[&str], stdin: Option<&[u8]>) -> Result<String> {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("promtool")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("promtool (Debian package prometheus) is required")?;
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input)?;
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!("promtool {args:?} failed: {text}");
+    }
+    Ok(text)
+}
+
+#[test]
+fn promtool_checks_rules_and_alert_unit_tests() -> Result<()> {
+    let dir = repo().join("dashboards/prometheus");
+    let out = promtool(
+        &["check", "rules", dir.join("rules.yaml").to_str().unwrap()],
+        None,
+    )?;
+    assert!(out.contains("SUCCESS"), "{out}");
+    let out = promtool(
+        &[
+            "test",
+            "rules",
+            dir.join("rules_test.yaml").to_str().unwrap(),
+        ],
+        None,
+    )?;
+    assert!(out.contains("SUCCESS"), "{out}");
+    // Every alert of rules.yaml has a unit test.
+    let rules = std::fs::read_to_string(dir.join("rules.yaml"))?;
+    let tests = std::fs::read_to_string(dir.join("rules_test.yaml"))?;
+    for line in rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+    {
+        assert!(
+            tests.contains(&format!("alertname: {line}")),
+            "no promtool test for alert {line}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn real_prometheus_agrees_with_the_agent_and_every_query_has_data() -> Result<()> {
+    ensure_root()?;
+    let bin = agent_bin()?;
+    let mut tb = Testbed::new("mtprom")?;
+    let api = tb.add_pod(PodSpec::new("api", "198.18.0.10".parse()?))?;
+    let worker = tb.add_pod(PodSpec::new("worker", "198.18.0.11".parse()?))?;
+    let web = tb.add_pod(PodSpec::new("web", "198.18.0.20".parse()?))?;
+    let batch = tb.add_pod(PodSpec::new("batch", "198.18.0.30".parse()?))?;
+    let pki = Pki::new(tb.workdir().join("pki"))?;
+    let api_cert = pki.issue("api", &[San::spiffe("payments", "api")])?;
+    let worker_cert = pki.issue("worker", &[San::spiffe("payments", "worker")])?;
+    let inventory = tb.workdir().join("inventory.yaml");
+    write_inventory(
+        &inventory,
+        &[
+            Workload::new("payments", "api", &[&api]),
+            Workload::new("payments", "worker", &[&worker]),
+            Workload::new("shop", "web", &[&web]),
+            Workload::new("legacy", "batch", &[&batch]).without_sidecar(),
+        ],
+    )?;
+    let _s1 = openssl_server(
+        &tb,
+        &api.netns,
+        &TlsServer::new(8443, &api_cert, pki.ca_cert())
+            .require_client_cert()
+            .alpn(ISTIO_ALPN),
+    )?;
+    let _s2 = http_server(&tb, &api.netns, 15021, false)?;
+    let _s3 = http_server(&tb, &web.netns, 8080, false)?;
+    for (ns, a) in [
+        (&api.netns, api.v4(8443)),
+        (&api.netns, api.v4(15021)),
+        (&web.netns, web.v4(8080)),
+    ] {
+        tb.wait_tcp_listening(ns, a, Duration::from_secs(10))?;
+    }
+    let agent = Agent::start(&tb, &bin, &inventory, &["vp*"], &[], tb.pods().len())?;
+
+    // Prometheus with the project's rules (evaluated every second here instead of every 30 s).
+    let promdir = tb.scratch_dir("prometheus")?;
+    let rules = std::fs::read_to_string(repo().join("dashboards/prometheus/rules.yaml"))?
+        .replace("interval: 30s", "interval: 1s");
+    std::fs::write(promdir.join("rules.yaml"), rules)?;
+    std::fs::write(
+        promdir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: mtls-agent\n    static_configs:\n      - targets: ['{}']\n",
+            promdir.join("rules.yaml").display(),
+            agent.url().trim_start_matches("http://")
+        ),
+    )?;
+    let _prom = tb.spawn(
+        tb.node_netns(),
+        &[
+            "prometheus",
+            &format!("--config.file={}", promdir.join("prometheus.yml").display()),
+            &format!("--storage.tsdb.path={}", promdir.join("data").display()),
+            &format!("--web.listen-address={PROM}"),
+            "--log.level=warn",
+        ],
+    )?;
+    tb.wait_tcp_listening(tb.node_netns(), PROM.parse()?, Duration::from_secs(30))?;
+
+    // Traffic: payments all Istio mTLS (+ exempt probes), shop plaintext from legacy/batch.
+    let mtls = TlsClient::new(api.v4(8443), pki.ca_cert())
+        .cert(&worker_cert)
+        .alpn(ISTIO_ALPN);
+    for _ in 0..3 {
+        openssl_client(&tb, &worker.netns, &mtls)?;
+        http_get(&tb, &batch.netns, &http_url(web.v4(8080)))?;
+    }
+    for _ in 0..2 {
+        http_get(&tb, tb.node_netns(), &http_url(api.v4(15021)))?;
+    }
+    let m = agent.settle(&tb, Duration::from_secs(15))?;
+    let total = metric_value(&m, "mtls_agent_inbound_connections_total", &[]).unwrap_or(0.0);
+    assert_eq!(total, 8.0, "{m}");
+    // Prometheus has scraped the final counts, and the rules have been evaluated on them.
+    wait_for(&tb, "the final scrape", Duration::from_secs(30), || {
+        Ok(query(&tb, "sum(mtls_agent_inbound_connections_total)")?
+            .first()
+            .and_then(|s| s["value"][1].as_str())
+            == Some("8"))
+    })?;
+    // Rates need two samples of the (young) series: wait until every recording rule has both
+    // judged namespaces.
+    for rule in [
+        "namespace:mtls_agent_strict_ready:bool15m",
+        "namespace:mtls_agent_mtls_ratio:ratio15m",
+        "namespace:mtls_agent_blocking_connections:rate5m",
+    ] {
+        wait_for(&tb, rule, Duration::from_secs(30), || {
+            Ok(query(&tb, rule)?.len() == 2)
+        })?;
+    }
+
+    // promtool lints the agent's exposition.
+    promtool(&["check", "metrics"], Some(m.as_bytes()))?;
+
+    // report --prometheus agrees with report --agent: verdicts, counts, blockers.
+    let prom_url = format!("http://{PROM}");
+    for ns in ["payments", "shop", "legacy"] {
+        let from_agent = agent.report_json(&tb, ns, None)?;
+        let (status, out, err) = agent.report_with(
+            &tb,
+            &[
+                "--namespace",
+                ns,
+                "--output",
+                "json",
+                "--prometheus",
+                &prom_url,
+            ],
+        )?;
+        assert!(status.success(), "report --prometheus {ns}: {err}");
+        let from_prom: Value = serde_json::from_str(&out)?;
+        for key in ["verdict", "inbound", "mtls_ratio", "compliant"] {
+            assert_eq!(
+                from_prom[key], from_agent[key],
+                "{ns} {key}: prometheus {from_prom:#} vs agent {from_agent:#}"
+            );
+        }
+        let strip = |r: &Value| -> Vec<Value> {
+            r["blockers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| {
+                    serde_json::json!([
+                        b["client"]["namespace"],
+                        b["client"]["workload"],
+                        b["server"],
+                        b["security"],
+                        b["connections"]
+                    ])
+                })
+                .collect()
+        };
+        assert_eq!(strip(&from_prom), strip(&from_agent), "{ns} blockers");
+        let wl = |r: &Value| -> Vec<Value> {
+            r["workloads"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|w| serde_json::json!([w["name"], w["verdict"], w["inbound"], w["sidecar"]]))
+                .collect()
+        };
+        assert_eq!(wl(&from_prom), wl(&from_agent), "{ns} workloads");
+    }
+    let (status, out, err) = agent.report_with(
+        &tb,
+        &[
+            "--all-namespaces",
+            "--output",
+            "json",
+            "--prometheus",
+            &prom_url,
+        ],
+    )?;
+    assert!(status.success(), "{err}");
+    let all: Value = serde_json::from_str(&out)?;
+    let (status, out2, _) = agent.report(&tb, &["--all-namespaces", "--output", "json"])?;
+    assert!(status.success());
+    let all_agent: Value = serde_json::from_str(&out2)?;
+    let verdicts = |v: &Value| -> Vec<(String, String)> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|n| {
+                (
+                    n["namespace"].as_str().unwrap_or("").to_owned(),
+                    n["verdict"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(verdicts(&all), verdicts(&all_agent));
+    let (status, _, err) =
+        agent.report_with(&tb, &["--namespace", "nope", "--prometheus", &prom_url])?;
+    assert_eq!(status.code(), Some(2), "{err}");
+
+    // Every dashboard panel's query returns data.
+    for file in [
+        "mtls-migration-overview.json",
+        "namespace-drilldown.json",
+        "agent-health.json",
+    ] {
+        for expr in dashboard_exprs(&repo().join("dashboards/grafana").join(file), "shop")? {
+            let r = query(&tb, &expr)?;
+            assert!(
+                !r.is_empty(),
+                "{file}: no data for {expr}; rule states: {}",
+                rule_states(&tb)
+            );
+        }
+    }
+    // Every recording rule has data; every series an alert refers to exists.
+    let rules: Vec<String> =
+        std::fs::read_to_string(repo().join("dashboards/prometheus/rules.yaml"))?
+            .lines()
+            .map(str::trim)
+            .filter_map(|l| l.strip_prefix("- record: ").map(str::to_owned))
+            .collect();
+    assert_eq!(rules.len(), 4);
+    for r in &rules {
+        assert!(!query(&tb, r)?.is_empty(), "recording rule {r} has no data");
+    }
+    let text = std::fs::read_to_string(repo().join("dashboards/prometheus/rules.yaml"))?;
+    for name in metric_names(&text) {
+        let r = query(&tb, &format!("count({{__name__=\"{name}\"}})"))?;
+        assert!(!r.is_empty(), "alert/rule series {name} does not exist");
+    }
+    // And an alert condition evaluates as expected on live data: nothing is down.
+    assert!(query(&tb, "up{job=\"mtls-agent\"} == 0")?.is_empty());
+    assert_eq!(
+        query(
+            &tb,
+            "namespace:mtls_agent_strict_ready:bool15m{namespace=\"payments\"}"
+        )?[0]["value"][1],
+        "1"
+    );
+    assert_eq!(
+        query(
+            &tb,
+            "namespace:mtls_agent_strict_ready:bool15m{namespace=\"shop\"}"
+        )?[0]["value"][1],
+        "0"
+    );
+    agent.stop()?;
+    tb.destroy()?;
+    Ok(())
+}
