@@ -68,8 +68,14 @@ pub enum Output {
         server: SocketAddr,
         security: Security,
         bytes: u64,
+        /// The server sent nothing and the connection ended right after the client's first bytes:
+        /// what a sidecar in STRICT does to plaintext (and any non-Istio client).
+        rejected: bool,
     },
 }
+
+/// "Right after the first client bytes": a rejection closes within this time.
+const REJECT_WITHIN_NS: u64 = 2_000_000_000;
 
 struct Conn {
     /// Dropped once the verdict is final: a decided connection costs a few dozen bytes.
@@ -88,6 +94,11 @@ struct Conn {
     lost_data: bool,
     /// The server answered the SYN: a connection, not a refused attempt.
     established: bool,
+    /// Kernel time of the client's first payload, and of the first close report.
+    first_client_data_ns: Option<u64>,
+    closed_ns: Option<u64>,
+    /// The server sent payload.
+    server_data: bool,
     last_activity: Instant,
     closing_since: Option<Instant>,
 }
@@ -177,11 +188,17 @@ impl Tracker {
             count(&mut conn, v, wall, out);
         }
         if let Some(security) = conn.security {
+            let rejected = !conn.server_data
+                && match (conn.first_client_data_ns, conn.closed_ns) {
+                    (Some(first), Some(closed)) => closed.saturating_sub(first) <= REJECT_WITHIN_NS,
+                    _ => false,
+                };
             out.push(Output::Ended {
                 client: conn.client,
                 server: conn.server,
                 security,
                 bytes: conn.bytes[0] + conn.bytes[1],
+                rejected,
             });
         }
     }
@@ -265,6 +282,9 @@ fn conn_entry<'a>(
             saw_data: false,
             lost_data: false,
             established: false,
+            first_client_data_ns: None,
+            closed_ns: None,
+            server_data: false,
             last_activity: now,
             closing_since: None,
         }
@@ -301,6 +321,11 @@ fn on_conn_event(
             ..
         } => {
             conn.saw_data = true;
+            if *lo_to_hi == conn.client_is_lo {
+                conn.first_client_data_ns.get_or_insert(meta.ts_ns);
+            } else {
+                conn.server_data = true;
+            }
             if conn.security.is_none()
                 && let Some(c) = conn.classifier.as_mut()
             {
@@ -321,6 +346,7 @@ fn on_conn_event(
             if !conn.saw_data && meta.segments.iter().any(|&s| s > 0) {
                 conn.lost_data = true;
             }
+            conn.closed_ns.get_or_insert(meta.ts_ns);
             if !conn.closed_ifaces.contains(&meta.ifindex) {
                 conn.closed_ifaces.push(meta.ifindex);
             }

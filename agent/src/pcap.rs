@@ -208,7 +208,7 @@ fn read_pcap<R: Read>(
         };
         let ts = Duration::new(u64::from(p.ts_sec), frac);
         t.packet(link, ts, p.orig_len, &p.data);
-        if t.summary.packets % 4096 == 0 {
+        if t.summary.packets.is_multiple_of(4096) {
             progress(t.summary.packets);
         }
     }
@@ -277,7 +277,7 @@ fn read_pcapng<R: Read>(
             t.summary.packets += 1;
             t.summary.unsupported_link_packets += 1;
         }
-        if t.summary.packets % 4096 == 0 {
+        if t.summary.packets.is_multiple_of(4096) {
             progress(t.summary.packets);
         }
     }

@@ -156,6 +156,10 @@ pub mod stats {
     pub const TCP_PACKETS: u32 = 5;
     /// Events sent to the ring buffer.
     pub const EVENTS_SENT: u32 = 6;
+    /// Flow-table entries created for keys that were not in the table. Nothing deletes entries,
+    /// so everything created beyond the table's size was an LRU eviction (an LRU hash never
+    /// refuses an insert: a full table evicts instead).
+    pub const FLOWS_CREATED: u32 = 7;
     /// Number of slots.
     pub const COUNT: u32 = 8;
 }

@@ -139,7 +139,11 @@ fn try_observe(ctx: &TcContext) -> Result<(), ()> {
         // the 4-tuple: start afresh.
         Some(st) if syn && !ack && unsafe { is_reusable(&*st) } => new_flow(ctx, pkt)?,
         Some(st) => st,
-        None => new_flow(ctx, pkt)?,
+        None => {
+            let st = new_flow(ctx, pkt)?;
+            count(stats::FLOWS_CREATED);
+            st
+        }
     };
     // SAFETY: `state` points into the flow table's value for this key.
     let st = unsafe { &mut *state };

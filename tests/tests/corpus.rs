@@ -143,6 +143,7 @@ fn s_client(
     sess_out: Option<&Path>,
     sess_in: Option<&Path>,
     keylog: &Path,
+    extra: &[&str],
 ) -> Result<String> {
     let connect = server.to_string();
     let mut args = vec![
@@ -176,6 +177,7 @@ fn s_client(
     if let Some(f) = sess_in {
         args.extend(["-sess_in", f.to_str().context("path")?]);
     }
+    args.extend_from_slice(extra);
     let out = tb.output(ns, &args, Some(HTTP_REQUEST), Duration::from_secs(10))?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     ensure!(
@@ -478,6 +480,9 @@ fn disagreements(t: &Truth, j: &Judged, check_evidence: bool) -> Vec<String> {
     d
 }
 
+/// tshark's verdict per (client, server), with the client's data segment lengths.
+type SharkVerdicts = HashMap<(SocketAddr, SocketAddr), (Judged, Vec<u64>)>;
+
 /// tshark's view of one TCP stream.
 #[derive(Debug, Default)]
 struct Stream {
@@ -496,11 +501,7 @@ struct Stream {
 }
 
 /// Runs tshark over the capture and derives a verdict per connection from its dissection alone.
-fn tshark_verdicts(
-    pcap: &Path,
-    keylog: &Path,
-    h2c_port: u16,
-) -> Result<HashMap<(SocketAddr, SocketAddr), (Judged, Vec<u64>)>> {
+fn tshark_verdicts(pcap: &Path, keylog: &Path, h2c_port: u16) -> Result<SharkVerdicts> {
     let fields = [
         "frame.number",
         "tcp.stream",
@@ -804,6 +805,34 @@ fn corpus_agrees_with_truth_tshark_and_the_live_agent() -> Result<()> {
         &srv_cert,
         &ca,
     )?);
+    // HelloRetryRequest: the server only accepts P-256, the client's first key share is X25519.
+    // 0-RTT: the server accepts early data from resumed sessions.
+    let srv_c = srv_cert.cert.display().to_string();
+    let srv_k = srv_cert.key.display().to_string();
+    let ca_p = ca.display().to_string();
+    for (port, extra) in [
+        (8411u16, &["-groups", "P-256", "-Verify", "1"][..]),
+        (8412, &["-early_data", "-no_anti_replay"][..]),
+    ] {
+        let accept = format!("0.0.0.0:{port}");
+        let mut args = vec![
+            "openssl",
+            "s_server",
+            "-accept",
+            accept.as_str(),
+            "-cert",
+            srv_c.as_str(),
+            "-key",
+            srv_k.as_str(),
+            "-CAfile",
+            ca_p.as_str(),
+            "-www",
+            "-tls1_3",
+        ];
+        args.extend_from_slice(extra);
+        procs.push(tb.spawn(&srv.netns, &args)?);
+        tb.wait_tcp_listening(&srv.netns, accept.parse()?, Duration::from_secs(10))?;
+    }
     let rustls_bin = env!("CARGO_BIN_EXE_rustls-peer");
     for (port, client_auth, tls12) in [
         (8448u16, true, false),
@@ -896,7 +925,9 @@ fn corpus_agrees_with_truth_tshark_and_the_live_agent() -> Result<()> {
         keys.join(format!("client-{nkey}.log"))
     };
     let istio = alpn_list(ISTIO_ALPN);
-    let openssl_cases: [(&str, u16, bool, Option<&str>, &str, bool, &str); 8] = [
+    // (case, port, client cert, ALPN, version flag, mTLS, version)
+    type Case<'a> = (&'a str, u16, bool, Option<&'a str>, &'a str, bool, &'a str);
+    let openssl_cases: [Case; 8] = [
         (
             "TLS 1.3 mTLS, Istio ALPN",
             8401,
@@ -983,6 +1014,7 @@ fn corpus_agrees_with_truth_tshark_and_the_live_agent() -> Result<()> {
                 None,
                 None,
                 &keylog(),
+                &[],
             )?;
             let mut t = Truth::tls(
                 "openssl s_client/s_server",
@@ -1016,6 +1048,7 @@ fn corpus_agrees_with_truth_tshark_and_the_live_agent() -> Result<()> {
         None,
         None,
         &keylog(),
+        &[],
     )?;
     truth.push(Truth::tls(
         "openssl s_client/s_server",
@@ -1043,6 +1076,7 @@ fn corpus_agrees_with_truth_tshark_and_the_live_agent() -> Result<()> {
             Some(&sess),
             None,
             &keylog(),
+            &[],
         )?;
         truth.push(Truth::tls(
             "openssl resumed sessions",
@@ -1065,6 +1099,7 @@ fn corpus_agrees_with_truth_tshark_and_the_live_agent() -> Result<()> {
                 None,
                 Some(&sess),
                 &keylog(),
+                &[],
             )?;
             ensure!(
                 out.contains("Reused, TLSv"),
@@ -1098,6 +1133,7 @@ fn corpus_agrees_with_truth_tshark_and_the_live_agent() -> Result<()> {
             None,
             None,
             &keylog(),
+            &[],
         )?;
         truth.push(Truth::tls(
             "segmented 2.8 KB ClientHello (MTU 1280, offloads off)",
@@ -1109,6 +1145,92 @@ fn corpus_agrees_with_truth_tshark_and_the_live_agent() -> Result<()> {
             &alpn_list(&padded),
         ));
     }
+
+    // HelloRetryRequest, then the client certificate.
+    for _ in 0..2 {
+        s_client(
+            &tb,
+            &cli.netns,
+            srv.v4(8411),
+            &ca,
+            Some(&cli_cert),
+            Some(ISTIO_ALPN),
+            Some("-tls1_3"),
+            None,
+            None,
+            &keylog(),
+            &["-groups", "X25519:P-256"],
+        )?;
+        truth.push(Truth::tls(
+            "openssl HelloRetryRequest / 0-RTT",
+            "TLS 1.3 mTLS after a HelloRetryRequest",
+            c4,
+            srv.v4(8411),
+            true,
+            "1.3",
+            &istio,
+        ));
+    }
+    // 0-RTT: a full handshake saves a session that allows early data, the next sends the
+    // request as early data.
+    let sess = work.join("session-8412.pem");
+    let early = work.join("early.txt");
+    std::fs::write(&early, HTTP_REQUEST)?;
+    s_client(
+        &tb,
+        &cli.netns,
+        srv.v4(8412),
+        &ca,
+        None,
+        None,
+        Some("-tls1_3"),
+        Some(&sess),
+        None,
+        &keylog(),
+        &[],
+    )?;
+    truth.push(Truth::tls(
+        "openssl HelloRetryRequest / 0-RTT",
+        "TLS 1.3 full handshake (early data allowed)",
+        c4,
+        srv.v4(8412),
+        false,
+        "1.3",
+        &[],
+    ));
+    let out = s_client(
+        &tb,
+        &cli.netns,
+        srv.v4(8412),
+        &ca,
+        None,
+        None,
+        Some("-tls1_3"),
+        None,
+        Some(&sess),
+        &keylog(),
+        &["-early_data", early.to_str().context("path")?],
+    )?;
+    ensure!(
+        out.contains("Reused, TLSv1.3") && out.contains("Early data was accepted"),
+        "0-RTT not used: {}",
+        out.lines()
+            .filter(|l| l.contains("arly") || l.contains("Reused"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    );
+    truth.push(
+        Truth::tls(
+            "openssl HelloRetryRequest / 0-RTT",
+            "TLS 1.3 resumed with 0-RTT early data",
+            c4,
+            srv.v4(8412),
+            false,
+            "1.3",
+            &[],
+        )
+        .resumed(),
+    );
 
     // curl against nginx.
     let curl_keys = keylog();
@@ -1379,6 +1501,19 @@ fn corpus_agrees_with_truth_tshark_and_the_live_agent() -> Result<()> {
         truth.push(hostile(case));
     }
 
+    // Memory stays bounded after the hostile inputs (the classifier caps what it buffers).
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.proc().pid()))?;
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("VmRSS of the agent")?;
+    ensure!(
+        rss_kib < 256 * 1024,
+        "agent resident memory {rss_kib} KiB after the corpus"
+    );
+
     // --- stop the capture, let the agent count everything ---
     std::thread::sleep(Duration::from_millis(1500));
     capture.stop_with_grace(Duration::from_secs(10));
@@ -1629,11 +1764,13 @@ fn corpus_agrees_with_truth_tshark_and_the_live_agent() -> Result<()> {
     let _ = writeln!(
         md,
         "\n`classify --pcap` summary: {} (captured with tshark on the 3 pods' host-side veths, so \
-         every pod-to-pod segment is in the file twice); corpus run took {:.0} s.",
+         every pod-to-pod segment is in the file twice); live agent resident memory after the \
+         corpus {} MiB; corpus run took {:.0} s.",
         String::from_utf8_lossy(&table.stdout)
             .lines()
             .last()
             .unwrap_or_default(),
+        rss_kib / 1024,
         started.elapsed().as_secs_f64()
     );
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/corpus");

@@ -498,3 +498,73 @@ fn bad_inventory_and_flags_exit_2_with_one_line() -> Result<()> {
     assert!(String::from_utf8_lossy(&out.stdout).contains("Examples:"));
     Ok(())
 }
+
+/// A server that reads the client's first bytes and resets the connection (SO_LINGER 0), as a
+/// sidecar in STRICT does to plaintext: those connections are counted as rejected, apart from
+/// plaintext that was answered.
+#[test]
+fn plaintext_rejected_right_after_first_bytes_is_counted_apart() -> Result<()> {
+    ensure_root()?;
+    let bin = agent_bin()?;
+    let mut tb = Testbed::new("mtrej")?;
+    let api = tb.add_pod(PodSpec::new("api", "198.18.0.10".parse()?))?;
+    let batch = tb.add_pod(PodSpec::new("batch", "198.18.0.30".parse()?))?;
+    let inventory = tb.workdir().join("inventory.yaml");
+    write_inventory(
+        &inventory,
+        &[
+            Workload::new("shop", "api", &[&api]),
+            Workload::new("legacy", "batch", &[&batch]).without_sidecar(),
+        ],
+    )?;
+    let reject = [
+        "import socket, struct",
+        "s = socket.socket()",
+        "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)",
+        "s.bind(('0.0.0.0', 9090)); s.listen(16)",
+        "while True:",
+        "    c, _ = s.accept(); c.recv(100)",
+        "    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0)); c.close()",
+    ]
+    .join("\n");
+    let reject = reject.as_str();
+    let _rejecting = tb.spawn(&api.netns, &["python3", "-c", reject])?;
+    let _answering = http_server(&tb, &api.netns, 8080, false)?;
+    tb.wait_tcp_listening(&api.netns, api.v4(9090), Duration::from_secs(10))?;
+    tb.wait_tcp_listening(&api.netns, api.v4(8080), Duration::from_secs(10))?;
+    let agent = Agent::start(&tb, &bin, &inventory, &["vp*"], &[], tb.pods().len())?;
+
+    for _ in 0..3 {
+        // curl fails (connection reset): that is the point.
+        let out = tb.output(
+            &batch.netns,
+            &["curl", "-sS", "--noproxy", "*", "--max-time", "3", &http_url(api.v4(9090))],
+            None,
+            Duration::from_secs(6),
+        )?;
+        assert!(!out.status.success(), "the rejecting server must reset");
+    }
+    http_get(&tb, &batch.netns, &http_url(api.v4(8080)))?;
+    let m = agent.settle(&tb, Duration::from_secs(15))?;
+    assert_eq!(conns(&m, "shop", "api", "inbound", "plaintext"), 4.0, "{m}");
+    assert_eq!(
+        metric_value(&m, "mtls_agent_rejected_connections_total", &[("namespace", "shop"), ("workload", "api"), ("security", "plaintext")]),
+        Some(3.0),
+        "{m}"
+    );
+    let r = agent.report_json(&tb, "shop", None)?;
+    assert_eq!(r["rejected"], 3, "{r:#}");
+    assert_eq!(r["inbound"]["plaintext"], 4);
+    let ports: Vec<(u64, u64)> = r["workloads"][0]["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| (p["port"].as_u64().unwrap_or(0), p["connections"].as_u64().unwrap_or(0)))
+        .collect();
+    assert_eq!(ports, vec![(8080, 1), (9090, 3)]);
+    let (_, table, _) = agent.report(&tb, &["--namespace", "shop"])?;
+    assert!(table.contains("rejected: 3 inbound"), "{table}");
+    agent.stop()?;
+    tb.destroy()?;
+    Ok(())
+}

@@ -45,7 +45,8 @@ fn namespaces_get_exact_counts_and_verdicts_in_kubernetes_mode() -> Result<()> {
     let batch =
         tb.add_pod(PodSpec::new("batch", "198.18.0.30".parse()?).ipv6("2001:db8::30".parse()?))?;
     let ledger = tb.add_pod(PodSpec::new("ledger", "198.18.0.40".parse()?))?;
-    let auditlog = tb.add_pod(PodSpec::new("auditlog", "198.18.0.50".parse()?))?;
+    // audit/log: a pod in the fixtures (198.18.0.50) that receives nothing.
+    let _auditlog = tb.add_pod(PodSpec::new("auditlog", "198.18.0.50".parse()?))?;
 
     let pki = Pki::new(tb.workdir().join("pki"))?;
     let api_cert = pki.issue("api", &[San::spiffe("payments", "api")])?;

@@ -180,7 +180,47 @@ pub fn setup() -> anyhow::Result<()> {
             "cargo install cargo-nextest",
         )?;
     }
+    // 5. kubernetes-validate (PyPI, bundles the Kubernetes schemas: validates the rendered
+    //    deploy/ manifests offline in tests/tests/kubernetes_manifests.rs).
+    ensure_kubernetes_validate()?;
     step("done");
+    Ok(())
+}
+
+/// The version of kubernetes-validate the manifest test is written against.
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+
+fn ensure_kubernetes_validate() -> anyhow::Result<()> {
+    if ok(Command::new("kubernetes-validate").arg("--version")) {
+        step("kubernetes-validate: present");
+        return Ok(());
+    }
+    step(&format!(
+        "installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} (pip)"
+    ));
+    run(
+        Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+        ]),
+        "pip install kubernetes-validate",
+    )?;
+    // pyenv installs console scripts behind shims that need a rehash.
+    if !ok(Command::new("kubernetes-validate").arg("--version")) {
+        let _ = ok(Command::new("pyenv").arg("rehash"));
+    }
+    if !ok(Command::new("kubernetes-validate").arg("--version")) {
+        bail!("kubernetes-validate was installed but is not on PATH");
+    }
+    if !ok(Command::new("kubectl").arg("version").arg("--client")) {
+        step(
+            "warning: kubectl is missing: the manifest test renders deploy/ with `kubectl kustomize`",
+        );
+    }
     Ok(())
 }
 

@@ -14,7 +14,9 @@ use crate::{
     export::metrics::Metrics,
     identity::{Resolver, Workload},
 };
-pub use report::{Blocker, ClientRef, Inbound, Readiness, Report, ServerRef, WorkloadReport};
+pub use report::{
+    Blocker, ClientRef, Inbound, PortReport, Readiness, Report, ServerRef, WorkloadReport,
+};
 
 /// Istio's own ports, which STRICT leaves alone: 15020 (merged metrics), 15021 (health),
 /// 15090 (Envoy stats).
@@ -98,6 +100,10 @@ struct Bucket {
     inbound: Inbound,
     compliant: u64,
     blockers: HashMap<BlockerKey, BlockerAcc>,
+    /// Judged inbound connections per server port (for the per-port PeerAuthentication modes).
+    ports: HashMap<u16, u64>,
+    /// Connections the server reset or closed right after the client's first bytes.
+    rejected: u64,
 }
 
 #[derive(Debug, Default)]
@@ -114,6 +120,8 @@ struct Totals {
     inbound: Inbound,
     compliant: u64,
     blockers: HashMap<BlockerKey, BlockerAcc>,
+    ports: HashMap<u16, u64>,
+    rejected: u64,
 }
 
 impl WorkloadStats {
@@ -145,6 +153,10 @@ impl WorkloadStats {
         for b in self.buckets.iter().filter(|b| b.start >= since) {
             t.inbound.add(&b.inbound);
             t.compliant += b.compliant;
+            t.rejected += b.rejected;
+            for (p, n) in &b.ports {
+                *t.ports.entry(*p).or_default() += n;
+            }
             for (k, acc) in &b.blockers {
                 match t.blockers.get_mut(k) {
                     Some(a) => {
@@ -306,6 +318,7 @@ impl Aggregator {
                 Security::Plaintext => bucket.inbound.plaintext += 1,
                 Security::Unknown => bucket.inbound.unknown += 1,
             }
+            *bucket.ports.entry(rec.server.port()).or_default() += 1;
             if compliant {
                 bucket.compliant += 1;
             } else {
@@ -374,12 +387,21 @@ impl Aggregator {
         self.update_namespace_gauges(&server.namespace, SystemTime::now());
     }
 
-    /// Adds the bytes of an ended connection to both sides.
-    pub fn record_bytes(&mut self, client: SocketAddr, server: SocketAddr, security: Security, bytes: u64) {
-        if bytes == 0 {
-            return;
-        }
+    /// An ended connection: its bytes for both sides, and whether the server rejected it (reset
+    /// or closed right after the client's first bytes, as a STRICT sidecar does).
+    pub fn record_end(
+        &mut self,
+        client: SocketAddr,
+        server: SocketAddr,
+        security: Security,
+        bytes: u64,
+        rejected: bool,
+        at: SystemTime,
+    ) {
         for (ip, dir) in [(client.ip(), "outbound"), (server.ip(), "inbound")] {
+            if bytes == 0 {
+                break;
+            }
             if let Some(w) = self.resolver.lookup(ip) {
                 self.metrics
                     .bytes
@@ -387,6 +409,22 @@ impl Aggregator {
                     .inc_by(bytes);
             }
         }
+        if !rejected {
+            return;
+        }
+        let Some(w) = self.resolver.lookup(server.ip()).cloned() else {
+            return;
+        };
+        self.metrics
+            .rejected
+            .with_label_values(&[&w.namespace, &w.name, security.as_str()])
+            .inc();
+        let start = epoch_secs(at) / self.width * self.width;
+        self.workloads
+            .entry(w)
+            .or_default()
+            .bucket_mut(start)
+            .rejected += 1;
     }
 
     /// First second inside a window ending now, at bucket granularity.
@@ -491,6 +529,7 @@ impl Aggregator {
         }
         let mut inbound = Inbound::default();
         let mut compliant = 0;
+        let mut rejected = 0;
         let mut workloads = Vec::new();
         let mut blockers = Vec::new();
         for w in known {
@@ -504,6 +543,20 @@ impl Aggregator {
                 .unwrap_or_default();
             inbound.add(&t.inbound);
             compliant += t.compliant;
+            rejected += t.rejected;
+            let mut ports: Vec<PortReport> = t
+                .ports
+                .iter()
+                .map(|(port, n)| PortReport {
+                    port: *port,
+                    connections: *n,
+                    mode: self
+                        .resolver
+                        .mode(&w.namespace, &w.name, *port)
+                        .map(|m| m.as_str().to_owned()),
+                })
+                .collect();
+            ports.sort_by_key(|p| p.port);
             workloads.push(WorkloadReport {
                 name: w.name.clone(),
                 verdict: report::readiness(&t.inbound, t.compliant),
@@ -511,6 +564,12 @@ impl Aggregator {
                 sidecar: w.sidecar,
                 mtls_ratio: report::ratio(&t.inbound, t.compliant),
                 compliant: t.compliant,
+                rejected: t.rejected,
+                mode: self
+                    .resolver
+                    .mode(&w.namespace, &w.name, 0)
+                    .map(|m| m.as_str().to_owned()),
+                ports,
             });
             for (k, acc) in t.blockers {
                 blockers.push(Blocker {
@@ -542,6 +601,11 @@ impl Aggregator {
             inbound,
             mtls_ratio: report::ratio(&inbound, compliant),
             compliant,
+            rejected,
+            peer_authentication: self
+                .resolver
+                .namespace_mode(namespace)
+                .map(|m| m.as_str().to_owned()),
             blockers,
             workloads,
         })

@@ -88,6 +88,26 @@ pub struct WorkloadReport {
     /// Inbound connections STRICT accepts (Istio mTLS, or any mTLS with --generic-mesh).
     #[serde(default)]
     pub compliant: u64,
+    /// Inbound connections the server reset or closed right after the client's first bytes
+    /// (what a sidecar in STRICT does to plaintext): already breaking, not only would-break.
+    #[serde(default)]
+    pub rejected: u64,
+    /// Effective PeerAuthentication mode of the workload (Kubernetes mode; null otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// Server ports that received judged inbound connections, with their effective mode.
+    #[serde(default)]
+    pub ports: Vec<PortReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortReport {
+    pub port: u16,
+    pub connections: u64,
+    /// Effective PeerAuthentication mode for this port (`portLevelMtls` included); null without
+    /// Kubernetes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -103,6 +123,12 @@ pub struct Report {
     pub mtls_ratio: Option<f64>,
     #[serde(default)]
     pub compliant: u64,
+    /// Inbound connections rejected right after the client's first bytes (see WorkloadReport).
+    #[serde(default)]
+    pub rejected: u64,
+    /// The namespace's PeerAuthentication mode (Kubernetes mode; absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_authentication: Option<String>,
     pub blockers: Vec<Blocker>,
     pub workloads: Vec<WorkloadReport>,
 }
@@ -180,6 +206,8 @@ mod tests {
             },
             mtls_ratio: Some(0.0),
             compliant: 0,
+            rejected: 0,
+            peer_authentication: None,
             blockers: vec![Blocker {
                 client: ClientRef {
                     namespace: None,

@@ -6,7 +6,10 @@ use aya::programs::{
     LinkOrder, SchedClassifier, TcAttachType,
     tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
 };
+use mtls_agent_common::names;
 use tracing::{debug, info, warn};
+
+use super::TcMode;
 
 /// One interface we attached to.
 #[derive(Debug)]
@@ -71,16 +74,18 @@ impl Globs {
 pub struct Attacher {
     globs: Globs,
     attached: BTreeMap<String, Attached>,
-    /// TCX was refused once (old kernel): use clsact from then on.
+    /// TCX was refused once (old kernel), or `--tc-mode clsact`: use clsact from then on.
     legacy: bool,
+    mode: TcMode,
 }
 
 impl Attacher {
-    pub fn new(globs: Globs) -> Self {
+    pub fn new(globs: Globs, mode: TcMode) -> Self {
         Self {
             globs,
             attached: BTreeMap::new(),
-            legacy: false,
+            legacy: mode == TcMode::Clsact,
+            mode,
         }
     }
 
@@ -131,6 +136,10 @@ impl Attacher {
                     self.attached.insert(iface.name.clone(), a);
                     report.attached.push(iface.name.clone());
                 }
+                // Pods come and go: an interface deleted between listing and attaching is normal.
+                Err(e) if !still_present(iface) => {
+                    debug!(interface = %iface.name, error = %e, "interface vanished while attaching");
+                }
                 Err(e) => {
                     warn!(interface = %iface.name, error = %e, "attach failed");
                     report.failed.push((iface.name.clone(), e));
@@ -146,6 +155,7 @@ impl Attacher {
         egress: &mut SchedClassifier,
         iface: &Interface,
     ) -> Result<Attached, String> {
+        remove_stale_filters(&iface.name);
         if !self.legacy {
             let tcx = |p: &mut SchedClassifier, t| {
                 p.attach_with_options(
@@ -169,7 +179,7 @@ impl Attacher {
                         return Err(format!("TCX egress: {err}"));
                     }
                 },
-                Err(err) if tcx_unsupported(&err) => {
+                Err(err) if self.mode == TcMode::Auto && tcx_unsupported(&err) => {
                     info!(error = %err, "TCX not available, falling back to clsact");
                     self.legacy = true;
                 }
@@ -219,6 +229,34 @@ impl Attacher {
             debug!(interface = %name, "detached");
         }
     }
+}
+
+/// Whether the interface still exists with the same index (sysfs).
+fn still_present(iface: &Interface) -> bool {
+    std::fs::read_to_string(format!("/sys/class/net/{}/ifindex", iface.name))
+        .is_ok_and(|s| s.trim().parse::<u32>().ok() == Some(iface.ifindex))
+}
+
+/// Removes clsact filters named like our programs that an earlier agent process left behind
+/// (killed before it could detach: netlink filters, unlike TCX links, outlive their process).
+/// Only filters with exactly our program names are touched; other filters and the qdisc stay.
+/// Called before this process attaches to the interface, so none of them can be ours.
+pub fn remove_stale_filters(name: &str) -> usize {
+    let mut removed = 0;
+    for (t, prog) in [
+        (TcAttachType::Ingress, names::PROG_INGRESS),
+        (TcAttachType::Egress, names::PROG_EGRESS),
+    ] {
+        match tc::qdisc_detach_program(name, t, prog) {
+            Ok(()) => {
+                info!(interface = %name, filter = prog, "removed a stale filter of an earlier agent");
+                removed += 1;
+            }
+            // No clsact qdisc, or no filter of that name: nothing left behind.
+            Err(e) => debug!(interface = %name, filter = prog, error = %e, "no stale filter"),
+        }
+    }
+    removed
 }
 
 fn tcx_unsupported(err: &aya::programs::ProgramError) -> bool {

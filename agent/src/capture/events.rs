@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use mtls_agent_common::{
     CHUNK_BYTES, CLIENT_HI, CLIENT_LO, DIR_LO_TO_HI, EVENT_CLOSED, EVENT_DATA, EventHeader,
-    FAMILY_V4, FLOW_ISN_HI, FLOW_ISN_LO, FlowKey,
+    FAMILY_V4, FLOW_ISN_HI, FLOW_ISN_LO, FLOW_RST, FlowKey,
 };
 
 /// A connection's two endpoints in canonical order (`lo` < `hi`), without the interface: the
@@ -53,6 +53,8 @@ pub struct EventMeta {
     pub bytes: [u64; 2],
     /// Payload segments the kernel reported for this flow on this interface, per direction.
     pub segments: [u16; 2],
+    /// An RST was seen on this flow.
+    pub rst: bool,
 }
 
 impl EventMeta {
@@ -118,6 +120,7 @@ pub fn decode(record: &[u8]) -> Result<Event<'_>, DecodeError> {
         packets: h.packets,
         bytes: h.bytes,
         segments: h.segments,
+        rst: h.flags & FLOW_RST != 0,
     };
     match h.kind {
         EVENT_DATA => {

@@ -15,6 +15,31 @@ use tracing::{debug, warn};
 
 pub use attach::{Globs, Interface, SyncReport, list_interfaces};
 
+/// How the TC programs are attached (`--tc-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum TcMode {
+    /// TCX links where the kernel has them (6.6+), else a clsact qdisc with named filters.
+    #[default]
+    Auto,
+    /// TCX links only: fail to attach on a kernel without TCX.
+    Tcx,
+    /// A clsact qdisc with netlink filters named `mtls_ingress`/`mtls_egress`, on any kernel.
+    Clsact,
+}
+
+/// Where the kernel publishes its BTF; `MTLS_AGENT_BTF_PATH` overrides it (tests only).
+const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+
+/// Fails with one clear line when the kernel has no BTF, before anything is loaded.
+pub fn check_btf() -> Result<(), CaptureError> {
+    let path = std::env::var("MTLS_AGENT_BTF_PATH").unwrap_or_else(|_| BTF_PATH.to_owned());
+    if std::path::Path::new(&path).exists() {
+        Ok(())
+    } else {
+        Err(CaptureError::NoBtf(path))
+    }
+}
+
 /// The compiled eBPF object, built by aya-build in build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mtls-agent"));
 
@@ -26,6 +51,7 @@ pub struct CaptureConfig {
     pub max_segments: u32,
     pub capture_bytes: u32,
     pub ring_buffer_bytes: u32,
+    pub tc_mode: TcMode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +60,10 @@ pub enum CaptureError {
         "this binary was built without its eBPF program (AYA_BUILD_SKIP was set); rebuild without it"
     )]
     NoObject,
+    #[error(
+        "this kernel has no BTF ({0} is missing): mtls-agent needs Linux 5.8+ built with CONFIG_DEBUG_INFO_BTF=y"
+    )]
+    NoBtf(String),
     #[error("--capture-bytes must be between 1 and {max}, got {got}")]
     CaptureBytes { got: u32, max: u32 },
     #[error("--ring-buffer-size must be a power of two of at least 4096 bytes, got {0}")]
@@ -61,6 +91,7 @@ impl Capture {
         if EBPF_OBJECT.is_empty() {
             return Err(CaptureError::NoObject);
         }
+        check_btf()?;
         let max = CHUNK_BYTES as u32 * MAX_CHUNKS_PER_SEGMENT;
         if cfg.capture_bytes == 0 || cfg.capture_bytes > max {
             return Err(CaptureError::CaptureBytes {
@@ -92,7 +123,7 @@ impl Capture {
         }
         Ok(Self {
             ebpf,
-            attacher: attach::Attacher::new(globs),
+            attacher: attach::Attacher::new(globs, cfg.tc_mode),
         })
     }
 
@@ -128,7 +159,10 @@ impl Capture {
         let present = list_interfaces()?;
         let mut attacher = std::mem::replace(
             &mut self.attacher,
-            attach::Attacher::new(Globs::new(&[]).unwrap_or_else(|_| unreachable!())),
+            attach::Attacher::new(
+                Globs::new(&[]).unwrap_or_else(|_| unreachable!()),
+                TcMode::Auto,
+            ),
         );
         let (i, e) = self.programs();
         let report = attacher.sync(i, e, &present);
@@ -148,7 +182,10 @@ impl Capture {
     pub fn detach_all(&mut self) {
         let mut attacher = std::mem::replace(
             &mut self.attacher,
-            attach::Attacher::new(Globs::new(&[]).unwrap_or_else(|_| unreachable!())),
+            attach::Attacher::new(
+                Globs::new(&[]).unwrap_or_else(|_| unreachable!()),
+                TcMode::Auto,
+            ),
         );
         let (i, e) = self.programs();
         attacher.detach_all(i, e);

@@ -154,6 +154,21 @@ pub struct RunArgs {
     /// security, mesh, TLS version, ALPN and evidence).
     #[arg(long)]
     pub expose_handshake_details: bool,
+    // --- Robustness and security (issue 7) ---
+    /// How the TC programs are attached: `tcx` (kernel 6.6+), `clsact` (a clsact qdisc with
+    /// named filters, any kernel), or `auto` (TCX, falling back to clsact where it is missing).
+    #[arg(long, value_enum, value_name = "MODE", default_value = "auto")]
+    pub tc_mode: crate::capture::TcMode,
+    /// Serve /metrics, /healthz and the API over HTTPS with this certificate chain (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require `Authorization: Bearer <token>` on the JSON API (/api/...), the token being the
+    /// first line of FILE. /metrics and /healthz stay open.
+    #[arg(long, value_name = "FILE")]
+    pub api_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -200,6 +215,9 @@ pub struct ReportArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     pub output: Output,
+    /// Send the first line of FILE as a bearer token to an agent run with --api-token-file.
+    #[arg(long, value_name = "FILE", conflicts_with = "prometheus")]
+    pub token_file: Option<PathBuf>,
 }
 
 /// A window: a humantime duration (`90s`, `15m`, `1h`) of at least 1 s and at most 7 days.

@@ -131,7 +131,8 @@ impl Prometheus {
         let label = |s: &Sample, k: &str| s.metric.get(k).cloned().unwrap_or_default();
 
         // Workloads and their sidecar state.
-        let mut workloads: BTreeMap<String, (bool, Inbound, u64)> = BTreeMap::new();
+        // (sidecar, inbound, compliant, rejected) per workload.
+        let mut workloads: BTreeMap<String, (bool, Inbound, u64, u64)> = BTreeMap::new();
         for s in self.query(&format!(
             "max by (workload, sidecar) (max_over_time(mtls_agent_workload_info{{{sel}}}[{w}]))"
         ))? {
@@ -152,7 +153,9 @@ impl Prometheus {
         }
         for s in &inbound {
             let n = count(s);
-            let entry = workloads.entry(label(s, "workload")).or_insert((true, Inbound::default(), 0));
+            let entry = workloads
+                .entry(label(s, "workload"))
+                .or_insert((true, Inbound::default(), 0, 0));
             match (label(s, "strict").as_str(), label(s, "security").as_str()) {
                 ("exempt", _) => entry.1.exempt += n,
                 (strict, sec) => {
@@ -166,6 +169,17 @@ impl Prometheus {
                         entry.2 += n;
                     }
                 }
+            }
+        }
+
+        for s in self.query(&window_sum(
+            "mtls_agent_rejected_connections_total",
+            &sel,
+            "workload",
+            &w,
+        ))? {
+            if let Some(e) = workloads.get_mut(&label(&s, "workload")) {
+                e.3 += count(&s);
             }
         }
 
@@ -216,11 +230,13 @@ impl Prometheus {
 
         let mut total = Inbound::default();
         let mut compliant = 0;
+        let mut rejected = 0;
         let workloads: Vec<WorkloadReport> = workloads
             .into_iter()
-            .map(|(name, (sidecar, inbound, comp))| {
+            .map(|(name, (sidecar, inbound, comp, rej))| {
                 total.add(&inbound);
                 compliant += comp;
+                rejected += rej;
                 WorkloadReport {
                     name,
                     verdict: readiness(&inbound, comp),
@@ -228,6 +244,10 @@ impl Prometheus {
                     sidecar,
                     mtls_ratio: ratio(&inbound, comp),
                     compliant: comp,
+                    rejected: rej,
+                    // Modes and per-port counts are the agent's knowledge, not metrics.
+                    mode: None,
+                    ports: Vec::new(),
                 }
             })
             .collect();
@@ -239,6 +259,8 @@ impl Prometheus {
             inbound: total,
             mtls_ratio: ratio(&total, compliant),
             compliant,
+            rejected,
+            peer_authentication: None,
             blockers,
             workloads,
         })

@@ -12,7 +12,13 @@ use crate::{
     export::http::{ApiError, NamespaceSummary},
 };
 
+/// Bearer token for the agent's JSON API (`--token-file`, issue 7), set once per process.
+static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 pub fn report(args: ReportArgs) -> anyhow::Result<()> {
+    if let Some(path) = &args.token_file {
+        let _ = TOKEN.set(crate::export::http::read_token_file("--token-file", path).map_err(usage)?);
+    }
     let window = args.window.map(Duration::from);
     let mut stdout = std::io::stdout().lock();
     if args.all_namespaces {
@@ -90,6 +96,9 @@ fn get_json<T: serde::de::DeserializeOwned>(
         .build()
         .into();
     let mut req = agent.get(format!("{base}{path}"));
+    if let Some(token) = TOKEN.get() {
+        req = req.header("Authorization", format!("Bearer {token}"));
+    }
     for (k, v) in query {
         req = req.query(*k, v);
     }
@@ -225,6 +234,15 @@ pub fn render_table(r: &Report) -> String {
         "inbound: mtls {} · tls {} · plaintext {} · unknown {} · exempt {}\n",
         r.inbound.mtls, r.inbound.tls, r.inbound.plaintext, r.inbound.unknown, r.inbound.exempt
     );
+    if let Some(mode) = &r.peer_authentication {
+        s += &format!("PeerAuthentication (namespace-wide): {mode}\n");
+    }
+    if r.rejected > 0 {
+        s += &format!(
+            "rejected: {} inbound connections were reset or closed right after the client's first bytes — these already break (STRICT enforcing?)\n",
+            r.rejected
+        );
+    }
     if !r.blockers.is_empty() {
         s += "\nBlockers — these connections would break under STRICT:\n";
         let mut t = Table::new();
@@ -262,22 +280,37 @@ pub fn render_table(r: &Report) -> String {
     }
     if !r.workloads.is_empty() {
         s += "\nWorkloads:\n";
+        let with_modes = r.workloads.iter().any(|w| w.mode.is_some());
+        let mut header = vec![
+            "WORKLOAD",
+            "VERDICT",
+            "SIDECAR",
+            "MTLS",
+            "TLS",
+            "PLAINTEXT",
+            "UNKNOWN",
+            "EXEMPT",
+            "MTLS RATIO",
+            "PORTS",
+        ];
+        if with_modes {
+            header.push("MODE");
+        }
         let mut t = Table::new();
         t.load_preset(UTF8_BORDERS_ONLY)
             .set_content_arrangement(ContentArrangement::Dynamic)
-            .set_header([
-                "WORKLOAD",
-                "VERDICT",
-                "SIDECAR",
-                "MTLS",
-                "TLS",
-                "PLAINTEXT",
-                "UNKNOWN",
-                "EXEMPT",
-                "MTLS RATIO",
-            ]);
+            .set_header(header);
         for w in &r.workloads {
-            t.add_row([
+            let ports = w
+                .ports
+                .iter()
+                .map(|p| match &p.mode {
+                    Some(m) => format!("{} ({m})", p.port),
+                    None => p.port.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut row = vec![
                 w.name.clone(),
                 w.verdict.as_str().to_owned(),
                 if w.sidecar { "yes".into() } else { "NO".into() },
@@ -287,7 +320,12 @@ pub fn render_table(r: &Report) -> String {
                 w.inbound.unknown.to_string(),
                 w.inbound.exempt.to_string(),
                 pct(w.mtls_ratio),
-            ]);
+                ports,
+            ];
+            if with_modes {
+                row.push(w.mode.clone().unwrap_or_else(|| "-".into()));
+            }
+            t.add_row(row);
         }
         s += &format!("{t}\n");
         let missing: Vec<&str> = r
@@ -325,6 +363,8 @@ mod tests {
             },
             mtls_ratio: Some(1.0 / 3.0),
             compliant: 1,
+            rejected: 2,
+            peer_authentication: Some("STRICT".into()),
             blockers: vec![Blocker {
                 client: ClientRef {
                     namespace: Some("legacy".into()),
@@ -354,6 +394,13 @@ mod tests {
                 sidecar: true,
                 mtls_ratio: Some(1.0 / 3.0),
                 compliant: 1,
+                rejected: 2,
+                mode: Some("STRICT".into()),
+                ports: vec![crate::aggregate::PortReport {
+                    port: 8080,
+                    connections: 3,
+                    mode: Some("STRICT".into()),
+                }],
             }],
         }
     }
@@ -367,5 +414,8 @@ mod tests {
         assert!(t.contains("plaintext (http1)"), "{t}");
         assert!(t.contains("inject a sidecar into legacy/batch"), "{t}");
         assert!(t.contains("2m 5s"), "{t}");
+        assert!(t.contains("PeerAuthentication (namespace-wide): STRICT"), "{t}");
+        assert!(t.contains("rejected: 2 inbound"), "{t}");
+        assert!(t.contains("8080 (STRICT)"), "{t}");
     }
 }

@@ -162,7 +162,10 @@ async fn identity(State(s): State<AppState>, Query(q): Query<IdentityQuery>) -> 
     let r = agg.resolver();
     if let Some(ip) = q.ip.as_deref() {
         let Ok(ip) = ip.parse::<std::net::IpAddr>() else {
-            return error(StatusCode::BAD_REQUEST, format!("ip: {ip:?} is not an address"));
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("ip: {ip:?} is not an address"),
+            );
         };
         let workload = r.lookup(ip).map(|w: &std::sync::Arc<Workload>| {
             serde_json::json!({"namespace": w.namespace, "name": w.name, "sidecar": w.sidecar})
@@ -213,4 +216,162 @@ pub fn connections_router(recent: Arc<Mutex<crate::classify::RecentConnections>>
 async fn connections(State(recent): State<Arc<Mutex<crate::classify::RecentConnections>>>) -> Response {
     let snapshot = recent.lock().unwrap_or_else(|p| p.into_inner()).snapshot();
     Json(snapshot).into_response()
+}
+
+// --- Access control and TLS (issue 7) ---
+
+/// Paths that stay open when `--api-token-file` is set: what Prometheus and the kubelet need.
+const OPEN_PATHS: [&str; 2] = ["/metrics", "/healthz"];
+
+/// Reads a bearer token: the first line of the file, trimmed. `flag` names the option in errors.
+pub fn read_token_file(flag: &str, path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim();
+    if token.is_empty() {
+        return Err(format!("{flag} {}: the first line is empty", path.display()));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "{flag} {}: the token must be printable ASCII without spaces",
+            path.display()
+        ));
+    }
+    Ok(token.to_owned())
+}
+
+/// With `Some(token)`, every path except /metrics and /healthz answers 401 unless the request
+/// carries `Authorization: Bearer <token>`.
+pub fn with_api_token(app: Router, token: Option<String>) -> Router {
+    match token {
+        None => app,
+        Some(t) => app.layer(axum::middleware::from_fn_with_state(
+            Arc::<[u8]>::from(t.into_bytes()),
+            require_token,
+        )),
+    }
+}
+
+async fn require_token(
+    State(token): State<Arc<[u8]>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if OPEN_PATHS.contains(&req.uri().path()) {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    if given.is_some_and(|g| constant_time_eq(g, &token)) {
+        return next.run(req).await;
+    }
+    let mut r = error(
+        StatusCode::UNAUTHORIZED,
+        "this agent requires a bearer token (report --token-file)".into(),
+    );
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        axum::http::HeaderValue::from_static("Bearer"),
+    );
+    r
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Loads `--tls-cert` (PEM chain) and `--tls-key` (PEM private key) into a server config.
+pub fn load_tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<_, _>>())
+        .map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "--tls-cert {}: no certificate in the file",
+            cert.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("--tls-key {}: {e}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("--tls-cert/--tls-key: {e}"))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Serves `app` over TLS (HTTP/1.1) until `shutdown` completes. A client that does not finish
+/// its handshake within 10 s is dropped.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tokio::pin!(shutdown);
+    loop {
+        let tcp = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            r = listener.accept() => match r {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::debug!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let Ok(Ok(tls)) =
+                tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+            else {
+                return;
+            };
+            let svc = hyper_util::service::TowerToHyperService::new(app);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                .await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod access_tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+
+    #[test]
+    fn token_file_first_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t");
+        std::fs::write(&p, "s3cr3t\nignored\n").unwrap();
+        assert_eq!(read_token_file("--x", &p).unwrap(), "s3cr3t");
+        std::fs::write(&p, "\n").unwrap();
+        assert!(read_token_file("--x", &p).unwrap_err().contains("--x"));
+        std::fs::write(&p, "a b\n").unwrap();
+        assert!(read_token_file("--x", &p).is_err());
+    }
 }

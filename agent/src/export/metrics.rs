@@ -28,6 +28,7 @@ pub struct Metrics {
     pub inbound: IntCounterVec,
     pub workload_info: IntGaugeVec,
     pub strict_intended: IntGaugeVec,
+    pub rejected: IntCounterVec,
     pub identity_last_sync: Gauge,
     pub blocking_overflow: IntCounterVec,
     pub evidence: IntCounterVec,
@@ -136,6 +137,12 @@ impl Metrics {
         .expect("static metric definition");
         r.register(Box::new(workload_info.clone()))
             .expect("unique metric name");
+        let rejected = counter_vec(
+            &r,
+            "mtls_agent_rejected_connections_total",
+            "Inbound connections the server reset or closed right after the client's first bytes without answering (what a STRICT sidecar does to plaintext).",
+            &["namespace", "workload", "security"],
+        );
         let strict_intended = IntGaugeVec::new(
             Opts::new(
                 "mtls_agent_namespace_strict_intended",
@@ -271,6 +278,7 @@ impl Metrics {
             inbound,
             workload_info,
             strict_intended,
+            rejected,
             identity_last_sync,
             blocking_overflow,
             evidence,

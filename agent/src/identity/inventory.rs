@@ -206,7 +206,8 @@ node_addresses: ["198.18.0.1"]
                 "workloads[0].addresses: empty",
             ),
             ("", "file is empty"),
-            ("workloads: [1, 2", "did not find expected"),
+            // A syntax error (a type error in the first element would be reported first).
+            ("workloads: [", "did not find expected"),
             (
                 "workloads:\n  - {namespace: a, name: b, addresses: [198.18.0.9]}\n  - {namespace: a, name: b, addresses: [198.18.0.8]}\n",
                 "listed twice",

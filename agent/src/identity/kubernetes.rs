@@ -516,6 +516,9 @@ fn cronjob_of(job: &str) -> Option<&str> {
         .then_some(prefix)
 }
 
+/// Workload name → the label sets of its pods, with pod counts.
+type WorkloadLabels = HashMap<Arc<str>, Vec<(Arc<LabelSet>, u32)>>;
+
 /// The store. See the module documentation.
 #[derive(Debug)]
 pub struct KubeStore {
@@ -531,7 +534,7 @@ pub struct KubeStore {
     local: HashMap<Arc<Workload>, u32>,
     local_list: Vec<Arc<Workload>>,
     /// namespace → workload name → label sets of its pods, with pod counts (for `mode`).
-    workload_labels: HashMap<Arc<str>, HashMap<Arc<str>, Vec<(Arc<LabelSet>, u32)>>>,
+    workload_labels: HashMap<Arc<str>, WorkloadLabels>,
     namespaces: HashMap<Arc<str>, NamespaceRec>,
     nodes: HashMap<Arc<str>, NodeRec>,
     /// Addresses of every node → node name.
@@ -626,8 +629,11 @@ impl KubeStore {
                 for i in stale {
                     self.remove_pod_at(i);
                 }
+                // Interned values nobody uses any more (e.g. the pod-template-hash of a finished
+                // rollout): a relist is a cheap moment to let them go.
                 self.label_sets.retain(|s| Arc::strong_count(s) > 1);
                 self.workload_arcs.retain(|w| Arc::strong_count(w) > 1);
+                self.strings.retain(|s| Arc::strong_count(s) > 1);
             }
             Resource::Namespaces => self.namespaces.retain(|_, n| n.epoch == epoch),
             Resource::Nodes => {
@@ -927,12 +933,12 @@ impl KubeStore {
 
     pub fn delete_peer_authentication(&mut self, obj: &serde_json::Value) {
         let meta = &obj["metadata"];
-        if let (Some(ns), Some(name)) = (meta["namespace"].as_str(), meta["name"].as_str()) {
-            if let Some(list) = self.policies.get_mut(ns) {
-                list.retain(|p| &*p.name != name);
-                if list.is_empty() {
-                    self.policies.remove(ns);
-                }
+        if let (Some(ns), Some(name)) = (meta["namespace"].as_str(), meta["name"].as_str())
+            && let Some(list) = self.policies.get_mut(ns)
+        {
+            list.retain(|p| &*p.name != name);
+            if list.is_empty() {
+                self.policies.remove(ns);
             }
         }
     }
@@ -1205,4 +1211,219 @@ fn parse_policy(obj: &serde_json::Value, epoch: u32) -> Option<(String, PolicyRe
             epoch,
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn pod(v: serde_json::Value) -> Pod {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn owned(name: &str, kind: &str, owner: &str, labels: serde_json::Value) -> Pod {
+        pod(json!({
+            "metadata": {"name": name, "namespace": "ns", "labels": labels,
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": kind, "name": owner,
+                                     "uid": "u", "controller": true}]},
+        }))
+    }
+
+    #[test]
+    fn owner_chains_without_reading_owners() {
+        let cases = [
+            (
+                owned(
+                    "web-7d9f8c6b5d-x2x9k",
+                    "ReplicaSet",
+                    "web-7d9f8c6b5d",
+                    json!({"pod-template-hash": "7d9f8c6b5d"}),
+                ),
+                ("web", WorkloadKind::Deployment),
+            ),
+            // A ReplicaSet whose name does not end in the hash is its own workload.
+            (
+                owned("rs-abc", "ReplicaSet", "handmade", json!({})),
+                ("handmade", WorkloadKind::ReplicaSet),
+            ),
+            (
+                owned("db-0", "StatefulSet", "db", json!({})),
+                ("db", WorkloadKind::StatefulSet),
+            ),
+            (
+                owned("agent-x", "DaemonSet", "agent", json!({})),
+                ("agent", WorkloadKind::DaemonSet),
+            ),
+            (
+                owned("backup-29399820-4wq8z", "Job", "backup-29399820", json!({})),
+                ("backup", WorkloadKind::CronJob),
+            ),
+            (
+                owned("migrate-abcde", "Job", "migrate", json!({})),
+                ("migrate", WorkloadKind::Job),
+            ),
+            (
+                owned("r-1", "Rollout", "r", json!({})),
+                ("r", WorkloadKind::Other),
+            ),
+            (
+                pod(json!({"metadata": {"name": "bare", "namespace": "ns"}})),
+                ("bare", WorkloadKind::Pod),
+            ),
+        ];
+        for (p, (name, kind)) in cases {
+            assert_eq!(
+                workload_of(&p),
+                (name.to_owned(), kind),
+                "{:?}",
+                p.metadata.name
+            );
+        }
+        assert_eq!(
+            cronjob_of("nightly-report-29399820"),
+            Some("nightly-report")
+        );
+        assert_eq!(
+            cronjob_of("job-1234567"),
+            None,
+            "7 digits is not a schedule"
+        );
+        assert_eq!(cronjob_of("-29399820"), None);
+    }
+
+    #[test]
+    fn sidecar_detection_and_host_network() {
+        let native = pod(json!({
+            "metadata": {"name": "a", "namespace": "ns"},
+            "spec": {"containers": [{"name": "app"}],
+                     "initContainers": [{"name": "istio-proxy", "restartPolicy": "Always"}]},
+            "status": {"podIPs": [{"ip": "10.0.0.1"}, {"ip": "fd00::1"}], "phase": "Running"}
+        }));
+        let s = PodSummary::from_pod(&native).unwrap();
+        assert!(s.sidecar && s.live);
+        assert_eq!(s.ips.len(), 2);
+        assert_eq!(s.service_account, "default");
+        let plain_init = pod(json!({
+            "metadata": {"name": "b", "namespace": "ns"},
+            "spec": {"containers": [{"name": "app"}], "initContainers": [{"name": "istio-proxy"}]}
+        }));
+        assert!(!PodSummary::from_pod(&plain_init).unwrap().sidecar);
+        let mut store = KubeStore::new(KubeConfig::default());
+        store.apply_pod(&pod(json!({
+            "metadata": {"name": "kp", "namespace": "kube-system"},
+            "spec": {"containers": [{"name": "kp"}], "hostNetwork": true},
+            "status": {"podIP": "10.0.0.9", "phase": "Running"}
+        })));
+        assert!(store.lookup("10.0.0.9".parse().unwrap()).is_none());
+        assert_eq!(store.pod_count(), 1);
+    }
+
+    #[test]
+    fn modes_follow_istio_precedence() {
+        let mut store = KubeStore::new(KubeConfig::default());
+        let pa = |ns: &str, name: &str, created: &str, spec: serde_json::Value| {
+            json!({"metadata": {"namespace": ns, "name": name, "creationTimestamp": created},
+                   "spec": spec})
+        };
+        store.apply_peer_authentication(&pa(
+            "istio-system",
+            "mesh",
+            "2026-01-01T00:00:00Z",
+            json!({"mtls": {"mode": "STRICT"}}),
+        ));
+        store.apply_pod_summary(&PodSummary {
+            namespace: "app".into(),
+            name: "db-0".into(),
+            workload: "db".into(),
+            kind: WorkloadKind::StatefulSet,
+            service_account: "db".into(),
+            labels: vec![
+                ("app".into(), "db".into()),
+                (POD_NAME_LABEL.into(), "db-0".into()),
+                (POD_INDEX_LABEL.into(), "0".into()),
+            ],
+            node_name: None,
+            host_network: false,
+            live: true,
+            sidecar: true,
+            ips: vec!["10.1.0.1".parse().unwrap()],
+            created: 1,
+        });
+        let at = |s: &KubeStore, port| {
+            s.effective_mode_for_ip("10.1.0.1".parse().unwrap(), port)
+                .unwrap()
+        };
+        assert_eq!(at(&store, 5432).source, ModeSource::Mesh);
+        // Two namespace-wide policies: the oldest wins.
+        store.apply_peer_authentication(&pa(
+            "app",
+            "newer",
+            "2026-03-01T00:00:00Z",
+            json!({"mtls": {"mode": "DISABLE"}}),
+        ));
+        store.apply_peer_authentication(&pa(
+            "app",
+            "older",
+            "2026-02-01T00:00:00Z",
+            json!({"mtls": {"mode": "permissive"}}),
+        ));
+        assert_eq!(
+            (at(&store, 5432).mode, at(&store, 5432).policy.as_deref()),
+            (Mode::Permissive, Some("app/older"))
+        );
+        // A selector on the StatefulSet's per-pod label still matches, and port-level wins.
+        store.apply_peer_authentication(&pa(
+            "app",
+            "db-0-only",
+            "2026-04-01T00:00:00Z",
+            json!({"selector": {"matchLabels": {POD_NAME_LABEL: "db-0"}},
+                   "portLevelMtls": {"5432": {"mode": "STRICT"}}}),
+        ));
+        assert_eq!(at(&store, 5432).mode, Mode::Strict);
+        assert_eq!(at(&store, 5432).source, ModeSource::WorkloadPort);
+        // UNSET at workload level for other ports: the namespace decides.
+        assert_eq!(at(&store, 8080).source, ModeSource::Namespace);
+        store.delete_peer_authentication(&pa("app", "older", "", json!({})));
+        assert_eq!(at(&store, 8080).mode, Mode::Disable);
+        // Relist without the mesh policy drops it.
+        store.begin_relist(Resource::PeerAuthentications);
+        store.apply_peer_authentication(&pa(
+            "app",
+            "newer",
+            "2026-03-01T00:00:00Z",
+            json!({"mtls": {"mode": "UNSET"}}),
+        ));
+        store.end_relist(Resource::PeerAuthentications);
+        assert_eq!(at(&store, 8080).source, ModeSource::Default);
+        assert_eq!(at(&store, 8080).mode, Mode::Permissive);
+        assert_eq!(Mode::parse("Strict"), Some(Mode::Strict));
+        assert_eq!(Mode::parse("bogus"), None);
+    }
+
+    #[test]
+    fn injection_labels() {
+        let l = |pairs: &[(&str, &str)]| {
+            let m: BTreeMap<String, String> = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            Injection::from_labels(Some(&m)).state
+        };
+        assert_eq!(
+            l(&[("istio-injection", "enabled")]),
+            InjectionState::Sidecar
+        );
+        assert_eq!(l(&[("istio.io/rev", "canary")]), InjectionState::Sidecar);
+        assert_eq!(
+            l(&[("istio-injection", "disabled"), ("istio.io/rev", "canary")]),
+            InjectionState::Disabled
+        );
+        assert_eq!(
+            l(&[("istio.io/dataplane-mode", "ambient")]),
+            InjectionState::Ambient
+        );
+        assert_eq!(l(&[]), InjectionState::None);
+    }
 }
