@@ -200,6 +200,31 @@ impl Agent {
     }
 }
 
+/// Names of the TCX programs attached to `iface` in `ns`, ingress then egress, as the kernel
+/// reports them, through the `tcx-query` helper binary of this crate (pass
+/// `env!("CARGO_BIN_EXE_tcx-query")`): bpftool 7.1 predates TCX.
+pub fn tcx_programs(
+    tb: &Testbed,
+    tcx_query: &str,
+    ns: &str,
+    iface: &str,
+) -> Result<(Vec<String>, Vec<String>)> {
+    let out = tb.output(ns, &[tcx_query, iface], None, Duration::from_secs(10))?;
+    if !out.status.success() {
+        bail!("tcx-query {iface}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let names = |dir: &str| -> Vec<String> {
+        v[iface][dir]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n.as_str().map(str::to_owned))
+            .collect()
+    };
+    Ok((names("ingress"), names("egress")))
+}
+
 /// Parses one sample of the Prometheus text format: the value of `name` whose labels include all
 /// of `labels`. Summed when several series match.
 pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {

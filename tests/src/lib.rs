@@ -39,7 +39,7 @@ pub mod pki;
 pub mod proc;
 pub mod traffic;
 
-pub use agent::{Agent, agent_bin, metric_value};
+pub use agent::{Agent, agent_bin, metric_value, tcx_programs};
 pub use inventory::{Workload, inventory_yaml, write_inventory};
 pub use kube_double::{
     KubeAgent, KubeDouble, KubeDoubleClient, KubeDoubleProc, KubeResource, kube_fixtures_dir,

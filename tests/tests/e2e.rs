@@ -8,6 +8,7 @@ use mtls_agent_testbed::*;
 use serde_json::{Value, json};
 
 const ISTIO_ALPN: &str = "istio-peer-exchange,istio";
+const TCX_QUERY: &str = env!("CARGO_BIN_EXE_tcx-query");
 
 fn conns(m: &str, ns: &str, wl: &str, dir: &str, sec: &str) -> f64 {
     metric_value(
@@ -314,7 +315,17 @@ fn namespaces_get_exact_counts_and_verdicts() -> Result<()> {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("nope"), "{err}");
 
-    // Stopping detaches everything: no TCX link, no tc filter, no clsact qdisc left.
+    // While running, our two programs are on every pod veth (as the kernel reports it)...
+    for pod in tb.pods() {
+        let progs = tcx_programs(&tb, TCX_QUERY, tb.node_netns(), &pod.host_if)?;
+        assert_eq!(
+            progs,
+            (vec!["mtls_ingress".to_owned()], vec!["mtls_egress".to_owned()]),
+            "{}",
+            pod.host_if
+        );
+    }
+    // ...and stopping detaches everything: no TCX link, no tc filter, no clsact qdisc left.
     let status = agent.stop()?;
     assert!(status.success(), "agent exit: {status}");
     let net = tb.run(tb.node_netns(), &["bpftool", "-j", "net", "show"])?;
@@ -565,6 +576,52 @@ fn plaintext_rejected_right_after_first_bytes_is_counted_apart() -> Result<()> {
     let (_, table, _) = agent.report(&tb, &["--namespace", "shop"])?;
     assert!(table.contains("rejected: 3 inbound"), "{table}");
     agent.stop()?;
+    tb.destroy()?;
+    Ok(())
+}
+
+/// New pod interfaces are attached within a second (netlink), removed ones are forgotten.
+#[test]
+fn new_and_removed_interfaces_are_followed_within_a_second() -> Result<()> {
+    ensure_root()?;
+    let bin = agent_bin()?;
+    let mut tb = Testbed::new("mtlink")?;
+    let first = tb.add_pod(PodSpec::new("first", "198.18.0.10".parse()?))?;
+    let inventory = tb.workdir().join("inventory.yaml");
+    write_inventory(&inventory, &[Workload::new("shop", "first", &[&first])])?;
+    let agent = Agent::start(&tb, &bin, &inventory, &["vp*"], &[], 1)?;
+    let attached = |tb: &Testbed| -> Result<f64> {
+        Ok(metric_value(&agent.metrics(tb)?, "mtls_agent_interfaces_attached", &[]).unwrap_or(-1.0))
+    };
+    assert_eq!(attached(&tb)?, 1.0);
+    for (i, name) in ["second", "third"].iter().enumerate() {
+        let pod = tb.add_pod(PodSpec::new(name, format!("198.18.0.{}", 20 + i).parse()?))?;
+        let created = std::time::Instant::now();
+        loop {
+            // The agent's own view, and the kernel's: our TCX programs on the new veth.
+            let progs = tcx_programs(&tb, TCX_QUERY, tb.node_netns(), &pod.host_if)?;
+            if attached(&tb)? == (i + 2) as f64
+                && progs == (vec!["mtls_ingress".to_owned()], vec!["mtls_egress".to_owned()])
+            {
+                break;
+            }
+            assert!(
+                created.elapsed() < Duration::from_secs(1),
+                "{} not attached within 1s: {progs:?}",
+                pod.host_if
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // Removing a pod's veth is noticed too.
+    tb.run(tb.node_netns(), &["ip", "link", "del", "vpsecond"])?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    while attached(&tb)? != 2.0 {
+        assert!(std::time::Instant::now() < deadline, "removal not noticed within 1s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = agent.stop()?;
+    assert!(status.success());
     tb.destroy()?;
     Ok(())
 }

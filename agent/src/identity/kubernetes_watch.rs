@@ -240,7 +240,14 @@ async fn watch<K>(
     forward(&mut stream, res, wrap, &tx, &metrics).await;
 }
 
+/// While a watch is established without errors, its last-sync gauge is refreshed this often
+/// (watches of quiet resources carry no events for hours).
+const HEARTBEAT: Duration = Duration::from_secs(15);
+
 /// Forwards a watcher's events; returns when the receiver is gone or the stream ends.
+/// `mtls_agent_kubernetes_last_sync_timestamp_seconds{resource}` is the last time the resource
+/// was known in sync: a complete list, an event, or a heartbeat while the watch runs without
+/// error since its last complete list.
 async fn forward<K, S>(
     stream: &mut S,
     res: Resource,
@@ -251,23 +258,52 @@ async fn forward<K, S>(
     S: futures::Stream<Item = Result<Event<K>, watcher::Error>> + Unpin,
 {
     let label = [res.as_str()];
-    while let Some(item) = stream.next().await {
+    let synced = || {
+        metrics
+            .kubernetes_last_sync
+            .with_label_values(&label)
+            .set(now_secs())
+    };
+    // Listed completely since the last Init, and when the last error was: kube re-watches after
+    // an error without telling, so a watch counts as running again once no error came for a
+    // while (longer than kube's largest backoff, 30 s).
+    let mut listed = false;
+    let mut last_error: Option<std::time::Instant> = None;
+    let quiet = Duration::from_secs(60);
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let item = tokio::select! {
+            item = stream.next() => item,
+            _ = heartbeat.tick() => {
+                if listed && last_error.is_none_or(|t| t.elapsed() >= quiet) {
+                    synced();
+                }
+                continue;
+            }
+        };
+        let Some(item) = item else { return };
         match item {
             Ok(ev) => {
-                if matches!(ev, Event::InitDone | Event::Apply(_) | Event::Delete(_)) {
-                    metrics
-                        .kubernetes_last_sync
-                        .with_label_values(&label)
-                        .set(now_secs());
+                match ev {
+                    Event::Init => listed = false,
+                    Event::InitDone => {
+                        listed = true;
+                        last_error = None;
+                        debug!(resource = res.as_str(), "listed");
+                    }
+                    Event::Apply(_) | Event::Delete(_) => last_error = None,
+                    Event::InitApply(_) => {}
                 }
-                if matches!(ev, Event::InitDone) {
-                    debug!(resource = res.as_str(), "listed");
+                if listed {
+                    synced();
                 }
                 if tx.send((res, map_event(ev, &wrap))).await.is_err() {
                     return;
                 }
             }
             Err(e) => {
+                last_error = Some(std::time::Instant::now());
                 metrics
                     .kubernetes_api_errors
                     .with_label_values(&label)

@@ -90,6 +90,61 @@ pub fn loaded_prog_ids() -> Result<Vec<u64>> {
         .collect())
 }
 
+/// Ids of every BPF link on the machine (`bpftool -j link show`; TCX links are type 11, which
+/// this bpftool does not name, and `bpftool net show` does not list them at all).
+pub fn loaded_link_ids() -> Result<Vec<u64>> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "link", "show"])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "bpftool link show failed");
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["id"].as_u64())
+        .collect())
+}
+
+/// BPF objects a process holds, from /proc/PID/fdinfo: (program ids, (link id, link type,
+/// ifindex) of each link, map ids).
+#[derive(Debug, Default)]
+pub struct BpfObjects {
+    pub progs: Vec<u64>,
+    pub links: Vec<(u64, String, u64)>,
+    pub maps: Vec<u64>,
+}
+
+pub fn bpf_objects(pid: u32) -> Result<BpfObjects> {
+    let mut out = BpfObjects::default();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let Ok(text) = std::fs::read_to_string(e?.path()) else {
+            continue;
+        };
+        let field = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_owned())
+        };
+        let num = |k: &str| field(k).and_then(|v| v.parse::<u64>().ok());
+        if let Some(id) = num("link_id:") {
+            out.links.push((
+                id,
+                field("link_type:").unwrap_or_default(),
+                num("ifindex:").unwrap_or(0),
+            ));
+        } else if let Some(id) = num("map_id:") {
+            out.maps.push(id);
+        } else if field("prog_type:").is_some()
+            && let Some(id) = num("prog_id:")
+        {
+            out.progs.push(id);
+        }
+    }
+    out.progs.sort();
+    out.progs.dedup();
+    Ok(out)
+}
+
 /// `tc filter show dev DEV DIR` in the node namespace.
 pub fn tc_filters(tb: &Testbed, dev: &str, dir: &str) -> Result<String> {
     let out = tb.run(tb.node_netns(), &["tc", "filter", "show", "dev", dev, dir])?;

@@ -278,7 +278,7 @@ pub fn render(r: &Run<'_>) -> String {
                 notes.push(format!("idle flows opened in {t:.1} s"));
             }
             if let Some(h) = r.med(sc, v, |s| s.seen_hellos.map(|x| x as f64))
-                && churn
+                && sc == Scenario::TlsChurn
             {
                 let made = r.med(sc, v, |s| s.made.map(|x| x as f64));
                 notes.push(format!(
@@ -476,13 +476,18 @@ pub fn render(r: &Run<'_>) -> String {
         }
         let _ = writeln!(o);
     }
-    o.push_str(ANALYSIS);
+    o.push_str(&analysis());
     o
 }
 
 /// Explanations that do not depend on the figures of one run (causes and remedies); the
-/// figures they refer to are in the tables above.
-const ANALYSIS: &str = include_str!("analysis.md");
+/// figures they refer to are in the tables above. Read when the report is written, so the text
+/// can be kept current without rebuilding.
+fn analysis() -> String {
+    let path = crate::workspace_root().join("xtask/src/bench/analysis.md");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| format!("## Analysis\n\n(could not read {}: {e})\n", path.display()))
+}
 
 /// `YYYY-MM-DD HH:MM` from Unix seconds (UTC), without a date crate.
 fn utc(secs: u64) -> String {
