@@ -211,7 +211,10 @@ pub fn tcx_programs(
 ) -> Result<(Vec<String>, Vec<String>)> {
     let out = tb.output(ns, &[tcx_query, iface], None, Duration::from_secs(10))?;
     if !out.status.success() {
-        bail!("tcx-query {iface}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "tcx-query {iface}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let names = |dir: &str| -> Vec<String> {

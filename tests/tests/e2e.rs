@@ -320,7 +320,10 @@ fn namespaces_get_exact_counts_and_verdicts() -> Result<()> {
         let progs = tcx_programs(&tb, TCX_QUERY, tb.node_netns(), &pod.host_if)?;
         assert_eq!(
             progs,
-            (vec!["mtls_ingress".to_owned()], vec!["mtls_egress".to_owned()]),
+            (
+                vec!["mtls_ingress".to_owned()],
+                vec!["mtls_egress".to_owned()]
+            ),
             "{}",
             pod.host_if
         );
@@ -549,7 +552,15 @@ fn plaintext_rejected_right_after_first_bytes_is_counted_apart() -> Result<()> {
         // curl fails (connection reset): that is the point.
         let out = tb.output(
             &batch.netns,
-            &["curl", "-sS", "--noproxy", "*", "--max-time", "3", &http_url(api.v4(9090))],
+            &[
+                "curl",
+                "-sS",
+                "--noproxy",
+                "*",
+                "--max-time",
+                "3",
+                &http_url(api.v4(9090)),
+            ],
             None,
             Duration::from_secs(6),
         )?;
@@ -559,7 +570,15 @@ fn plaintext_rejected_right_after_first_bytes_is_counted_apart() -> Result<()> {
     let m = agent.settle(&tb, Duration::from_secs(15))?;
     assert_eq!(conns(&m, "shop", "api", "inbound", "plaintext"), 4.0, "{m}");
     assert_eq!(
-        metric_value(&m, "mtls_agent_rejected_connections_total", &[("namespace", "shop"), ("workload", "api"), ("security", "plaintext")]),
+        metric_value(
+            &m,
+            "mtls_agent_rejected_connections_total",
+            &[
+                ("namespace", "shop"),
+                ("workload", "api"),
+                ("security", "plaintext")
+            ]
+        ),
         Some(3.0),
         "{m}"
     );
@@ -570,7 +589,12 @@ fn plaintext_rejected_right_after_first_bytes_is_counted_apart() -> Result<()> {
         .as_array()
         .into_iter()
         .flatten()
-        .map(|p| (p["port"].as_u64().unwrap_or(0), p["connections"].as_u64().unwrap_or(0)))
+        .map(|p| {
+            (
+                p["port"].as_u64().unwrap_or(0),
+                p["connections"].as_u64().unwrap_or(0),
+            )
+        })
         .collect();
     assert_eq!(ports, vec![(8080, 1), (9090, 3)]);
     let (_, table, _) = agent.report(&tb, &["--namespace", "shop"])?;
@@ -591,7 +615,10 @@ fn new_and_removed_interfaces_are_followed_within_a_second() -> Result<()> {
     write_inventory(&inventory, &[Workload::new("shop", "first", &[&first])])?;
     let agent = Agent::start(&tb, &bin, &inventory, &["vp*"], &[], 1)?;
     let attached = |tb: &Testbed| -> Result<f64> {
-        Ok(metric_value(&agent.metrics(tb)?, "mtls_agent_interfaces_attached", &[]).unwrap_or(-1.0))
+        Ok(
+            metric_value(&agent.metrics(tb)?, "mtls_agent_interfaces_attached", &[])
+                .unwrap_or(-1.0),
+        )
     };
     assert_eq!(attached(&tb)?, 1.0);
     for (i, name) in ["second", "third"].iter().enumerate() {
@@ -601,7 +628,11 @@ fn new_and_removed_interfaces_are_followed_within_a_second() -> Result<()> {
             // The agent's own view, and the kernel's: our TCX programs on the new veth.
             let progs = tcx_programs(&tb, TCX_QUERY, tb.node_netns(), &pod.host_if)?;
             if attached(&tb)? == (i + 2) as f64
-                && progs == (vec!["mtls_ingress".to_owned()], vec!["mtls_egress".to_owned()])
+                && progs
+                    == (
+                        vec!["mtls_ingress".to_owned()],
+                        vec!["mtls_egress".to_owned()],
+                    )
             {
                 break;
             }
@@ -617,7 +648,10 @@ fn new_and_removed_interfaces_are_followed_within_a_second() -> Result<()> {
     tb.run(tb.node_netns(), &["ip", "link", "del", "vpsecond"])?;
     let deadline = std::time::Instant::now() + Duration::from_secs(1);
     while attached(&tb)? != 2.0 {
-        assert!(std::time::Instant::now() < deadline, "removal not noticed within 1s");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "removal not noticed within 1s"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let status = agent.stop()?;

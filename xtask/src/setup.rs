@@ -26,10 +26,22 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nginx-light", "TLS server with ssl_verify_client"),
     ("python3", "plain HTTP server in test pods"),
     ("bpftool", "checking that no program is left attached"),
-    ("prometheus", "a real Prometheus (and promtool) for the rules, dashboards and report --prometheus tests"),
-    ("iperf3", "bulk and small-message load for `cargo xtask bench`"),
-    ("tshark", "the packet capture `cargo xtask bench` compares against, and the corpus test's capture and cross-check"),
-    ("postgresql", "a real PostgreSQL server (SSLRequest, TLS with and without client certificates) in the corpus test"),
+    (
+        "prometheus",
+        "a real Prometheus (and promtool) for the rules, dashboards and report --prometheus tests",
+    ),
+    (
+        "iperf3",
+        "bulk and small-message load for `cargo xtask bench`",
+    ),
+    (
+        "tshark",
+        "the packet capture `cargo xtask bench` compares against, and the corpus test's capture and cross-check",
+    ),
+    (
+        "postgresql",
+        "a real PostgreSQL server (SSLRequest, TLS with and without client certificates) in the corpus test",
+    ),
 ];
 
 fn step(msg: &str) {

@@ -59,7 +59,9 @@ fn bucket_width(window: Duration) -> u64 {
 }
 
 fn epoch_secs(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// One classified connection, as the tracker hands it over.
@@ -246,7 +248,11 @@ impl Aggregator {
         for w in self.resolver.workloads() {
             self.metrics
                 .workload_info
-                .with_label_values(&[w.namespace.as_str(), w.name.as_str(), if w.sidecar { "true" } else { "false" }])
+                .with_label_values(&[
+                    w.namespace.as_str(),
+                    w.name.as_str(),
+                    if w.sidecar { "true" } else { "false" },
+                ])
                 .set(1);
         }
         for ns in self.resolver.namespaces() {
@@ -283,7 +289,10 @@ impl Aggregator {
         }
         let Some(server) = server_wl else {
             if client_wl.is_none() {
-                self.metrics.unattributed.with_label_values(&[sec.as_str()]).inc();
+                self.metrics
+                    .unattributed
+                    .with_label_values(&[sec.as_str()])
+                    .inc();
             }
             return;
         };
@@ -294,8 +303,8 @@ impl Aggregator {
 
         let exempt = self.cfg.exempt_ports.contains(&rec.server.port())
             || self.resolver.is_node(rec.client.ip());
-        let compliant = sec == Security::Mtls
-            && (rec.verdict.mesh == Mesh::Istio || self.cfg.generic_mesh);
+        let compliant =
+            sec == Security::Mtls && (rec.verdict.mesh == Mesh::Istio || self.cfg.generic_mesh);
         self.metrics
             .inbound
             .with_label_values(&[
@@ -330,7 +339,9 @@ impl Aggregator {
                     client_address: client_wl.is_none().then(|| rec.client.ip()),
                     security: sec,
                 };
-                if !bucket.blockers.contains_key(&key) && bucket.blockers.len() >= MAX_BLOCKERS_PER_BUCKET {
+                if !bucket.blockers.contains_key(&key)
+                    && bucket.blockers.len() >= MAX_BLOCKERS_PER_BUCKET
+                {
                     key.client_namespace = None;
                     key.client_workload = None;
                     key.client_address = None;
@@ -354,7 +365,11 @@ impl Aggregator {
                 // against the per-server cap.
                 let labels = match &client_wl {
                     Some(c) => (c.namespace.clone(), c.name.clone(), String::new()),
-                    None => ("unknown".to_owned(), "unknown".to_owned(), rec.client.ip().to_string()),
+                    None => (
+                        "unknown".to_owned(),
+                        "unknown".to_owned(),
+                        rec.client.ip().to_string(),
+                    ),
                 };
                 let labels = if stats.blocking_labels.contains(&labels)
                     || stats.blocking_labels.len() < max_labels
@@ -432,7 +447,8 @@ impl Aggregator {
         let now = epoch_secs(now);
         // The current bucket counts whole; a window of N s covers the buckets that started in
         // the last N s.
-        (now / self.width * self.width + self.width).saturating_sub(window.as_secs().max(self.width))
+        (now / self.width * self.width + self.width)
+            .saturating_sub(window.as_secs().max(self.width))
     }
 
     fn namespace_totals(&self, ns: &str, since: u64) -> (Inbound, u64) {
@@ -452,7 +468,10 @@ impl Aggregator {
         let since = self.since(self.cfg.window, now);
         let (inbound, compliant) = self.namespace_totals(ns, since);
         let ready = report::readiness(&inbound, compliant) == Readiness::Ready;
-        self.metrics.strict_ready.with_label_values(&[ns]).set(ready as i64);
+        self.metrics
+            .strict_ready
+            .with_label_values(&[ns])
+            .set(ready as i64);
         match report::ratio(&inbound, compliant) {
             Some(r) => self.metrics.mtls_ratio.with_label_values(&[ns]).set(r),
             None => {
@@ -477,8 +496,12 @@ impl Aggregator {
 
     /// Namespaces known from the inventory or from traffic.
     pub fn namespaces(&self) -> BTreeSet<String> {
-        let mut out: BTreeSet<String> =
-            self.resolver.namespaces().into_iter().map(str::to_owned).collect();
+        let mut out: BTreeSet<String> = self
+            .resolver
+            .namespaces()
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
         out.extend(self.workloads.keys().map(|w| w.namespace.clone()));
         out
     }
@@ -525,7 +548,10 @@ impl Aggregator {
         if let Some(name) = workload
             && !known.iter().any(|w| w.name == name)
         {
-            return Err(ReportError::UnknownWorkload(namespace.to_owned(), name.to_owned()));
+            return Err(ReportError::UnknownWorkload(
+                namespace.to_owned(),
+                name.to_owned(),
+            ));
         }
         let mut inbound = Inbound::default();
         let mut compliant = 0;
@@ -658,28 +684,78 @@ mod tests {
         let mut a = agg(Duration::from_secs(900), 20);
         let now = at(10);
         for _ in 0..3 {
-            a.record(&rec("198.18.0.30:40000", "198.18.0.20:8080", Security::Plaintext, Mesh::None, now));
+            a.record(&rec(
+                "198.18.0.30:40000",
+                "198.18.0.20:8080",
+                Security::Plaintext,
+                Mesh::None,
+                now,
+            ));
         }
-        a.record(&rec("198.18.0.1:40000", "198.18.0.20:8080", Security::Plaintext, Mesh::None, now)); // node probe
-        a.record(&rec("198.18.0.30:40000", "198.18.0.21:15021", Security::Plaintext, Mesh::None, now)); // exempt port
-        a.record(&rec("203.0.113.9:40000", "198.18.0.21:9000", Security::Tls, Mesh::None, now)); // unknown client
-        a.record(&rec("198.18.0.40:40000", "198.18.0.21:9000", Security::Mtls, Mesh::Istio, now));
-        a.record(&rec("198.18.0.40:40000", "198.18.0.21:9000", Security::Mtls, Mesh::None, now)); // non-Istio mTLS
+        a.record(&rec(
+            "198.18.0.1:40000",
+            "198.18.0.20:8080",
+            Security::Plaintext,
+            Mesh::None,
+            now,
+        )); // node probe
+        a.record(&rec(
+            "198.18.0.30:40000",
+            "198.18.0.21:15021",
+            Security::Plaintext,
+            Mesh::None,
+            now,
+        )); // exempt port
+        a.record(&rec(
+            "203.0.113.9:40000",
+            "198.18.0.21:9000",
+            Security::Tls,
+            Mesh::None,
+            now,
+        )); // unknown client
+        a.record(&rec(
+            "198.18.0.40:40000",
+            "198.18.0.21:9000",
+            Security::Mtls,
+            Mesh::Istio,
+            now,
+        ));
+        a.record(&rec(
+            "198.18.0.40:40000",
+            "198.18.0.21:9000",
+            Security::Mtls,
+            Mesh::None,
+            now,
+        )); // non-Istio mTLS
         let r = a.report_window("shop", None, None, at(20)).unwrap();
         assert_eq!(r.verdict, Readiness::NotReady);
         assert_eq!(
             r.inbound,
-            Inbound { mtls: 2, tls: 1, plaintext: 3, unknown: 0, exempt: 2 }
+            Inbound {
+                mtls: 2,
+                tls: 1,
+                plaintext: 3,
+                unknown: 0,
+                exempt: 2
+            }
         );
         assert_eq!(r.compliant, 1);
         assert_eq!(r.mtls_ratio, Some(1.0 / 6.0));
         assert_eq!(r.blockers.len(), 3);
         assert_eq!(r.blockers[0].connections, 3);
         assert_eq!(r.blockers[0].client.workload.as_deref(), Some("batch"));
-        let unknown = r.blockers.iter().find(|b| b.client.workload.is_none()).unwrap();
+        let unknown = r
+            .blockers
+            .iter()
+            .find(|b| b.client.workload.is_none())
+            .unwrap();
         assert_eq!(unknown.client.address, "203.0.113.9");
         assert_eq!(unknown.security, "tls");
-        assert!(r.blockers.iter().any(|b| b.security == "mtls" && b.client.workload.as_deref() == Some("a")));
+        assert!(
+            r.blockers
+                .iter()
+                .any(|b| b.security == "mtls" && b.client.workload.as_deref() == Some("a"))
+        );
         let web = a.report_window("shop", Some("web"), None, at(20)).unwrap();
         assert_eq!(web.inbound.plaintext, 3);
         assert_eq!(web.inbound.exempt, 1);
@@ -700,8 +776,20 @@ mod tests {
     #[test]
     fn windows_forget_old_traffic() {
         let mut a = agg(Duration::from_secs(600), 20); // 10 s buckets
-        a.record(&rec("198.18.0.30:1", "198.18.0.20:8080", Security::Plaintext, Mesh::None, at(0)));
-        a.record(&rec("198.18.0.40:1", "198.18.0.20:8080", Security::Mtls, Mesh::Istio, at(500)));
+        a.record(&rec(
+            "198.18.0.30:1",
+            "198.18.0.20:8080",
+            Security::Plaintext,
+            Mesh::None,
+            at(0),
+        ));
+        a.record(&rec(
+            "198.18.0.40:1",
+            "198.18.0.20:8080",
+            Security::Mtls,
+            Mesh::Istio,
+            at(500),
+        ));
         // Whole window: both; last two minutes: only the mTLS one.
         let all = a.report_window("shop", None, None, at(505)).unwrap();
         assert_eq!(all.verdict, Readiness::NotReady);
@@ -716,12 +804,18 @@ mod tests {
         assert_eq!(later.verdict, Readiness::Ready);
         a.expire(at(1200));
         assert_eq!(
-            a.report_window("shop", None, None, at(1200)).unwrap().verdict,
+            a.report_window("shop", None, None, at(1200))
+                .unwrap()
+                .verdict,
             Readiness::NoData
         );
         assert_eq!(
-            a.report_window("shop", None, Some(Duration::from_secs(601)), at(1200)).unwrap_err(),
-            ReportError::WindowTooLong { asked: 601, kept: 600 }
+            a.report_window("shop", None, Some(Duration::from_secs(601)), at(1200))
+                .unwrap_err(),
+            ReportError::WindowTooLong {
+                asked: 601,
+                kept: 600
+            }
         );
     }
 
@@ -729,7 +823,13 @@ mod tests {
     fn blocking_labels_are_capped_per_server() {
         let mut a = agg(Duration::from_secs(900), 2);
         for i in 0..5 {
-            a.record(&rec(&format!("203.0.113.{i}:1"), "198.18.0.20:8080", Security::Plaintext, Mesh::None, at(1)));
+            a.record(&rec(
+                &format!("203.0.113.{i}:1"),
+                "198.18.0.20:8080",
+                Security::Plaintext,
+                Mesh::None,
+                at(1),
+            ));
         }
         let text = a.metrics.render();
         let series = text
@@ -738,20 +838,39 @@ mod tests {
             .count();
         assert_eq!(series, 3, "2 distinct clients + other:\n{text}");
         assert!(text.contains("client_workload=\"other\""));
-        assert!(text.contains("mtls_agent_blocking_clients_overflow_total{namespace=\"shop\",workload=\"web\"} 3"));
+        assert!(text.contains(
+            "mtls_agent_blocking_clients_overflow_total{namespace=\"shop\",workload=\"web\"} 3"
+        ));
         // The report still has every client (it is not a label).
-        assert_eq!(a.report_window("shop", None, None, at(2)).unwrap().blockers.len(), 5);
+        assert_eq!(
+            a.report_window("shop", None, None, at(2))
+                .unwrap()
+                .blockers
+                .len(),
+            5
+        );
     }
 
     #[test]
     fn gauges_follow_readiness() {
         let mut a = agg(Duration::from_secs(900), 20);
-        a.record(&rec("198.18.0.40:1", "198.18.0.20:8080", Security::Mtls, Mesh::Istio, SystemTime::now()));
+        a.record(&rec(
+            "198.18.0.40:1",
+            "198.18.0.20:8080",
+            Security::Mtls,
+            Mesh::Istio,
+            SystemTime::now(),
+        ));
         let text = a.metrics.render();
-        assert!(text.contains("mtls_agent_namespace_strict_ready{namespace=\"shop\"} 1"), "{text}");
+        assert!(
+            text.contains("mtls_agent_namespace_strict_ready{namespace=\"shop\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("mtls_agent_namespace_strict_ready{namespace=\"legacy\"} 0"));
         assert!(text.contains("mtls_agent_namespace_mtls_ratio{namespace=\"shop\"} 1"));
-        assert!(text.contains("mtls_agent_workload_info{namespace=\"legacy\",sidecar=\"false\",workload=\"batch\"} 1"));
+        assert!(text.contains(
+            "mtls_agent_workload_info{namespace=\"legacy\",sidecar=\"false\",workload=\"batch\"} 1"
+        ));
         assert!(text.contains("mtls_agent_inbound_connections_total{namespace=\"shop\",security=\"mtls\",strict=\"compliant\",workload=\"web\"} 1"));
     }
 }

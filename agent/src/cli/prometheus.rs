@@ -99,7 +99,10 @@ impl Prometheus {
         }
         let data = ans.data.context("Prometheus answer without data")?;
         if data.result_type != "vector" {
-            return Err(anyhow!("Prometheus answered a {} for an instant query", data.result_type));
+            return Err(anyhow!(
+                "Prometheus answered a {} for an instant query",
+                data.result_type
+            ));
         }
         Ok(data.result)
     }
@@ -121,13 +124,24 @@ impl Prometheus {
     }
 
     /// The report of a namespace (or one workload) over `window`, from every agent's counters.
-    pub fn report(&self, namespace: &str, workload: Option<&str>, window: Duration) -> anyhow::Result<Report> {
+    pub fn report(
+        &self,
+        namespace: &str,
+        workload: Option<&str>,
+        window: Duration,
+    ) -> anyhow::Result<Report> {
         let w = format!("{}s", window.as_secs());
         let mut sel = format!("namespace={}", quote(namespace));
         if let Some(wl) = workload {
             sel += &format!(",workload={}", quote(wl));
         }
-        let count = |s: &Sample| s.value.1.parse::<f64>().map(|v| v.round().max(0.0) as u64).unwrap_or(0);
+        let count = |s: &Sample| {
+            s.value
+                .1
+                .parse::<f64>()
+                .map(|v| v.round().max(0.0) as u64)
+                .unwrap_or(0)
+        };
         let label = |s: &Sample, k: &str| s.metric.get(k).cloned().unwrap_or_default();
 
         // Workloads and their sidecar state.
@@ -147,15 +161,22 @@ impl Prometheus {
         ))?;
         if workloads.is_empty() && inbound.is_empty() {
             return Err(usage(match workload {
-                Some(wl) => format!("workload {wl:?} in namespace {namespace:?} is not known to Prometheus at {}", self.base),
-                None => format!("namespace {namespace:?} is not known to Prometheus at {} (no agent reported it)", self.base),
+                Some(wl) => format!(
+                    "workload {wl:?} in namespace {namespace:?} is not known to Prometheus at {}",
+                    self.base
+                ),
+                None => format!(
+                    "namespace {namespace:?} is not known to Prometheus at {} (no agent reported it)",
+                    self.base
+                ),
             }));
         }
         for s in &inbound {
             let n = count(s);
-            let entry = workloads
-                .entry(label(s, "workload"))
-                .or_insert((true, Inbound::default(), 0, 0));
+            let entry =
+                workloads
+                    .entry(label(s, "workload"))
+                    .or_insert((true, Inbound::default(), 0, 0));
             match (label(s, "strict").as_str(), label(s, "security").as_str()) {
                 ("exempt", _) => entry.1.exempt += n,
                 (strict, sec) => {
@@ -185,7 +206,12 @@ impl Prometheus {
 
         // Blockers with their last-seen time.
         let by = "workload, port, client_namespace, client_workload, client_address, security";
-        let counts = self.query(&window_sum("mtls_agent_blocking_connections_total", &sel, by, &w))?;
+        let counts = self.query(&window_sum(
+            "mtls_agent_blocking_connections_total",
+            &sel,
+            by,
+            &w,
+        ))?;
         let seen: BTreeMap<Vec<String>, f64> = self
             .query(&format!(
                 "max by ({by}) (max_over_time(mtls_agent_blocking_last_seen_timestamp_seconds{{{sel}}}[{w}]))"

@@ -17,7 +17,8 @@ static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 pub fn report(args: ReportArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.token_file {
-        let _ = TOKEN.set(crate::export::http::read_token_file("--token-file", path).map_err(usage)?);
+        let _ =
+            TOKEN.set(crate::export::http::read_token_file("--token-file", path).map_err(usage)?);
     }
     let window = args.window.map(Duration::from);
     let mut stdout = std::io::stdout().lock();
@@ -28,7 +29,9 @@ pub fn report(args: ReportArgs) -> anyhow::Result<()> {
                 let window = window.unwrap_or(crate::aggregate::DEFAULT_WINDOW);
                 let mut list = Vec::new();
                 for ns in prom.namespaces(window)? {
-                    list.push(NamespaceSummary::from_report(&prom.report(&ns, None, window)?));
+                    list.push(NamespaceSummary::from_report(
+                        &prom.report(&ns, None, window)?,
+                    ));
                 }
                 list
             }
@@ -120,7 +123,9 @@ fn get_json<T: serde::de::DeserializeOwned>(
     if status.as_u16() == 404 || status.as_u16() == 400 {
         Err(usage(msg))
     } else {
-        Err(anyhow::anyhow!("the agent at {base} answered {status}: {msg}"))
+        Err(anyhow::anyhow!(
+            "the agent at {base} answered {status}: {msg}"
+        ))
     }
 }
 
@@ -130,7 +135,12 @@ pub fn render_namespaces(list: &[NamespaceSummary]) -> String {
     t.load_preset(UTF8_BORDERS_ONLY)
         .set_content_arrangement(ContentArrangement::Dynamic)
         .set_header([
-            "NAMESPACE", "VERDICT", "MTLS RATIO", "INBOUND", "BLOCKING CONNS", "BLOCKERS",
+            "NAMESPACE",
+            "VERDICT",
+            "MTLS RATIO",
+            "INBOUND",
+            "BLOCKING CONNS",
+            "BLOCKERS",
             "SIDECARS",
         ]);
     for n in list {
@@ -144,7 +154,10 @@ pub fn render_namespaces(list: &[NamespaceSummary]) -> String {
             format!("{}/{}", n.workloads_with_sidecar, n.workloads),
         ]);
     }
-    let ready = list.iter().filter(|n| n.verdict == Readiness::Ready).count();
+    let ready = list
+        .iter()
+        .filter(|n| n.verdict == Readiness::Ready)
+        .count();
     let window = list.first().map(|n| n.window_seconds).unwrap_or(0);
     format!(
         "{t}
@@ -414,7 +427,10 @@ mod tests {
         assert!(t.contains("plaintext (http1)"), "{t}");
         assert!(t.contains("inject a sidecar into legacy/batch"), "{t}");
         assert!(t.contains("2m 5s"), "{t}");
-        assert!(t.contains("PeerAuthentication (namespace-wide): STRICT"), "{t}");
+        assert!(
+            t.contains("PeerAuthentication (namespace-wide): STRICT"),
+            "{t}"
+        );
         assert!(t.contains("rejected: 2 inbound"), "{t}");
         assert!(t.contains("8080 (STRICT)"), "{t}");
     }

@@ -290,10 +290,10 @@ async fn daemon(
             _ = tick.tick() => {
                 tracker.sweep(Instant::now(), SystemTime::now(), &mut out);
                 apply(&aggregator, &recent, &mut out);
-                if args.kubernetes {
-                    if let Some(t) = oldest_kubernetes_sync(&metrics) {
-                        metrics.identity_last_sync.set(t);
-                    }
+                if args.kubernetes
+                    && let Some(t) = oldest_kubernetes_sync(&metrics)
+                {
+                    metrics.identity_last_sync.set(t);
                 }
                 if last_expire.elapsed() >= Duration::from_secs(1) {
                     aggregator.lock().unwrap_or_else(|p| p.into_inner()).expire(SystemTime::now());
@@ -364,11 +364,7 @@ fn sync_interfaces(capture: &mut Capture, metrics: &Metrics) {
         .set(capture.attached_count() as i64);
 }
 
-fn apply(
-    aggregator: &Mutex<Aggregator>,
-    recent: &Mutex<RecentConnections>,
-    out: &mut Vec<Output>,
-) {
+fn apply(aggregator: &Mutex<Aggregator>, recent: &Mutex<RecentConnections>, out: &mut Vec<Output>) {
     if out.is_empty() {
         return;
     }

@@ -213,7 +213,9 @@ pub fn connections_router(recent: Arc<Mutex<crate::classify::RecentConnections>>
         .with_state(recent)
 }
 
-async fn connections(State(recent): State<Arc<Mutex<crate::classify::RecentConnections>>>) -> Response {
+async fn connections(
+    State(recent): State<Arc<Mutex<crate::classify::RecentConnections>>>,
+) -> Response {
     let snapshot = recent.lock().unwrap_or_else(|p| p.into_inner()).snapshot();
     Json(snapshot).into_response()
 }
@@ -225,11 +227,14 @@ const OPEN_PATHS: [&str; 2] = ["/metrics", "/healthz"];
 
 /// Reads a bearer token: the first line of the file, trimmed. `flag` names the option in errors.
 pub fn read_token_file(flag: &str, path: &std::path::Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
     let token = text.lines().next().unwrap_or("").trim();
     if token.is_empty() {
-        return Err(format!("{flag} {}: the first line is empty", path.display()));
+        return Err(format!(
+            "{flag} {}: the first line is empty",
+            path.display()
+        ));
     }
     if !token.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(format!(

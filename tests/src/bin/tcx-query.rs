@@ -7,7 +7,10 @@ fn main() -> std::process::ExitCode {
     let mut out = serde_json::Map::new();
     for iface in std::env::args().skip(1) {
         let mut entry = serde_json::Map::new();
-        for (dir, t) in [("ingress", TcAttachType::Ingress), ("egress", TcAttachType::Egress)] {
+        for (dir, t) in [
+            ("ingress", TcAttachType::Ingress),
+            ("egress", TcAttachType::Egress),
+        ] {
             match SchedClassifier::query_tcx(&iface, t) {
                 Ok((_, progs)) => {
                     let names: Vec<String> = progs
