@@ -366,3 +366,307 @@ fn count(conn: &mut Conn, verdict: Verdict, wall: SystemTime, out: &mut Vec<Outp
         at: wall,
     }));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLIENT: &str = "198.18.0.30:40000";
+    const SERVER: &str = "198.18.0.20:8080";
+
+    fn flow() -> FlowId {
+        // 198.18.0.20:8080 < 198.18.0.30:40000: the server is `lo`.
+        FlowId {
+            lo: SERVER.parse().unwrap(),
+            hi: CLIENT.parse().unwrap(),
+        }
+    }
+
+    fn meta(ifindex: u32, client_isn: u32, server_isn: Option<u32>, ts: u64) -> EventMeta {
+        EventMeta {
+            flow: flow(),
+            ifindex,
+            opener: Opener::Hi,
+            isn: [server_isn, Some(client_isn)],
+            ts_ns: ts,
+            packets: [3, 3],
+            bytes: [500, 400],
+            segments: [0, 1],
+            rst: false,
+        }
+    }
+
+    fn data<'a>(m: EventMeta, to_server: bool, seq: u32, payload: &'a [u8]) -> Event<'a> {
+        Event::Data {
+            meta: m,
+            lo_to_hi: !to_server,
+            seq,
+            wire_len: payload.len() as u32,
+            payload,
+        }
+    }
+
+    fn classified(out: &[Output]) -> Vec<&ConnRecord> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Classified(r) => Some(r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: web\r\n\r\n";
+
+    #[test]
+    fn a_same_node_connection_is_counted_once_across_interfaces() {
+        let mut t = Tracker::new(TrackerConfig::default());
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let mut out = Vec::new();
+        for ifindex in [7, 9] {
+            t.on_event(
+                &data(meta(ifindex, 1000, Some(5000), 1), true, 1001, GET),
+                now,
+                wall,
+                &mut out,
+            );
+        }
+        let recs = classified(&out);
+        assert_eq!(recs.len(), 1, "{out:?}");
+        assert_eq!(recs[0].verdict.security, Security::Plaintext);
+        assert_eq!(recs[0].client, CLIENT.parse().unwrap());
+        assert_eq!(recs[0].server, SERVER.parse().unwrap());
+        // The server's answer, also seen on both interfaces.
+        for ifindex in [7, 9] {
+            t.on_event(
+                &data(
+                    meta(ifindex, 1000, Some(5000), 2),
+                    false,
+                    5001,
+                    b"HTTP/1.1 200 OK\r\n\r\n",
+                ),
+                now,
+                wall,
+                &mut out,
+            );
+        }
+        assert_eq!(classified(&out).len(), 1);
+        out.clear();
+        // The first interface closes: the connection waits for the second (grace).
+        t.on_event(
+            &Event::Closed {
+                meta: meta(7, 1000, Some(5000), 2),
+            },
+            now,
+            wall,
+            &mut out,
+        );
+        assert!(out.is_empty());
+        t.on_event(
+            &Event::Closed {
+                meta: meta(9, 1000, Some(5000), 2),
+            },
+            now,
+            wall,
+            &mut out,
+        );
+        assert!(classified(&out).is_empty(), "not counted twice");
+        assert!(
+            matches!(
+                out.as_slice(),
+                [Output::Ended {
+                    security: Security::Plaintext,
+                    bytes: 900,
+                    rejected: false,
+                    ..
+                }]
+            ),
+            "{out:?}"
+        );
+        assert!(t.is_empty());
+        // A late event of the ended connection lands on the tombstone.
+        out.clear();
+        t.on_event(
+            &Event::Closed {
+                meta: meta(11, 1000, Some(5000), 3),
+            },
+            now,
+            wall,
+            &mut out,
+        );
+        assert!(out.is_empty() && t.is_empty());
+        // The same 4-tuple with a new ISN is a new connection.
+        t.on_event(
+            &data(meta(7, 77, Some(88), 4), true, 78, GET),
+            now,
+            wall,
+            &mut out,
+        );
+        assert_eq!(classified(&out).len(), 1);
+    }
+
+    #[test]
+    fn refused_connections_are_not_connections() {
+        let mut t = Tracker::new(TrackerConfig::default());
+        let mut out = Vec::new();
+        // SYN answered by RST: no server ISN, no data.
+        let mut m = meta(7, 1000, None, 1);
+        m.segments = [0, 0];
+        m.rst = true;
+        t.on_event(
+            &Event::Closed { meta: m },
+            Instant::now(),
+            SystemTime::now(),
+            &mut out,
+        );
+        assert!(out.is_empty(), "{out:?}");
+    }
+
+    #[test]
+    fn an_established_connection_without_data_is_unknown() {
+        let mut t = Tracker::new(TrackerConfig::default());
+        let mut out = Vec::new();
+        let mut m = meta(7, 1000, Some(5000), 1);
+        m.segments = [0, 0];
+        t.on_event(
+            &Event::Closed { meta: m },
+            Instant::now(),
+            SystemTime::now(),
+            &mut out,
+        );
+        let recs = classified(&out);
+        assert_eq!(recs.len(), 1);
+        assert_eq!(recs[0].verdict.security, Security::Unknown);
+        assert_eq!(recs[0].verdict.evidence.kind(), "no_data");
+    }
+
+    #[test]
+    fn lost_handshake_events_make_unknown_not_plaintext() {
+        let mut t = Tracker::new(TrackerConfig::default());
+        let mut out = Vec::new();
+        // The kernel reported segments, but none of their events reached us.
+        let m = meta(7, 1000, Some(5000), 1);
+        t.on_event(
+            &Event::Closed { meta: m },
+            Instant::now(),
+            SystemTime::now(),
+            &mut out,
+        );
+        let recs = classified(&out);
+        assert_eq!(recs.len(), 1);
+        assert_eq!(recs[0].verdict.security, Security::Unknown);
+        assert_eq!(
+            recs[0].verdict.evidence,
+            crate::classify::Evidence::HandshakeIncomplete
+        );
+    }
+
+    #[test]
+    fn a_reset_right_after_the_first_bytes_is_a_rejection() {
+        let mut t = Tracker::new(TrackerConfig::default());
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let mut out = Vec::new();
+        t.on_event(
+            &data(meta(7, 1000, Some(5000), 1_000), true, 1001, GET),
+            now,
+            wall,
+            &mut out,
+        );
+        let mut closed = meta(7, 1000, Some(5000), 1_000 + 1_000_000);
+        closed.rst = true;
+        t.on_event(&Event::Closed { meta: closed }, now, wall, &mut out);
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::Ended { rejected: true, .. })),
+            "{out:?}"
+        );
+        // Answered, then closed: not a rejection.
+        let mut t = Tracker::new(TrackerConfig::default());
+        out.clear();
+        t.on_event(
+            &data(meta(7, 1, Some(2), 1_000), true, 2, GET),
+            now,
+            wall,
+            &mut out,
+        );
+        t.on_event(
+            &data(
+                meta(7, 1, Some(2), 2_000),
+                false,
+                3,
+                b"HTTP/1.1 200 OK\r\n\r\n",
+            ),
+            now,
+            wall,
+            &mut out,
+        );
+        t.on_event(
+            &Event::Closed {
+                meta: meta(7, 1, Some(2), 3_000),
+            },
+            now,
+            wall,
+            &mut out,
+        );
+        assert!(
+            out.iter().any(|o| matches!(
+                o,
+                Output::Ended {
+                    rejected: false,
+                    ..
+                }
+            )),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn grace_and_idle_end_connections() {
+        let cfg = TrackerConfig {
+            close_grace: Duration::from_millis(100),
+            idle_undecided: Duration::from_secs(5),
+            ..TrackerConfig::default()
+        };
+        let mut t = Tracker::new(cfg);
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let mut out = Vec::new();
+        // Seen on two interfaces, closed on one only: ended after the grace period.
+        for i in [7, 9] {
+            t.on_event(
+                &data(meta(i, 1000, Some(5000), 1), true, 1001, GET),
+                now,
+                wall,
+                &mut out,
+            );
+        }
+        t.on_event(
+            &Event::Closed {
+                meta: meta(7, 1000, Some(5000), 2),
+            },
+            now,
+            wall,
+            &mut out,
+        );
+        out.clear();
+        t.sweep(now + Duration::from_millis(50), wall, &mut out);
+        assert_eq!(t.len(), 1);
+        t.sweep(now + Duration::from_millis(150), wall, &mut out);
+        assert!(t.is_empty());
+        assert!(matches!(out.as_slice(), [Output::Ended { .. }]));
+        // Undecided and idle: counted as it is (a TLS record header alone decides nothing).
+        out.clear();
+        t.on_event(
+            &data(meta(7, 5, Some(6), 1), true, 6, &[0x16, 0x03]),
+            now,
+            wall,
+            &mut out,
+        );
+        assert!(classified(&out).is_empty());
+        t.sweep(now + Duration::from_secs(6), wall, &mut out);
+        let recs = classified(&out);
+        assert_eq!(recs.len(), 1);
+        assert_ne!(recs[0].verdict.security, Security::Plaintext);
+    }
+}
