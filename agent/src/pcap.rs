@@ -193,14 +193,8 @@ fn read_pcap<R: Read>(
             }
             Err(e) => return Err(file_error(e)),
         };
-        // Raw packets are validated here rather than by pcap-file, which rejects an original
-        // length above the snap length (normal for a capture cut at the snap length).
-        if p.incl_len as usize != p.data.len() || p.incl_len > p.orig_len.max(p.incl_len) {
-            return Err(PcapError::Corrupt(format!(
-                "packet {}: inconsistent lengths",
-                t.summary.packets + 1
-            )));
-        }
+        // Raw packets: pcap-file's validation rejects an original length above the snap length,
+        // which is normal for a capture cut at the snap length.
         let frac = if nanos {
             p.ts_frac.min(999_999_999)
         } else {

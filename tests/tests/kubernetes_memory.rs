@@ -113,7 +113,7 @@ fn synthetic(i: usize) -> PodSummary {
     ]);
     let v4 = IpAddr::V4(Ipv4Addr::from(0x0a00_0000u32 + i as u32));
     let mut ips = vec![v4];
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         ips.push(IpAddr::V6(Ipv6Addr::from(
             0xfd00_0000_0000_0000_0000_0000_0000_0000u128 + i as u128,
         )));
@@ -128,7 +128,7 @@ fn synthetic(i: usize) -> PodSummary {
         node_name: Some(format!("node-{}", i % 100)),
         host_network: false,
         live: true,
-        sidecar: i % 10 != 0,
+        sidecar: !i.is_multiple_of(10),
         ips,
         created: 1_790_000_000 + i as u32,
     }

@@ -524,7 +524,29 @@ fn finish(
             let (cnt, ns) = probe::prog_stats(&progs)?;
             sample.bpf_runs = Some(cnt - base.bpf.0);
             sample.bpf_ns = Some(ns - base.bpf.1);
+            // After the statistics above were read, so the synthetic runs do not count there.
+            if scenario == Scenario::Bulk {
+                match probe::test_run_ns(progs[0], bed.tb.workdir(), 1_000_000) {
+                    Ok(ns) => sample.test_run_ns = Some(ns),
+                    Err(e) => eprintln!("bench: BPF_PROG_TEST_RUN failed: {e:#}"),
+                }
+            }
             sample.lost = metric_value(&m, "mtls_agent_events_lost_total", &[]);
+            sample.lost_reasons = m
+                .lines()
+                .filter(|l| l.starts_with("mtls_agent_events_lost_total{"))
+                .filter_map(|l| {
+                    let (series, v) = l.rsplit_once(' ')?;
+                    let v: f64 = v.parse().ok()?;
+                    (v > 0.0).then(|| {
+                        format!(
+                            "{} {v:.0}",
+                            series.trim_start_matches("mtls_agent_events_lost_total")
+                        )
+                    })
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
             sample.events = metric_value(&m, "mtls_agent_events_total", &[]);
             sample.classified = Some(counter_delta(
                 m0,
