@@ -168,10 +168,10 @@ fn raise_nofile(n: u64) {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
             return;
         }
-        lim.rlim_cur = (n as libc::rlim_t).min(lim.rlim_max);
+        lim.rlim_cur = n.min(lim.rlim_max);
         libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
     }
-    if (lim.rlim_cur as u64) < n {
+    if lim.rlim_cur < n {
         eprintln!(
             "mtls-bench: only {} file descriptors allowed (wanted {n})",
             lim.rlim_cur

@@ -90,7 +90,7 @@ struct Packet {
 #[inline(always)]
 fn zeroed_packet(slot: &mut core::mem::MaybeUninit<Packet>) -> &mut Packet {
     const WORDS: usize = core::mem::size_of::<Packet>() / 8;
-    const _: () = assert!(core::mem::size_of::<Packet>() % 8 == 0);
+    const _: () = assert!(core::mem::size_of::<Packet>().is_multiple_of(8));
     let words = slot.as_mut_ptr().cast::<u64>();
     for i in 0..WORDS {
         // SAFETY: `words` covers the whole 8-aligned Packet, WORDS × 8 bytes.
@@ -134,6 +134,9 @@ fn try_observe(ctx: &TcContext) -> Result<(), ()> {
     let syn = pkt.flags & TCP_SYN != 0;
     let ack = pkt.flags & TCP_ACK != 0;
 
+    // By reference on purpose (here and in `new_flow`): by value, the 44-byte key is copied to
+    // the stack on every packet first.
+    #[allow(clippy::needless_borrows_for_generic_args)]
     let state = match FLOWS.get_ptr_mut(&pkt.key) {
         // A SYN on an entry whose connection ended (or carried data) is a new connection reusing
         // the 4-tuple: start afresh.
@@ -195,6 +198,7 @@ fn is_reusable(st: &FlowState) -> bool {
 /// Creates the entry for a connection seen for the first time on this interface. The client is
 /// whoever sent the SYN; a connection picked up mid-stream has no known client.
 #[inline(never)]
+#[allow(clippy::needless_borrows_for_generic_args)]
 fn new_flow(ctx: &TcContext, pkt: &Packet) -> Result<*mut FlowState, ()> {
     let now = unsafe { bpf_ktime_get_ns() };
     let syn = pkt.flags & TCP_SYN != 0;

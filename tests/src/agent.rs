@@ -41,8 +41,8 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts `mtls-agent run` in the node namespace and waits until it answers `/healthz` and
-    /// has attached to `expect_interfaces` interfaces.
+    /// Starts `mtls-agent run --inventory FILE` in the node namespace and waits until it answers
+    /// and has attached to `expect_interfaces` interfaces.
     pub fn start(
         tb: &Testbed,
         bin: &Path,
@@ -51,11 +51,48 @@ impl Agent {
         extra: &[&str],
         expect_interfaces: usize,
     ) -> Result<Agent> {
+        let inv = inventory.to_str().context("inventory path is not UTF-8")?;
+        Self::start_with(
+            tb,
+            bin,
+            &["--inventory", inv],
+            globs,
+            extra,
+            expect_interfaces,
+        )
+    }
+
+    /// Starts `mtls-agent run --kubernetes --kubeconfig K --node-name N` (identities from the
+    /// API double), likewise.
+    pub fn start_kubernetes(
+        tb: &Testbed,
+        bin: &Path,
+        kubeconfig: &Path,
+        node_name: &str,
+        globs: &[&str],
+        extra: &[&str],
+        expect_interfaces: usize,
+    ) -> Result<Agent> {
+        let k = kubeconfig
+            .to_str()
+            .context("kubeconfig path is not UTF-8")?;
+        let identity = ["--kubernetes", "--kubeconfig", k, "--node-name", node_name];
+        Self::start_with(tb, bin, &identity, globs, extra, expect_interfaces)
+    }
+
+    fn start_with(
+        tb: &Testbed,
+        bin: &Path,
+        identity: &[&str],
+        globs: &[&str],
+        extra: &[&str],
+        expect_interfaces: usize,
+    ) -> Result<Agent> {
         let listen: SocketAddr = "127.0.0.1:9477".parse()?;
         let bin_s = bin.to_str().context("agent path is not UTF-8")?;
-        let inv = inventory.to_str().context("inventory path is not UTF-8")?;
         let listen_s = listen.to_string();
-        let mut args = vec![bin_s, "run", "--inventory", inv, "--listen", &listen_s];
+        let mut args = vec![bin_s, "run", "--listen", &listen_s];
+        args.extend_from_slice(identity);
         for g in globs {
             args.push("--interface");
             args.push(g);
@@ -72,7 +109,8 @@ impl Agent {
             ns: tb.node_netns().to_owned(),
             listen,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Kubernetes mode first lists every resource from the API: give it longer.
+        let deadline = Instant::now() + Duration::from_secs(40);
         loop {
             agent
                 .proc
@@ -86,7 +124,7 @@ impl Agent {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "mtls-agent did not come up with {expect_interfaces} interfaces within 20s; stderr: {}",
+                    "mtls-agent did not come up with {expect_interfaces} interfaces within 40s; stderr: {}",
                     agent.proc.stderr_tail()
                 );
             }
@@ -102,8 +140,9 @@ impl Agent {
         &self.proc
     }
 
-    /// `/metrics` text, fetched from inside the node namespace.
-    pub fn metrics(&self, tb: &Testbed) -> Result<String> {
+    /// GET a path of the agent's HTTP API from inside the node namespace.
+    pub fn get(&self, tb: &Testbed, path: &str) -> Result<String> {
+        let url = format!("{}{path}", self.url());
         let out = tb.output(
             &self.ns,
             &[
@@ -114,18 +153,30 @@ impl Agent {
                 "*",
                 "--max-time",
                 "5",
-                &format!("{}/metrics", self.url()),
+                &url,
             ],
             None,
             Duration::from_secs(8),
         )?;
         if !out.status.success() {
             bail!(
-                "GET /metrics failed: {}",
+                "GET {path} failed: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `/metrics` text.
+    pub fn metrics(&self, tb: &Testbed) -> Result<String> {
+        self.get(tb, "/metrics")
+    }
+
+    /// `/api/v1/identity?<query>` as JSON (Kubernetes mode).
+    pub fn identity(&self, tb: &Testbed, query: &str) -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(
+            &self.get(tb, &format!("/api/v1/identity?{query}"))?,
+        )?)
     }
 
     /// Waits until the agent tracks no open connection any more (every connection ended and

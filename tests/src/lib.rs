@@ -37,13 +37,14 @@ pub mod kube_double;
 pub mod netns;
 pub mod pki;
 pub mod proc;
+pub mod scenario;
 pub mod traffic;
 
 pub use agent::{Agent, agent_bin, metric_value, tcx_programs};
 pub use inventory::{Workload, inventory_yaml, write_inventory};
 pub use kube_double::{
-    KubeAgent, KubeDouble, KubeDoubleClient, KubeDoubleProc, KubeResource, kube_fixtures_dir,
-    pod_json, write_kubeconfig,
+    KubeDouble, KubeDoubleClient, KubeDoubleProc, KubeResource, kube_fixtures_dir, pod_json,
+    write_kubeconfig,
 };
 pub use netns::{
     BRIDGE, IPV4_PREFIX_LEN, IPV6_PREFIX_LEN, NODE_IPV4, NODE_IPV6, Pod, PodSpec, Testbed,

@@ -181,6 +181,11 @@ fn churn_of_200_interfaces_attaches_fast_and_leaks_nothing() -> Result<()> {
         rss_end <= rss0 + 8 * 1024,
         "RSS grew from {rss0} to {rss_end} KiB: {samples:?}"
     );
+    let noisy = warn_error_lines(&agent.proc().stderr());
+    assert!(
+        noisy.is_empty(),
+        "WARN/ERROR lines during churn: {noisy:#?}"
+    );
     let m = agent.metrics(&tb)?;
     assert_eq!(
         metric_value(&m, "mtls_agent_interfaces_attached", &[]),
@@ -194,11 +199,6 @@ fn churn_of_200_interfaces_attaches_fast_and_leaks_nothing() -> Result<()> {
     assert!(
         conns(&m, "shop", "web", "inbound", "plaintext") > 20.0,
         "traffic kept being classified: {m}"
-    );
-    let noisy = warn_error_lines(&agent.proc().stderr());
-    assert!(
-        noisy.is_empty(),
-        "WARN/ERROR lines during churn: {noisy:#?}"
     );
     assert!(agent.stop()?.success());
     tb.destroy()

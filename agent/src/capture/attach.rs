@@ -137,7 +137,7 @@ impl Attacher {
                     report.attached.push(iface.name.clone());
                 }
                 // Pods come and go: an interface deleted between listing and attaching is normal.
-                Err(e) if !still_present(iface) => {
+                Err(e) if !still_present(iface) || e.contains("No such device") => {
                     debug!(interface = %iface.name, error = %e, "interface vanished while attaching");
                 }
                 Err(e) => {

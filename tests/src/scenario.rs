@@ -1,0 +1,392 @@
+//! The reference node of the end-to-end tests: seven pods in four namespaces, real servers,
+//! and a fixed set of connections whose exact counts and verdicts the agent must report. Shared by
+//! the inventory-mode test (`e2e.rs`) and the Kubernetes-mode test (`kubernetes_e2e.rs`, whose
+//! API fixtures describe these very pods), so both prove the same numbers.
+//!
+//! | namespace | workloads                  | inbound traffic                                       | verdict   |
+//! |-----------|----------------------------|-------------------------------------------------------|-----------|
+//! | payments  | api, reports, worker       | 3 × TLS 1.3 mTLS Istio ALPN (1 over IPv6), 2 × TLS 1.2 mTLS; 2 node probes (exempt) | ready |
+//! | shop      | web                        | 3 × plaintext HTTP from legacy/batch (1 over IPv6); 1 node probe | not_ready |
+//! | billing   | ledger                     | 2 × one-way TLS 1.3 from shop/web                      | not_ready |
+//! | legacy    | batch (no sidecar)         | none                                                  | no_data   |
+//! | audit     | log                        | none                                                  | no_data   |
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use serde_json::{Value, json};
+
+use crate::{
+    Agent, CertPaths, Pki, Pod, PodSpec, Proc, San, TlsClient, TlsServer, TlsVersion, Workload,
+    http_get, http_server, http_url, metric_value, netns::Testbed, openssl_client, openssl_server,
+};
+
+pub const ISTIO_ALPN: &str = "istio-peer-exchange,istio";
+
+/// `mtls_agent_connections_total` for one workload, direction and security (0 when absent).
+pub fn conns(m: &str, ns: &str, wl: &str, dir: &str, sec: &str) -> f64 {
+    metric_value(
+        m,
+        "mtls_agent_connections_total",
+        &[
+            ("namespace", ns),
+            ("workload", wl),
+            ("direction", dir),
+            ("security", sec),
+        ],
+    )
+    .unwrap_or(0.0)
+}
+
+/// The `inbound` object of a JSON report.
+pub fn inbound(r: &Value) -> Value {
+    r["inbound"].clone()
+}
+
+/// A workload's entry of a JSON report (Null when absent).
+pub fn workload_of(r: &Value, name: &str) -> Value {
+    r["workloads"]
+        .as_array()
+        .and_then(|a| a.iter().find(|w| w["name"] == name).cloned())
+        .unwrap_or(Value::Null)
+}
+
+/// What [`ReferenceNode::check`] read, for mode-specific assertions.
+pub struct Checked {
+    pub metrics: String,
+    pub payments: Value,
+    pub shop: Value,
+}
+
+pub struct ReferenceNode {
+    // Servers first: they are stopped before the namespaces go away.
+    _servers: Vec<Proc>,
+    pub pki: Pki,
+    pub worker_cert: CertPaths,
+    pub api: Pod,
+    pub reports: Pod,
+    pub worker: Pod,
+    pub web: Pod,
+    pub batch: Pod,
+    pub ledger: Pod,
+    pub auditlog: Pod,
+    pub tb: Testbed,
+}
+
+impl ReferenceNode {
+    /// Builds the node (testbed family `family`), issues certificates and starts the servers.
+    pub fn new(family: &str) -> Result<Self> {
+        let mut tb = Testbed::new(family)?;
+        let api =
+            tb.add_pod(PodSpec::new("api", "198.18.0.10".parse()?).ipv6("2001:db8::10".parse()?))?;
+        let reports = tb.add_pod(PodSpec::new("reports", "198.18.0.12".parse()?))?;
+        let worker = tb.add_pod(
+            PodSpec::new("worker", "198.18.0.11".parse()?).ipv6("2001:db8::11".parse()?),
+        )?;
+        let web =
+            tb.add_pod(PodSpec::new("web", "198.18.0.20".parse()?).ipv6("2001:db8::20".parse()?))?;
+        let batch = tb
+            .add_pod(PodSpec::new("batch", "198.18.0.30".parse()?).ipv6("2001:db8::30".parse()?))?;
+        let ledger = tb.add_pod(PodSpec::new("ledger", "198.18.0.40".parse()?))?;
+        let auditlog = tb.add_pod(PodSpec::new("auditlog", "198.18.0.50".parse()?))?;
+
+        let pki = Pki::new(tb.workdir().join("pki"))?;
+        let api_cert = pki.issue("api", &[San::spiffe("payments", "api")])?;
+        let reports_cert = pki.issue("reports", &[San::spiffe("payments", "reports")])?;
+        let worker_cert = pki.issue("worker", &[San::spiffe("payments", "worker")])?;
+        let ledger_cert = pki.issue("ledger", &[San::spiffe("billing", "ledger")])?;
+        let _s1 = openssl_server(
+            &tb,
+            &api.netns,
+            &TlsServer::new(8443, &api_cert, pki.ca_cert())
+                .require_client_cert()
+                .alpn(ISTIO_ALPN)
+                .tls_version(TlsVersion::Tls13),
+        )?;
+        let _s2 = openssl_server(
+            &tb,
+            &reports.netns,
+            &TlsServer::new(8444, &reports_cert, pki.ca_cert())
+                .require_client_cert()
+                .alpn(ISTIO_ALPN)
+                .tls_version(TlsVersion::Tls12),
+        )?;
+        let _s3 = http_server(&tb, &api.netns, 15021, false)?;
+        let _s4 = http_server(&tb, &web.netns, 8080, true)?;
+        let _s5 = openssl_server(
+            &tb,
+            &ledger.netns,
+            &TlsServer::new(9443, &ledger_cert, pki.ca_cert()).tls_version(TlsVersion::Tls13),
+        )?;
+        for (ns, addr) in [
+            (&api.netns, api.v4(8443)),
+            (&reports.netns, reports.v4(8444)),
+            (&api.netns, api.v4(15021)),
+            (&web.netns, web.v4(8080)),
+            (&ledger.netns, ledger.v4(9443)),
+        ] {
+            tb.wait_tcp_listening(ns, addr, Duration::from_secs(10))?;
+        }
+        Ok(Self {
+            _servers: vec![_s1, _s2, _s3, _s4, _s5],
+            pki,
+            worker_cert,
+            api,
+            reports,
+            worker,
+            web,
+            batch,
+            ledger,
+            auditlog,
+            tb,
+        })
+    }
+
+    /// The workloads as an inventory (inventory mode).
+    pub fn workloads(&self) -> Vec<Workload> {
+        vec![
+            Workload::new("payments", "api", &[&self.api]),
+            Workload::new("payments", "reports", &[&self.reports]),
+            Workload::new("payments", "worker", &[&self.worker]),
+            Workload::new("shop", "web", &[&self.web]),
+            Workload::new("legacy", "batch", &[&self.batch]).without_sidecar(),
+            Workload::new("billing", "ledger", &[&self.ledger]),
+            Workload::new("audit", "log", &[&self.auditlog]),
+        ]
+    }
+
+    /// Makes every connection of the table above, each checked on the client side.
+    pub fn send_traffic(&self) -> Result<()> {
+        let (tb, pki, worker_cert) = (&self.tb, &self.pki, &self.worker_cert);
+        let (api, reports, worker, web, batch, ledger) = (
+            &self.api,
+            &self.reports,
+            &self.worker,
+            &self.web,
+            &self.batch,
+            &self.ledger,
+        );
+        // payments: 3 × TLS 1.3 mTLS with Istio ALPN (2 over IPv4, 1 over IPv6), 2 × TLS 1.2 mTLS.
+        let mtls13 = |addr| {
+            TlsClient::new(addr, pki.ca_cert())
+                .cert(&worker_cert)
+                .alpn(ISTIO_ALPN)
+                .tls_version(TlsVersion::Tls13)
+        };
+        for addr in [api.v4(8443), api.v4(8443), api.v6(8443)] {
+            let s = openssl_client(tb, &worker.netns, &mtls13(addr))?;
+            assert_eq!(s.server_saw_client_cert, Some(true));
+        }
+        let mtls12 = TlsClient::new(reports.v4(8444), pki.ca_cert())
+            .cert(&worker_cert)
+            .alpn(ISTIO_ALPN)
+            .tls_version(TlsVersion::Tls12);
+        for _ in 0..2 {
+            let s = openssl_client(tb, &worker.netns, &mtls12)?;
+            assert!(s.protocol.contains("1.2"), "{}", s.protocol);
+        }
+        // Exempt: the node probing api's health port (twice) and web's app port (once).
+        for _ in 0..2 {
+            http_get(tb, tb.node_netns(), &http_url(api.v4(15021)))?;
+        }
+        http_get(tb, tb.node_netns(), &http_url(web.v4(8080)))?;
+        // shop: plaintext HTTP from legacy/batch (no sidecar), 2 × IPv4 + 1 × IPv6.
+        for addr in [web.v4(8080), web.v4(8080), web.v6(8080)] {
+            http_get(tb, &batch.netns, &http_url(addr))?;
+        }
+        // billing: one-way TLS 1.3 from shop/web.
+        for _ in 0..2 {
+            openssl_client(
+                tb,
+                &web.netns,
+                &TlsClient::new(ledger.v4(9443), pki.ca_cert()),
+            )?;
+        }
+
+        Ok(())
+    }
+
+    /// Waits until the agent counted everything, then checks the exact counts in /metrics and
+    /// the JSON reports of every namespace.
+    pub fn check(&self, agent: &Agent) -> Result<Checked> {
+        let tb = &self.tb;
+        let m = agent.settle(tb, Duration::from_secs(15))?;
+        let log = || agent.proc().stderr_tail();
+
+        // Per workload and direction, every security class, exactly.
+        let expect = [
+            ("payments", "api", "inbound", "mtls", 3.0),
+            ("payments", "api", "inbound", "plaintext", 2.0), // the exempt probes
+            ("payments", "reports", "inbound", "mtls", 2.0),
+            ("payments", "worker", "outbound", "mtls", 5.0),
+            ("shop", "web", "inbound", "plaintext", 4.0), // 3 from batch + 1 probe
+            ("shop", "web", "outbound", "tls", 2.0),
+            ("legacy", "batch", "outbound", "plaintext", 3.0),
+            ("billing", "ledger", "inbound", "tls", 2.0),
+        ];
+        for (ns, wl, dir, sec, want) in expect {
+            assert_eq!(
+                conns(&m, ns, wl, dir, sec),
+                want,
+                "{ns}/{wl} {dir} {sec}\n{m}\n{}",
+                log()
+            );
+        }
+        for (ns, wl, dir) in [
+            ("payments", "api", "inbound"),
+            ("payments", "reports", "inbound"),
+            ("payments", "worker", "outbound"),
+            ("shop", "web", "inbound"),
+            ("legacy", "batch", "outbound"),
+            ("billing", "ledger", "inbound"),
+        ] {
+            let total: f64 = ["mtls", "tls", "plaintext", "unknown"]
+                .iter()
+                .map(|s| conns(&m, ns, wl, dir, s))
+                .sum();
+            let listed: f64 = expect
+                .iter()
+                .filter(|e| e.0 == ns && e.1 == wl && e.2 == dir)
+                .map(|e| e.4)
+                .sum();
+            assert_eq!(
+                total, listed,
+                "no unexpected class for {ns}/{wl} {dir}\n{m}"
+            );
+        }
+        assert_eq!(
+            metric_value(
+                &m,
+                "mtls_agent_namespace_strict_ready",
+                &[("namespace", "payments")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            metric_value(
+                &m,
+                "mtls_agent_namespace_strict_ready",
+                &[("namespace", "shop")]
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            metric_value(
+                &m,
+                "mtls_agent_namespace_mtls_ratio",
+                &[("namespace", "payments")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            metric_value(
+                &m,
+                "mtls_agent_blocking_connections_total",
+                &[
+                    ("namespace", "shop"),
+                    ("workload", "web"),
+                    ("port", "8080"),
+                    ("client_namespace", "legacy"),
+                    ("client_workload", "batch"),
+                    ("security", "plaintext")
+                ]
+            ),
+            Some(3.0)
+        );
+        assert!(
+            metric_value(
+                &m,
+                "mtls_agent_bytes_total",
+                &[
+                    ("namespace", "payments"),
+                    ("workload", "api"),
+                    ("direction", "inbound"),
+                    ("security", "mtls")
+                ]
+            )
+            .unwrap_or(0.0)
+                > 3000.0
+        );
+        assert_eq!(
+            metric_value(&m, "mtls_agent_interfaces_attached", &[]),
+            Some(tb.pods().len() as f64)
+        );
+        assert_eq!(
+            metric_value(&m, "mtls_agent_events_lost_total", &[]),
+            Some(0.0)
+        );
+        assert_eq!(metric_value(&m, "mtls_agent_build_info", &[]), Some(1.0));
+
+        // The report, as JSON.
+        let payments = agent.report_json(tb, "payments", None)?;
+        assert_eq!(payments["verdict"], "ready", "{payments:#}");
+        assert_eq!(
+            inbound(&payments),
+            json!({"mtls": 5, "tls": 0, "plaintext": 0, "unknown": 0, "exempt": 2})
+        );
+        assert_eq!(payments["mtls_ratio"], 1.0);
+        assert_eq!(payments["blockers"], json!([]));
+        let wl = |r: &Value, name: &str| -> Value {
+            r["workloads"]
+                .as_array()
+                .and_then(|a| a.iter().find(|w| w["name"] == name).cloned())
+                .unwrap_or(Value::Null)
+        };
+        assert_eq!(
+            wl(&payments, "reports")["inbound"]["mtls"],
+            2,
+            "TLS 1.2 mTLS"
+        );
+        assert_eq!(wl(&payments, "worker")["verdict"], "no_data");
+        assert!(payments["window_seconds"].as_u64().is_some());
+
+        let shop = agent.report_json(tb, "shop", None)?;
+        assert_eq!(shop["verdict"], "not_ready", "{shop:#}");
+        assert_eq!(
+            inbound(&shop),
+            json!({"mtls": 0, "tls": 0, "plaintext": 3, "unknown": 0, "exempt": 1})
+        );
+        assert_eq!(shop["mtls_ratio"], 0.0);
+        let blockers = shop["blockers"].as_array().context("blockers")?;
+        assert_eq!(blockers.len(), 1, "{shop:#}");
+        let b = &blockers[0];
+        assert_eq!(b["client"]["namespace"], "legacy");
+        assert_eq!(b["client"]["workload"], "batch");
+        assert_eq!(b["server"], json!({"workload": "web", "port": 8080}));
+        assert_eq!(b["security"], "plaintext");
+        assert_eq!(b["connections"], 3);
+        assert!(b["last_seen"].as_str().is_some_and(|s| s.ends_with('Z')));
+
+        let billing = agent.report_json(tb, "billing", None)?;
+        assert_eq!(billing["verdict"], "not_ready");
+        assert_eq!(billing["blockers"][0]["security"], "tls");
+        assert_eq!(billing["blockers"][0]["client"]["workload"], "web");
+        assert_eq!(billing["blockers"][0]["connections"], 2);
+
+        let audit = agent.report_json(tb, "audit", None)?;
+        assert_eq!(audit["verdict"], "no_data");
+        assert_eq!(audit["mtls_ratio"], Value::Null);
+        let legacy = agent.report_json(tb, "legacy", None)?;
+        assert_eq!(legacy["verdict"], "no_data");
+        assert_eq!(wl(&legacy, "batch")["sidecar"], false);
+
+        let one = agent.report_json(tb, "payments", Some("api"))?;
+        assert_eq!(one["verdict"], "ready");
+        assert_eq!(
+            inbound(&one),
+            json!({"mtls": 3, "tls": 0, "plaintext": 0, "unknown": 0, "exempt": 2})
+        );
+
+        Ok(Checked {
+            metrics: m,
+            payments,
+            shop,
+        })
+    }
+
+    /// Stops the servers and removes the node.
+    pub fn destroy(self) -> Result<()> {
+        let ReferenceNode { _servers, tb, .. } = self;
+        drop(_servers);
+        tb.destroy()
+    }
+}

@@ -1,0 +1,180 @@
+//! Issue 7, hostile input on the wire: random bytes, truncated and oversized TLS records,
+//! a ClientHello with thousands of extensions, lying length fields, runs of empty records —
+//! sent from a pod through the real kernel path. The agent keeps running with bounded memory,
+//! and TLS-looking junk is never called plaintext. Needs root; fails (never skips) without it.
+use std::time::Duration;
+
+use anyhow::Result;
+use mtls_agent_testbed::*;
+
+mod faults_util;
+use faults_util::*;
+
+fn record(ct: u8, body: &[u8]) -> Vec<u8> {
+    let mut r = vec![ct, 0x03, 0x03];
+    r.extend((body.len() as u16).to_be_bytes());
+    r.extend(body);
+    r
+}
+
+/// A ClientHello with `n` empty extensions (4 bytes each), split over as many records as needed.
+fn hello_with_extensions(n: usize) -> Vec<u8> {
+    let mut body = vec![0x03, 0x03];
+    body.extend([7u8; 32]);
+    body.push(0);
+    body.extend([0x00, 0x02, 0x13, 0x01, 0x01, 0x00]);
+    let mut ext = Vec::new();
+    for i in 0..n {
+        ext.extend(((0x1000 + i) as u16).to_be_bytes());
+        ext.extend([0, 0]);
+    }
+    body.extend((ext.len() as u16).to_be_bytes());
+    body.extend(ext);
+    let mut hs = vec![0x01];
+    hs.extend(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend(body);
+    hs.chunks(16384).flat_map(|c| record(0x16, c)).collect()
+}
+
+fn junk(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn burst(tb: &Testbed, ns: &str, to: std::net::SocketAddr, n: usize, data: &[u8]) -> Result<usize> {
+    let out = tb.run_timeout(
+        ns,
+        &[
+            "python3",
+            "-c",
+            BURST_CLIENT_PY,
+            &to.ip().to_string(),
+            &to.port().to_string(),
+            &n.to_string(),
+            "4",
+            &hex(data),
+        ],
+        Duration::from_secs(60),
+    )?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+}
+
+#[test]
+fn hostile_payloads_keep_the_agent_up_and_tls_junk_is_never_plaintext() -> Result<()> {
+    ensure_root()?;
+    let bin = agent_bin()?;
+    let mut tb = Testbed::new("mtfhostile")?;
+    let tlsjunk = tb.add_pod(PodSpec::new("tlsjunk", "198.18.0.10".parse()?))?;
+    let randjunk = tb.add_pod(PodSpec::new("randjunk", "198.18.0.11".parse()?))?;
+    let client = tb.add_pod(PodSpec::new("client", "198.18.0.20".parse()?))?;
+    let inv = tb.workdir().join("inventory.yaml");
+    write_inventory(
+        &inv,
+        &[
+            Workload::new("shop", "tlsjunk", &[&tlsjunk]),
+            Workload::new("shop", "randjunk", &[&randjunk]),
+            Workload::new("legacy", "batch", &[&client]).without_sidecar(),
+        ],
+    )?;
+    let _s1 = tb.spawn(
+        &tlsjunk.netns,
+        &["python3", "-c", SINK_SERVER_PY, "443", ""],
+    )?;
+    let _s2 = tb.spawn(
+        &randjunk.netns,
+        &[
+            "python3",
+            "-c",
+            SINK_SERVER_PY,
+            "8080",
+            &hex(&junk(99, 700)),
+        ],
+    )?;
+    tb.wait_tcp_listening(&tlsjunk.netns, tlsjunk.v4(443), Duration::from_secs(10))?;
+    tb.wait_tcp_listening(&randjunk.netns, randjunk.v4(8080), Duration::from_secs(10))?;
+    let agent = Agent::start(&tb, &bin, &inv, &["vp*"], &[], 3)?;
+    let pid = agent.proc().pid();
+    let rss0 = rss_kib(pid)?;
+
+    let mut oversized = vec![0x16, 0x03, 0x03, 0xff, 0xff];
+    oversized.extend(junk(1, 6000));
+    let mut truncated = vec![0x16, 0x03, 0x01, 0x3f, 0x00];
+    truncated.extend(junk(2, 100));
+    let mut lying_hs = vec![0x16, 0x03, 0x01, 0x00, 0x40, 0x01, 0xff, 0xff, 0xff];
+    lying_hs.extend(junk(3, 60));
+    let empty_records: Vec<u8> = (0..1500).flat_map(|_| record(0x16, &[])).collect();
+    let mut alert_then_junk = record(0x15, &[2, 40]);
+    alert_then_junk.extend(junk(4, 3000));
+    let tls_payloads: Vec<(&str, Vec<u8>)> = vec![
+        ("3000 extensions", hello_with_extensions(3000)),
+        ("10000 extensions", hello_with_extensions(10000)),
+        ("oversized record", oversized),
+        ("truncated record", truncated),
+        ("lying handshake length", lying_hs),
+        ("1500 empty records", empty_records),
+        ("alert then junk", alert_then_junk),
+        ("header only", vec![0x16, 0x03, 0x01]),
+        ("application data", record(0x17, &junk(5, 2000))),
+    ];
+    let mut sent = 0;
+    for (what, p) in &tls_payloads {
+        let done = burst(&tb, &client.netns, tlsjunk.v4(443), 8, p)?;
+        assert_eq!(done, 8, "{what}");
+        sent += done;
+    }
+    for seed in 0..40u64 {
+        let len = 1 + (seed as usize * 997) % 9000;
+        burst(
+            &tb,
+            &client.netns,
+            randjunk.v4(8080),
+            1,
+            &junk(seed + 10, len),
+        )?;
+    }
+    let m = agent.settle(&tb, Duration::from_secs(20))?;
+    agent.proc().ensure_running()?;
+    let rss1 = rss_kib(pid)?;
+    let by = |wl, sec| conns(&m, "shop", wl, "inbound", sec);
+    eprintln!(
+        "hostile: tlsjunk mtls {} tls {} plaintext {} unknown {}; randjunk plaintext {} unknown {}; \
+         RSS {rss0} -> {rss1} KiB",
+        by("tlsjunk", "mtls"),
+        by("tlsjunk", "tls"),
+        by("tlsjunk", "plaintext"),
+        by("tlsjunk", "unknown"),
+        by("randjunk", "plaintext"),
+        by("randjunk", "unknown"),
+    );
+    assert_eq!(
+        by("tlsjunk", "plaintext"),
+        0.0,
+        "TLS-looking junk is not plaintext\n{m}"
+    );
+    let total: f64 = ["mtls", "tls", "unknown"]
+        .iter()
+        .map(|s| by("tlsjunk", s))
+        .sum();
+    assert_eq!(
+        total, sent as f64,
+        "each hostile connection counted once\n{m}"
+    );
+    let rand_total: f64 = ["mtls", "tls", "plaintext", "unknown"]
+        .iter()
+        .map(|s| by("randjunk", s))
+        .sum();
+    assert_eq!(rand_total, 40.0, "{m}");
+    assert!(rss1 < rss0 + 32 * 1024, "RSS {rss0} -> {rss1} KiB");
+    let noisy = warn_error_lines(&agent.proc().stderr());
+    assert!(noisy.is_empty(), "{noisy:#?}");
+    assert!(!agent.proc().stderr().contains("panicked"));
+    assert!(agent.stop()?.success());
+    tb.destroy()
+}
