@@ -168,7 +168,7 @@ impl ReferenceNode {
         // payments: 3 × TLS 1.3 mTLS with Istio ALPN (2 over IPv4, 1 over IPv6), 2 × TLS 1.2 mTLS.
         let mtls13 = |addr| {
             TlsClient::new(addr, pki.ca_cert())
-                .cert(&worker_cert)
+                .cert(worker_cert)
                 .alpn(ISTIO_ALPN)
                 .tls_version(TlsVersion::Tls13)
         };
@@ -177,7 +177,7 @@ impl ReferenceNode {
             assert_eq!(s.server_saw_client_cert, Some(true));
         }
         let mtls12 = TlsClient::new(reports.v4(8444), pki.ca_cert())
-            .cert(&worker_cert)
+            .cert(worker_cert)
             .alpn(ISTIO_ALPN)
             .tls_version(TlsVersion::Tls12);
         for _ in 0..2 {

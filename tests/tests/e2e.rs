@@ -22,20 +22,20 @@ fn namespaces_get_exact_counts_and_verdicts() -> Result<()> {
     node.check(&agent)?;
 
     // The table for people, and the exit codes of report.
-    let (status, table, _) = agent.report(&tb, &["--namespace", "shop"])?;
+    let (status, table, _) = agent.report(tb, &["--namespace", "shop"])?;
     assert!(status.success());
     assert!(
         table.contains("NOT READY") && table.contains("legacy/batch"),
         "{table}"
     );
-    let (status, _, err) = agent.report(&tb, &["--namespace", "nope"])?;
+    let (status, _, err) = agent.report(tb, &["--namespace", "nope"])?;
     assert_eq!(status.code(), Some(2), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("nope"), "{err}");
 
     // While running, our two programs are on every pod veth (as the kernel reports it)...
     for pod in tb.pods() {
-        let progs = tcx_programs(&tb, TCX_QUERY, tb.node_netns(), &pod.host_if)?;
+        let progs = tcx_programs(tb, TCX_QUERY, tb.node_netns(), &pod.host_if)?;
         assert_eq!(
             progs,
             (

@@ -26,7 +26,7 @@ fn namespaces_get_exact_counts_and_verdicts_in_kubernetes_mode() -> Result<()> {
     let double = KubeDoubleProc::start(tb, tb.node_netns(), api_addr, &kube_fixtures_dir())?;
 
     let agent = Agent::start_kubernetes(
-        &tb,
+        tb,
         &bin,
         double.kubeconfig(),
         "node-a",
@@ -60,19 +60,19 @@ fn namespaces_get_exact_counts_and_verdicts_in_kubernetes_mode() -> Result<()> {
     assert_eq!(legacy["peer_authentication"], "PERMISSIVE");
 
     // The table for people, and the exit codes of report.
-    let (status, table, _) = agent.report(&tb, &["--namespace", "shop"])?;
+    let (status, table, _) = agent.report(tb, &["--namespace", "shop"])?;
     assert!(status.success());
     assert!(
         table.contains("NOT READY") && table.contains("legacy/batch"),
         "{table}"
     );
-    let (status, _, err) = agent.report(&tb, &["--namespace", "nope"])?;
+    let (status, _, err) = agent.report(tb, &["--namespace", "nope"])?;
     assert_eq!(status.code(), Some(2), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("nope"), "{err}");
 
     // --- What only Kubernetes mode knows: pods, service accounts, SPIFFE IDs, modes. ---
-    let id = agent.identity(&tb, "ip=198.18.0.10&port=8443")?;
+    let id = agent.identity(tb, "ip=198.18.0.10&port=8443")?;
     assert_eq!(
         id["workload"],
         json!({"namespace": "payments", "name": "api", "sidecar": true})
@@ -86,11 +86,11 @@ fn namespaces_get_exact_counts_and_verdicts_in_kubernetes_mode() -> Result<()> {
     assert_eq!(id["mode"]["mode"], "STRICT", "{id:#}");
     assert_eq!(id["mode"]["source"], "namespace");
     assert_eq!(id["injection"]["state"], "sidecar");
-    let batch_id = agent.identity(&tb, "ip=198.18.0.30")?;
+    let batch_id = agent.identity(tb, "ip=198.18.0.30")?;
     assert_eq!(batch_id["pod"]["workload_kind"], "CronJob", "{batch_id:#}");
     assert_eq!(batch_id["workload"]["sidecar"], false);
     assert_eq!(batch_id["injection"]["state"], "disabled");
-    let node_id = agent.identity(&tb, "ip=198.18.0.1")?;
+    let node_id = agent.identity(tb, "ip=198.18.0.1")?;
     assert_eq!(
         node_id["workload"],
         Value::Null,
@@ -98,13 +98,13 @@ fn namespaces_get_exact_counts_and_verdicts_in_kubernetes_mode() -> Result<()> {
     );
     assert_eq!(node_id["node"], true);
     assert_eq!(node_id["node_name"], "node-a");
-    let reports_port = agent.identity(&tb, "namespace=payments&workload=reports&port=9090")?;
+    let reports_port = agent.identity(tb, "namespace=payments&workload=reports&port=9090")?;
     assert_eq!(reports_port["mode"]["mode"], "DISABLE", "{reports_port:#}");
     assert_eq!(reports_port["mode"]["source"], "workload_port");
-    let web_mode = agent.identity(&tb, "namespace=shop&workload=web&port=8080")?;
+    let web_mode = agent.identity(tb, "namespace=shop&workload=web&port=8080")?;
     assert_eq!(web_mode["mode"]["mode"], "PERMISSIVE");
     assert_eq!(web_mode["injection"]["revision"], "1-24-2");
-    let legacy_mode = agent.identity(&tb, "namespace=legacy&workload=batch&port=8080")?;
+    let legacy_mode = agent.identity(tb, "namespace=legacy&workload=batch&port=8080")?;
     assert_eq!(
         legacy_mode["mode"]["source"], "mesh",
         "UNSET inherits the mesh"
@@ -121,7 +121,7 @@ fn namespaces_get_exact_counts_and_verdicts_in_kubernetes_mode() -> Result<()> {
 
     // Changes pushed through the watch reach the running agent: the mesh goes STRICT, ...
     double.apply(
-        &tb,
+        tb,
         KubeResource::PeerAuthentications,
         &json!({
             "apiVersion": "security.istio.io/v1",
@@ -133,7 +133,7 @@ fn namespaces_get_exact_counts_and_verdicts_in_kubernetes_mode() -> Result<()> {
     )?;
     wait_for(
         &agent,
-        &tb,
+        tb,
         "namespace=billing&workload=ledger&port=9443",
         |v| v["mode"]["mode"] == "STRICT" && v["mode"]["source"] == "mesh",
     )?;
@@ -150,31 +150,26 @@ fn namespaces_get_exact_counts_and_verdicts_in_kubernetes_mode() -> Result<()> {
         true,
     );
     reuse["metadata"]["creationTimestamp"] = json!("2026-11-24T00:00:00Z");
-    double.apply(&tb, KubeResource::Pods, &reuse)?;
-    wait_for(&agent, &tb, "ip=198.18.0.20", |v| {
+    double.apply(tb, KubeResource::Pods, &reuse)?;
+    wait_for(&agent, tb, "ip=198.18.0.20", |v| {
         v["workload"]["name"] == "frontend"
     })?;
-    http_get(&tb, &batch.netns, &http_url(web.v4(8080)))?;
-    let m = agent.settle(&tb, Duration::from_secs(15))?;
+    http_get(tb, &batch.netns, &http_url(web.v4(8080)))?;
+    let m = agent.settle(tb, Duration::from_secs(15))?;
     assert_eq!(
         conns(&m, "shop", "frontend", "inbound", "plaintext"),
         1.0,
         "{m}"
     );
     assert_eq!(conns(&m, "shop", "web", "inbound", "plaintext"), 4.0, "{m}");
-    double.delete(
-        &tb,
-        KubeResource::Pods,
-        Some("shop"),
-        "web-7b9d5f6c8d-q4wz9",
-    )?;
+    double.delete(tb, KubeResource::Pods, Some("shop"), "web-7b9d5f6c8d-q4wz9")?;
     // 410 Gone: the history is compacted, the agent relists and keeps its identities.
-    double.expire_history(&tb)?;
+    double.expire_history(tb)?;
     std::thread::sleep(Duration::from_secs(2));
-    wait_for(&agent, &tb, "ip=198.18.0.20", |v| {
+    wait_for(&agent, tb, "ip=198.18.0.20", |v| {
         v["workload"]["name"] == "frontend"
     })?;
-    let reqs = double.requests(&tb)?;
+    let reqs = double.requests(tb)?;
     let pod_lists = reqs
         .iter()
         .filter(|q| q.starts_with("GET /api/v1/pods?") && !q.contains("watch=true"))
@@ -183,7 +178,7 @@ fn namespaces_get_exact_counts_and_verdicts_in_kubernetes_mode() -> Result<()> {
 
     // While running, our two programs are on every pod veth (as the kernel reports it)...
     for pod in tb.pods() {
-        let progs = tcx_programs(&tb, TCX_QUERY, tb.node_netns(), &pod.host_if)?;
+        let progs = tcx_programs(tb, TCX_QUERY, tb.node_netns(), &pod.host_if)?;
         assert_eq!(
             progs,
             (
@@ -220,7 +215,7 @@ fn namespaces_get_exact_counts_and_verdicts_in_kubernetes_mode() -> Result<()> {
         assert!(!q.contains("clsact"), "{}: {q}", pod.host_if);
     }
     for pod in tb.pods() {
-        let progs = tcx_programs(&tb, TCX_QUERY, tb.node_netns(), &pod.host_if)?;
+        let progs = tcx_programs(tb, TCX_QUERY, tb.node_netns(), &pod.host_if)?;
         assert_eq!(progs, (vec![], vec![]), "{} after stop", pod.host_if);
     }
     drop(double);
