@@ -341,6 +341,15 @@ fn counters_never_go_backwards_and_restart_from_zero() -> Result<()> {
     );
     assert_eq!(metric_value(&m, "mtls_agent_events_total", &[]), Some(0.0));
     http_get(&tb, &client.netns, &url)?;
+    // The close may still be in the ring buffer: wait for the count, then for nothing tracked.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while conns(&agent.metrics(&tb)?, "shop", "web", "inbound", "plaintext") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the new connection was never counted"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let m = agent.settle(&tb, Duration::from_secs(10))?;
     assert_eq!(conns(&m, "shop", "web", "inbound", "plaintext"), 1.0, "{m}");
     assert!(agent.stop()?.success());

@@ -200,3 +200,144 @@ fn hostile_payloads_keep_the_agent_up_and_tls_junk_is_never_plaintext() -> Resul
     assert!(agent.stop()?.success());
     tb.destroy()
 }
+
+/// Raw TCP from a pod: handshake by hand from an address the pod's kernel does not own (so it
+/// sends no RST of its own), then overlapping segments with conflicting contents, out of order,
+/// with gaps. Printed: connections completed.
+const OVERLAP_PY: &str = r#"
+import socket, struct, random, sys
+src, dst, dport, n, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while s >> 16: s = (s & 0xffff) + (s >> 16)
+    return ~s & 0xffff
+S, D = socket.inet_aton(src), socket.inet_aton(dst)
+def seg(sport, seq, ack, flags, data=b""):
+    h = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xffffffff, ack & 0xffffffff, 5 << 4, flags, 65535, 0, 0)
+    c = csum(S + D + struct.pack("!BBH", 0, 6, len(h) + len(data)) + h + data)
+    h = h[:16] + struct.pack("!H", c) + h[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(h) + len(data), random.randint(1, 65535), 0x4000, 64, 6, 0, S, D)
+    ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+    return ip + h + data
+tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+rx.bind(("eth0", 0)); rx.settimeout(2)
+SYN, ACK, PSH, RST = 2, 16, 8, 4
+def send(p): tx.sendto(p, (dst, 0))
+tls = bytes([0x16, 3, 1, 0, 0x40]) + b"X" * 20
+done = 0
+for i in range(n):
+    sport = (41000 if mode == "overlap" else 42000) + i; isn = random.randint(0, 2**32 - 1)
+    send(seg(sport, isn, 0, SYN))
+    sisn = None
+    try:
+        while sisn is None:
+            f = rx.recv(2048)
+            ip = f[14:]; ihl = (ip[0] & 15) * 4; t = ip[ihl:]
+            if ip[9] == 6 and ip[12:16] == D and ip[16:20] == S and struct.unpack("!H", t[2:4])[0] == sport and t[13] & (SYN | ACK) == SYN | ACK:
+                sisn = struct.unpack("!I", t[4:8])[0]
+    except socket.timeout:
+        continue
+    a = sisn + 1; b = isn + 1
+    send(seg(sport, b, a, ACK))
+    if mode == "plain":
+        # Control: plain HTTP in one segment, so a broken raw path cannot pass for "not plaintext".
+        send(seg(sport, b, a, ACK | PSH, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"))
+    elif i % 2 == 0:
+        # In order: TLS header first, then an overlap rewriting its tail, then a retransmission
+        # of the start that claims to be HTTP.
+        send(seg(sport, b, a, ACK | PSH, tls))
+        send(seg(sport, b + 10, a, ACK | PSH, b"Y" * 40))
+        send(seg(sport, b, a, ACK | PSH, b"GET / HTTP/1.1\r\n"))
+    else:
+        # Out of order with a gap: the middle first, then the start twice with different bytes.
+        send(seg(sport, b + 25, a, ACK | PSH, b"Z" * 30))
+        send(seg(sport, b, a, ACK | PSH, tls))
+        send(seg(sport, b, a, ACK | PSH, b"POST /x HTTP/1.1\r\nHost: a\r\n"))
+        send(seg(sport, b + 500, a, ACK | PSH, b"W" * 100))
+    send(seg(sport, b + 200, a, RST | ACK))
+    done += 1
+print(done)
+"#;
+
+#[test]
+fn overlapping_segments_do_not_turn_tls_into_plaintext() -> Result<()> {
+    ensure_root()?;
+    let bin = agent_bin()?;
+    let mut tb = Testbed::new("mtfoverlap")?;
+    let server = tb.add_pod(PodSpec::new("server", "198.18.0.10".parse()?))?;
+    let client = tb.add_pod(PodSpec::new("client", "198.18.0.20".parse()?))?;
+    let inv = tb.workdir().join("inventory.yaml");
+    write_inventory(&inv, &[Workload::new("shop", "web", &[&server])])?;
+    let _sink = tb.spawn(&server.netns, &["python3", "-c", SINK_SERVER_PY, "443", ""])?;
+    tb.wait_tcp_listening(&server.netns, server.v4(443), Duration::from_secs(10))?;
+    // The spoofed client address resolves to the client pod's MAC on the server's side.
+    let link = tb.run(&client.netns, &["ip", "-j", "link", "show", "eth0"])?;
+    let link: serde_json::Value = serde_json::from_slice(&link.stdout)?;
+    let mac = link[0]["address"].as_str().unwrap_or_default().to_owned();
+    let spoofed = "198.18.0.77";
+    tb.run(
+        &server.netns,
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            spoofed,
+            "lladdr",
+            &mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+    )?;
+    let agent = Agent::start(&tb, &bin, &inv, &["vp*"], &[], 2)?;
+    let n = 20;
+    let raw = |mode: &str, n: usize| -> Result<usize> {
+        let out = tb.run_timeout(
+            &client.netns,
+            &[
+                "python3",
+                "-c",
+                OVERLAP_PY,
+                spoofed,
+                "198.18.0.10",
+                "443",
+                &n.to_string(),
+                mode,
+            ],
+            Duration::from_secs(60),
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+    };
+    // Control first: the raw path delivers bytes the agent classifies.
+    assert_eq!(raw("plain", 2)?, 2);
+    let m = agent.settle(&tb, Duration::from_secs(20))?;
+    assert_eq!(
+        conns(&m, "shop", "web", "inbound", "plaintext"),
+        2.0,
+        "control\n{m}"
+    );
+    assert_eq!(raw("overlap", n)?, n, "raw handshakes");
+    let m = agent.settle(&tb, Duration::from_secs(20))?;
+    let by = |sec| conns(&m, "shop", "web", "inbound", sec);
+    eprintln!(
+        "overlap: {n} raw connections; inbound mtls {} tls {} plaintext {} unknown {}",
+        by("mtls"),
+        by("tls"),
+        by("plaintext"),
+        by("unknown")
+    );
+    assert_eq!(
+        by("plaintext"),
+        2.0,
+        "overlaps never make TLS plaintext\n{m}"
+    );
+    assert_eq!(by("mtls") + by("tls") + by("unknown"), n as f64, "{m}");
+    agent.proc().ensure_running()?;
+    let noisy = warn_error_lines(&agent.proc().stderr());
+    assert!(noisy.is_empty(), "{noisy:#?}");
+    assert!(agent.stop()?.success());
+    tb.destroy()
+}

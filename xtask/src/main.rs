@@ -3,6 +3,7 @@ mod bench;
 mod demo;
 mod fuzz;
 mod setup;
+mod soak;
 
 use std::{path::PathBuf, process::Command};
 
@@ -67,6 +68,13 @@ enum Cmd {
         /// Where to write the report.
         #[arg(long)]
         output: Option<PathBuf>,
+    },
+    /// Build, then run the soak test (mixed traffic; RSS, fds and classification counts sampled
+    /// over time) for N minutes, writing docs/soak.md. CI runs a ~75 s version as a normal test.
+    Soak {
+        /// Minutes of traffic.
+        #[arg(long, default_value_t = 60)]
+        minutes: u64,
     },
 }
 
@@ -155,6 +163,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Fuzz { seconds, targets } => fuzz::fuzz(seconds, &targets),
         Cmd::Build => setup::setup().and_then(|_| build_release().map(|_| ())),
         Cmd::Test { args } => test(&args),
+        Cmd::Soak { minutes } => setup::setup().and_then(|_| soak::soak(minutes)),
         Cmd::Demo { seconds } => setup::setup()
             .and_then(|_| build_release())
             .and_then(|bin| demo::demo(&bin, seconds)),
