@@ -506,6 +506,21 @@ impl ConnClassifier {
             }
             _ => {}
         }
+        // A TLS record header of another type (ChangeCipherSpec, alert, application data) as the
+        // client's first bytes: TLS-looking junk, never plaintext.
+        if rest.len() >= 3
+            && records::record_start(
+                rest,
+                &[
+                    records::CT_CHANGE_CIPHER_SPEC,
+                    records::CT_ALERT,
+                    records::CT_APPLICATION_DATA,
+                    records::CT_HEARTBEAT,
+                ],
+            ) == records::Prefix::Yes
+        {
+            return Some(Verdict::unknown(Evidence::Malformed));
+        }
 
         // MySQL: the server greets first; a client SSL request switches to TLS.
         if coff == 0 {

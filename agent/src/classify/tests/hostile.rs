@@ -162,3 +162,15 @@ fn byte_trickle_is_bounded_work() {
     assert_eq!(v.security, Security::Mtls);
     assert_eq!(v.mesh, Mesh::Istio);
 }
+
+#[test]
+fn other_tls_record_types_first_are_malformed_not_plaintext() {
+    // An alert, application data, ChangeCipherSpec or heartbeat record where the ClientHello
+    // should be: TLS-looking junk is never called plaintext.
+    for typ in [20u8, 21, 23, 24] {
+        malformed(&[(C2S, record(typ, &[2, 40, 0, 0, 0, 0, 0, 0]))]);
+    }
+    // Plaintext that merely starts with such a byte is still plaintext (no 0x03 version byte).
+    let o = classify(meta(80), &[(C2S, b"\x17hello plaintext protocol".to_vec())]);
+    assert_eq!(o.verdict.security, Security::Plaintext);
+}
