@@ -188,6 +188,17 @@ fn hostile_payloads_keep_the_agent_up_and_tls_junk_is_never_plaintext() -> Resul
         total, sent as f64,
         "each hostile connection counted once\n{m}"
     );
+    // Alert / application-data records where the ClientHello belongs: TLS-looking junk too.
+    assert_eq!(
+        by("otherrec", "plaintext"),
+        0.0,
+        "a TLS alert or application-data record first is not plaintext\n{m}"
+    );
+    assert_eq!(
+        by("otherrec", "unknown"),
+        (other_records.len() * 4) as f64,
+        "{m}"
+    );
     let rand_total: f64 = ["mtls", "tls", "plaintext", "unknown"]
         .iter()
         .map(|s| by("randjunk", s))
