@@ -390,3 +390,44 @@ impl ReferenceNode {
         tb.destroy()
     }
 }
+
+/// While the agent runs, exactly our two programs are on every pod veth (as the kernel reports
+/// it, through `tcx-query`); after it stops, no TCX program, tc filter or clsact qdisc is left.
+pub fn assert_attached_then_detached(tb: &Testbed, tcx_query: &str, agent: Agent) -> Result<()> {
+    let ours = (
+        vec!["mtls_ingress".to_owned()],
+        vec!["mtls_egress".to_owned()],
+    );
+    for pod in tb.pods() {
+        let progs = crate::tcx_programs(tb, tcx_query, tb.node_netns(), &pod.host_if)?;
+        assert_eq!(progs, ours, "{}", pod.host_if);
+    }
+    let status = agent.stop()?;
+    assert!(status.success(), "agent exit: {status}");
+    for pod in tb.pods() {
+        let progs = crate::tcx_programs(tb, tcx_query, tb.node_netns(), &pod.host_if)?;
+        assert_eq!(
+            progs,
+            (vec![], vec![]),
+            "TCX programs left on {}",
+            pod.host_if
+        );
+        let q = tb.run(
+            tb.node_netns(),
+            &["tc", "qdisc", "show", "dev", &pod.host_if],
+        )?;
+        let q = String::from_utf8_lossy(&q.stdout);
+        assert!(!q.contains("clsact"), "{}: {q}", pod.host_if);
+        let f = tb.run(
+            tb.node_netns(),
+            &["tc", "filter", "show", "dev", &pod.host_if, "ingress"],
+        )?;
+        assert!(
+            f.stdout.is_empty(),
+            "{}: {}",
+            pod.host_if,
+            String::from_utf8_lossy(&f.stdout)
+        );
+    }
+    Ok(())
+}

@@ -5,7 +5,6 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::Result;
 use mtls_agent_testbed::{scenario::*, *};
-use serde_json::Value;
 
 const TCX_QUERY: &str = env!("CARGO_BIN_EXE_tcx-query");
 
@@ -33,44 +32,8 @@ fn namespaces_get_exact_counts_and_verdicts() -> Result<()> {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("nope"), "{err}");
 
-    // While running, our two programs are on every pod veth (as the kernel reports it)...
-    for pod in tb.pods() {
-        let progs = tcx_programs(tb, TCX_QUERY, tb.node_netns(), &pod.host_if)?;
-        assert_eq!(
-            progs,
-            (
-                vec!["mtls_ingress".to_owned()],
-                vec!["mtls_egress".to_owned()]
-            ),
-            "{}",
-            pod.host_if
-        );
-    }
-    // ...and stopping detaches everything: no TCX link, no tc filter, no clsact qdisc left.
-    let status = agent.stop()?;
-    assert!(status.success(), "agent exit: {status}");
-    let net = tb.run(tb.node_netns(), &["bpftool", "-j", "net", "show"])?;
-    let net: Value = serde_json::from_slice(&net.stdout)?;
-    let leftovers: Vec<&Value> = net
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|o| ["tc", "tcx", "xdp"].map(|k| &o[k]))
-        .filter_map(Value::as_array)
-        .flatten()
-        .collect();
-    assert!(
-        leftovers.is_empty(),
-        "programs left attached: {leftovers:?}"
-    );
-    for pod in tb.pods() {
-        let q = tb.run(
-            tb.node_netns(),
-            &["tc", "qdisc", "show", "dev", &pod.host_if],
-        )?;
-        let q = String::from_utf8_lossy(&q.stdout);
-        assert!(!q.contains("clsact"), "{}: {q}", pod.host_if);
-    }
+    // Attached while running, nothing left after stop (as the kernel reports it).
+    assert_attached_then_detached(tb, TCX_QUERY, agent)?;
     node.destroy()?;
     Ok(())
 }

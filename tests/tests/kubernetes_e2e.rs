@@ -176,48 +176,8 @@ fn namespaces_get_exact_counts_and_verdicts_in_kubernetes_mode() -> Result<()> {
         .count();
     assert!(pod_lists >= 2, "relisted after 410: {reqs:#?}");
 
-    // While running, our two programs are on every pod veth (as the kernel reports it)...
-    for pod in tb.pods() {
-        let progs = tcx_programs(tb, TCX_QUERY, tb.node_netns(), &pod.host_if)?;
-        assert_eq!(
-            progs,
-            (
-                vec!["mtls_ingress".to_owned()],
-                vec!["mtls_egress".to_owned()]
-            ),
-            "{}",
-            pod.host_if
-        );
-    }
-    // ...and stopping detaches everything: no TCX link, no tc filter, no clsact qdisc left.
-    let status = agent.stop()?;
-    assert!(status.success(), "agent exit: {status}");
-    let net = tb.run(tb.node_netns(), &["bpftool", "-j", "net", "show"])?;
-    let net: Value = serde_json::from_slice(&net.stdout)?;
-    let leftovers: Vec<&Value> = net
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|o| ["tc", "tcx", "xdp"].map(|k| &o[k]))
-        .filter_map(Value::as_array)
-        .flatten()
-        .collect();
-    assert!(
-        leftovers.is_empty(),
-        "programs left attached: {leftovers:?}"
-    );
-    for pod in tb.pods() {
-        let q = tb.run(
-            tb.node_netns(),
-            &["tc", "qdisc", "show", "dev", &pod.host_if],
-        )?;
-        let q = String::from_utf8_lossy(&q.stdout);
-        assert!(!q.contains("clsact"), "{}: {q}", pod.host_if);
-    }
-    for pod in tb.pods() {
-        let progs = tcx_programs(tb, TCX_QUERY, tb.node_netns(), &pod.host_if)?;
-        assert_eq!(progs, (vec![], vec![]), "{} after stop", pod.host_if);
-    }
+    // Attached while running, nothing left after stop (as the kernel reports it).
+    assert_attached_then_detached(tb, TCX_QUERY, agent)?;
     drop(double);
     node.destroy()?;
     Ok(())
