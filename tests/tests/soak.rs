@@ -175,10 +175,13 @@ fn soak_mixed_traffic_keeps_memory_and_fds_flat() -> Result<()> {
     std::fs::write(&target, &md)?;
     if let Some(out) = std::env::var_os("MTLS_SOAK_OUT") {
         let doc = format!(
-            "# Soak run\n\n`cargo xtask soak --minutes {}` on {} (kernel {}): mixed traffic (Istio mTLS \
+            "# Soak run\n\n`cargo xtask soak --minutes {}` ({}) on {} (kernel {}): mixed traffic (Istio mTLS \
              worker→api, one-way TLS web→ledger, plaintext batch→web, probes node→web), sampled every \
              {} s. Client errors: {errs}.\n\n{md}",
             secs / 60,
+            std::env::var("MTLS_SOAK_REV")
+                .map(|r| format!("agent built from commit {r}"))
+                .unwrap_or_else(|_| "agent from the working tree".into()),
             std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .unwrap_or_default()
                 .trim(),
