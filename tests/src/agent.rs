@@ -88,10 +88,18 @@ impl Agent {
         extra: &[&str],
         expect_interfaces: usize,
     ) -> Result<Agent> {
-        let listen: SocketAddr = "127.0.0.1:9477".parse()?;
+        // `--listen` in `extra` (a second agent in the same namespace) replaces the default.
+        let given = extra
+            .iter()
+            .position(|a| *a == "--listen")
+            .and_then(|i| extra.get(i + 1));
+        let listen: SocketAddr = given.copied().unwrap_or("127.0.0.1:9477").parse()?;
         let bin_s = bin.to_str().context("agent path is not UTF-8")?;
         let listen_s = listen.to_string();
-        let mut args = vec![bin_s, "run", "--listen", &listen_s];
+        let mut args = vec![bin_s, "run"];
+        if given.is_none() {
+            args.extend(["--listen", &listen_s]);
+        }
         args.extend_from_slice(identity);
         for g in globs {
             args.push("--interface");

@@ -1,6 +1,7 @@
-//! Issue 7, restart and crash: `kill -9` of the agent leaves nothing that keeps costing, a
-//! restarted agent removes what an earlier one left on the clsact path, other programs and
-//! filters are never touched, and counters never go backwards (and restart from zero).
+//! Issue 7, restart and crash: `kill -9` of the agent leaves nothing that keeps costing (TCX
+//! links die with it; on the clsact path its reaper removes its filters), a restarted agent
+//! removes what a killed container left on the clsact path, other programs and filters are
+//! never touched, and counters never go backwards (and restart from zero).
 //! Needs root; fails (never skips) without it.
 use std::time::{Duration, Instant};
 
@@ -189,16 +190,54 @@ fn our_clsact(tb: &Testbed, dev: &str) -> Result<Vec<(String, String, u64)>> {
         .collect())
 }
 
-/// The clsact path (`--tc-mode clsact`): netlink filters outlive a killed process — the one
-/// thing `kill -9` leaves behind — and the next agent removes exactly those (by name) before it
-/// attaches, in clsact and in TCX mode, while other filters on the same qdisc stay.
+/// The agent's clsact reaper: its child process started with `clsact-reaper`.
+fn reaper_of(agent: &Agent) -> Result<u32> {
+    let pid = agent.proc().pid();
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))?;
+    for c in children.split_whitespace() {
+        let cmdline = std::fs::read(format!("/proc/{c}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains("clsact-reaper") {
+            return Ok(c.parse()?);
+        }
+    }
+    anyhow::bail!("agent {pid} has no clsact reaper child (children: {children:?})")
+}
+
+fn alive(pid: u32) -> bool {
+    // Reaped or a zombie (the reaper is reparented when the agent dies): not running.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
+}
+
+/// Waits up to 5 s for `cond`.
+fn eventually(what: &str, mut cond: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cond()? {
+        anyhow::ensure!(Instant::now() < deadline, "not within 5 s: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn clsact_qdisc(tb: &Testbed, dev: &str) -> Result<bool> {
+    let out = tb.run(tb.node_netns(), &["tc", "qdisc", "show", "dev", dev])?;
+    Ok(String::from_utf8_lossy(&out.stdout).contains("qdisc clsact"))
+}
+
+/// The clsact path (`--tc-mode clsact`). Netlink filters outlive the process that added them,
+/// so the agent starts a reaper process: after `kill -9` of the agent, the reaper removes its
+/// filters (and the qdisc it created, unless someone else's filters are on it) within moments,
+/// and the programs are freed. Foreign filters are never touched.
 #[test]
-fn clsact_leftovers_of_a_killed_agent_are_removed_by_the_next_one() -> Result<()> {
+fn kill9_on_clsact_leaves_no_filter_and_no_program() -> Result<()> {
     ensure_root()?;
     let bin = agent_bin()?;
-    let (tb, server, client, inv) = bed("mtfcls")?;
+    let (tb, server, client, inv) = bed("mtfreap")?;
     add_foreign_filters(&tb, &server.host_if)?;
     let clsact = ["--tc-mode", "clsact"];
+    assert!(!clsact_qdisc(&tb, &client.host_if)?);
 
     let a1 = Agent::start(&tb, &bin, &inv, &["vp*"], &clsact, 2)?;
     for pod in [&server, &client] {
@@ -213,10 +252,113 @@ fn clsact_leftovers_of_a_killed_agent_are_removed_by_the_next_one() -> Result<()
                 .any(|x| x.0 == "clsact/egress" && x.1 == "mtls_egress")
         );
     }
-    assert!(foreign_present(&tb, &server.host_if)?);
+    assert!(clsact_qdisc(&tb, &client.host_if)?, "the agent added it");
+    let progs: Vec<u64> = ours(&tb)?.iter().map(|a| a.3).collect();
+    let reaper = reaper_of(&a1)?;
     kill9(&a1)?;
+    eventually("the reaper removes the killed agent's filters", || {
+        Ok(ours(&tb)?.is_empty())
+    })?;
+    eventually("the killed agent's programs are freed", || {
+        let loaded = loaded_prog_ids()?;
+        Ok(progs.iter().all(|id| !loaded.contains(id)))
+    })?;
+    eventually("the reaper exits", || Ok(!alive(reaper)))?;
+    for pod in [&server, &client] {
+        let f =
+            tc_filters(&tb, &pod.host_if, "ingress")? + &tc_filters(&tb, &pod.host_if, "egress")?;
+        assert_eq!(our_filters(&f), 0, "{}: {f}", pod.host_if);
+    }
+    assert!(
+        !clsact_qdisc(&tb, &client.host_if)?,
+        "the qdisc the agent created is gone"
+    );
+    assert!(
+        clsact_qdisc(&tb, &server.host_if)? && foreign_present(&tb, &server.host_if)?,
+        "foreign filters and their qdisc survive"
+    );
     drop(a1);
-    // What kill -9 leaves on this path: the filters, and through them the programs.
+
+    // A clean stop: the agent detaches itself, its reaper finds nothing and exits with it.
+    let a2 = Agent::start(&tb, &bin, &inv, &["vp*"], &clsact, 2)?;
+    let reaper = reaper_of(&a2)?;
+    assert!(a2.stop()?.success());
+    assert!(!alive(reaper), "no reaper outlives a clean stop");
+    assert!(ours(&tb)?.is_empty(), "{}", net_show(&tb)?);
+    assert!(!clsact_qdisc(&tb, &client.host_if)?);
+    assert!(foreign_present(&tb, &server.host_if)?);
+    tb.destroy()
+}
+
+/// Two agents in one namespace on different interfaces use the same program names; killing
+/// one makes its reaper remove exactly its own filters (by program id), not the other's.
+#[test]
+fn the_reaper_removes_only_its_own_agents_filters() -> Result<()> {
+    ensure_root()?;
+    let bin = agent_bin()?;
+    let (tb, server, client, inv) = bed("mtfreap2")?;
+    let a = Agent::start(
+        &tb,
+        &bin,
+        &inv,
+        &[&server.host_if],
+        &["--tc-mode", "clsact"],
+        1,
+    )?;
+    let b = Agent::start(
+        &tb,
+        &bin,
+        &inv,
+        &[&client.host_if],
+        &["--tc-mode", "clsact", "--listen", "127.0.0.1:9478"],
+        1,
+    )?;
+    let b_filters = our_clsact(&tb, &client.host_if)?;
+    assert_eq!(b_filters.len(), 2, "{b_filters:?}");
+    assert_eq!(our_clsact(&tb, &server.host_if)?.len(), 2);
+    kill9(&a)?;
+    eventually("agent a's filters removed", || {
+        Ok(our_clsact(&tb, &server.host_if)?.is_empty())
+    })?;
+    // Give a wrong sweep every chance to show.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        our_clsact(&tb, &client.host_if)?,
+        b_filters,
+        "agent b's filters (same names, other ids) untouched"
+    );
+    b.proc().ensure_running()?;
+    drop(a);
+    assert!(b.stop()?.success());
+    assert!(ours(&tb)?.is_empty());
+    tb.destroy()
+}
+
+/// When the reaper dies with the agent (a container kill takes the whole process group), the
+/// filters stay: the next agent removes exactly those (by name) before it attaches, in clsact
+/// and in TCX mode, while other filters on the same qdisc stay.
+#[test]
+fn clsact_leftovers_of_a_killed_container_are_removed_by_the_next_agent() -> Result<()> {
+    ensure_root()?;
+    let bin = agent_bin()?;
+    let (tb, server, client, inv) = bed("mtfcls")?;
+    add_foreign_filters(&tb, &server.host_if)?;
+    let clsact = ["--tc-mode", "clsact"];
+    // SIGKILL to the agent's process group: the agent and its reaper at once.
+    let kill_all = |agent: &Agent| -> Result<()> {
+        let reaper = reaper_of(agent)?;
+        // SAFETY: plain syscall on a process group this test started.
+        let rc = unsafe { libc::killpg(agent.proc().pid() as i32, libc::SIGKILL) };
+        anyhow::ensure!(rc == 0, "killpg failed");
+        eventually("agent and reaper dead", || {
+            Ok(!agent.proc().is_running() && !alive(reaper))
+        })
+    };
+
+    let a1 = Agent::start(&tb, &bin, &inv, &["vp*"], &clsact, 2)?;
+    kill_all(&a1)?;
+    drop(a1);
+    // What is left then: the filters, and through them the programs.
     let stale: Vec<u64> = ours(&tb)?.iter().map(|a| a.3).collect();
     assert_eq!(stale.len(), 4, "netlink filters outlive the process");
     let loaded = loaded_prog_ids()?;
@@ -236,19 +378,15 @@ fn clsact_leftovers_of_a_killed_agent_are_removed_by_the_next_one() -> Result<()
         foreign_present(&tb, &server.host_if)?,
         "foreign filters survive the cleanup"
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while loaded_prog_ids()?.iter().any(|id| stale.contains(id)) {
-        assert!(
-            Instant::now() < deadline,
-            "stale programs {stale:?} still loaded"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually("stale programs freed", || {
+        let loaded = loaded_prog_ids()?;
+        Ok(!loaded.iter().any(|id| stale.contains(id)))
+    })?;
     let log = a2.proc().stderr();
     assert!(log.contains("removed a stale filter"), "{log}");
 
     // Upgrading to TCX (auto) also removes what a clsact agent left.
-    kill9(&a2)?;
+    kill_all(&a2)?;
     drop(a2);
     assert_eq!(ours(&tb)?.len(), 4);
     let a3 = Agent::start(&tb, &bin, &inv, &["vp*"], &[], 2)?;
@@ -266,12 +404,6 @@ fn clsact_leftovers_of_a_killed_agent_are_removed_by_the_next_one() -> Result<()
     );
     assert!(foreign_present(&tb, &server.host_if)?);
     assert!(a3.stop()?.success());
-
-    // A clean stop in clsact mode removes our filters and nothing else.
-    let a4 = Agent::start(&tb, &bin, &inv, &["vp*"], &clsact, 2)?;
-    assert_eq!(ours(&tb)?.len(), 4);
-    assert!(a4.stop()?.success());
-    assert!(ours(&tb)?.is_empty(), "{}", net_show(&tb)?);
     assert!(foreign_present(&tb, &server.host_if)?);
     for pod in [&server, &client] {
         let f =

@@ -9,7 +9,7 @@ use aya::programs::{
 use mtls_agent_common::names;
 use tracing::{debug, info, warn};
 
-use super::TcMode;
+use super::{TcMode, reaper::Reaper, tcnl};
 
 /// One interface we attached to.
 #[derive(Debug)]
@@ -77,15 +77,24 @@ pub struct Attacher {
     /// TCX was refused once (old kernel), or `--tc-mode clsact`: use clsact from then on.
     legacy: bool,
     mode: TcMode,
+    /// Ids of our two loaded programs, for the reaper.
+    prog_ids: Vec<u32>,
+    /// Started with the first clsact filter: removes our filters if this process dies.
+    reaper: Option<Reaper>,
+    /// Starting the reaper failed once: said so, not retried for every interface.
+    reaper_failed: bool,
 }
 
 impl Attacher {
-    pub fn new(globs: Globs, mode: TcMode) -> Self {
+    pub fn new(globs: Globs, mode: TcMode, prog_ids: Vec<u32>) -> Self {
         Self {
             globs,
             attached: BTreeMap::new(),
             legacy: mode == TcMode::Clsact,
             mode,
+            prog_ids,
+            reaper: None,
+            reaper_failed: false,
         }
     }
 
@@ -186,6 +195,15 @@ impl Attacher {
                 Err(err) => return Err(format!("TCX ingress: {err}")),
             }
         }
+        if self.reaper.is_none() && !self.reaper_failed {
+            match Reaper::spawn(&self.prog_ids) {
+                Ok(r) => self.reaper = Some(r),
+                Err(e) => {
+                    warn!(error = %e, "could not start the clsact reaper: if this process is killed, its filters stay until the next agent starts");
+                    self.reaper_failed = true;
+                }
+            }
+        }
         let created_qdisc = match tc::qdisc_add_clsact(&iface.name) {
             Ok(()) => true,
             Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => false,
@@ -206,6 +224,9 @@ impl Attacher {
                 return Err(format!("clsact egress: {err}"));
             }
         };
+        if created_qdisc && let Some(r) = &mut self.reaper {
+            r.created_qdisc(iface.ifindex);
+        }
         Ok(Attached {
             ifindex: iface.ifindex,
             ingress: i,
@@ -224,10 +245,20 @@ impl Attacher {
                 debug!(interface = %name, error = %e, "detach egress");
             }
             if a.created_qdisc {
-                remove_clsact(&name);
+                match tcnl::delete_clsact_if_empty(a.ifindex) {
+                    Ok(true) => debug!(interface = %name, "removed the clsact qdisc we added"),
+                    Ok(false) => {
+                        debug!(interface = %name, "clsact qdisc we added has other filters now: kept")
+                    }
+                    Err(e) => {
+                        warn!(interface = %name, error = %e, "removing the clsact qdisc we added")
+                    }
+                }
             }
             debug!(interface = %name, "detached");
         }
+        // Closes its pipe: it sweeps once (finding nothing of ours) and exits.
+        self.reaper = None;
     }
 }
 
@@ -263,20 +294,6 @@ fn tcx_unsupported(err: &aya::programs::ProgramError) -> bool {
     let text = err.to_string();
     // EINVAL/EOPNOTSUPP from BPF_LINK_CREATE with a TCX attach type: kernel without TCX.
     text.contains("Invalid argument") || text.contains("not supported")
-}
-
-/// Removes the clsact qdisc we added on a kernel without TCX. Only called for qdiscs we created.
-fn remove_clsact(name: &str) {
-    match std::process::Command::new("tc")
-        .args(["qdisc", "del", "dev", name, "clsact"])
-        .output()
-    {
-        Ok(o) if o.status.success() => debug!(interface = %name, "removed clsact qdisc"),
-        Ok(o) => {
-            warn!(interface = %name, stderr = %String::from_utf8_lossy(&o.stderr).trim(), "removing clsact qdisc failed")
-        }
-        Err(e) => warn!(interface = %name, error = %e, "running tc to remove clsact failed"),
-    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,8 @@
 pub mod attach;
 pub mod events;
 pub mod netlink;
+pub mod reaper;
+pub mod tcnl;
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -121,9 +123,14 @@ impl Capture {
                 .map_err(|e| CaptureError::Program(name, e))?;
             prog.load().map_err(|e| CaptureError::Program(name, e))?;
         }
+        let mut prog_ids = Vec::new();
+        let (i, e) = programs(&mut ebpf);
+        for (name, p) in [(names::PROG_INGRESS, &*i), (names::PROG_EGRESS, &*e)] {
+            prog_ids.push(p.info().map_err(|e| CaptureError::Program(name, e))?.id());
+        }
         Ok(Self {
             ebpf,
-            attacher: attach::Attacher::new(globs, cfg.tc_mode),
+            attacher: attach::Attacher::new(globs, cfg.tc_mode, prog_ids),
         })
     }
 
@@ -136,38 +143,11 @@ impl Capture {
         RingBuf::try_from(map).map_err(|e| CaptureError::Map(names::EVENTS, e.to_string()))
     }
 
-    fn programs(&mut self) -> (&mut SchedClassifier, &mut SchedClassifier) {
-        let mut progs = self.ebpf.programs_mut();
-        let mut ingress = None;
-        let mut egress = None;
-        for (name, p) in &mut progs {
-            if name == names::PROG_INGRESS {
-                ingress = <&mut SchedClassifier>::try_from(p).ok();
-            } else if name == names::PROG_EGRESS {
-                egress = <&mut SchedClassifier>::try_from(p).ok();
-            }
-        }
-        match (ingress, egress) {
-            (Some(i), Some(e)) => (i, e),
-            // Checked in `load`: both programs exist and are classifiers.
-            _ => unreachable!("programs checked at load"),
-        }
-    }
-
     /// Attaches to new matching interfaces and forgets vanished ones.
     pub fn sync_interfaces(&mut self) -> std::io::Result<SyncReport> {
         let present = list_interfaces()?;
-        let mut attacher = std::mem::replace(
-            &mut self.attacher,
-            attach::Attacher::new(
-                Globs::new(&[]).unwrap_or_else(|_| unreachable!()),
-                TcMode::Auto,
-            ),
-        );
-        let (i, e) = self.programs();
-        let report = attacher.sync(i, e, &present);
-        self.attacher = attacher;
-        Ok(report)
+        let (i, e) = programs(&mut self.ebpf);
+        Ok(self.attacher.sync(i, e, &present))
     }
 
     pub fn attached_count(&self) -> usize {
@@ -180,16 +160,8 @@ impl Capture {
 
     /// Detaches everything this process attached. Other programs on the interfaces are untouched.
     pub fn detach_all(&mut self) {
-        let mut attacher = std::mem::replace(
-            &mut self.attacher,
-            attach::Attacher::new(
-                Globs::new(&[]).unwrap_or_else(|_| unreachable!()),
-                TcMode::Auto,
-            ),
-        );
-        let (i, e) = self.programs();
-        attacher.detach_all(i, e);
-        self.attacher = attacher;
+        let (i, e) = programs(&mut self.ebpf);
+        self.attacher.detach_all(i, e);
     }
 
     /// Reads the kernel statistics, summed over CPUs.
@@ -208,6 +180,24 @@ impl Capture {
             *slot = values.iter().copied().fold(0u64, u64::wrapping_add);
         }
         Ok(out)
+    }
+}
+
+/// The two loaded classifiers (checked in [`Capture::load`]).
+fn programs(ebpf: &mut Ebpf) -> (&mut SchedClassifier, &mut SchedClassifier) {
+    let mut ingress = None;
+    let mut egress = None;
+    for (name, p) in ebpf.programs_mut() {
+        if name == names::PROG_INGRESS {
+            ingress = <&mut SchedClassifier>::try_from(p).ok();
+        } else if name == names::PROG_EGRESS {
+            egress = <&mut SchedClassifier>::try_from(p).ok();
+        }
+    }
+    match (ingress, egress) {
+        (Some(i), Some(e)) => (i, e),
+        // Checked in `load`: both programs exist and are classifiers.
+        _ => unreachable!("programs checked at load"),
     }
 }
 

@@ -79,6 +79,16 @@ pub enum Command {
     /// classifier.
     #[command(after_help = CLASSIFY_EXAMPLES)]
     Classify(ClassifyArgs),
+    /// Internal: started by `run` on the clsact path; removes the agent's filters when it dies.
+    #[command(name = "clsact-reaper", hide = true)]
+    ClsactReaper(ReaperArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReaperArgs {
+    /// Program ids whose clsact filters to remove once stdin closes.
+    #[arg(long = "prog-id", value_name = "ID", required = true)]
+    pub prog_ids: Vec<u32>,
 }
 
 /// Host-side pod veth names of common CNIs: Calico, Cilium, Flannel/bridge, AWS VPC CNI, GKE, Azure.
@@ -262,6 +272,10 @@ pub fn main() -> u8 {
         Command::Run(args) => run::run(args),
         Command::Report(args) => report::report(args),
         Command::Classify(args) => classify::classify(args),
+        Command::ClsactReaper(args) => {
+            run::init_logging("info");
+            crate::capture::reaper::run(&args.prog_ids)
+        }
     };
     match result {
         Ok(()) => 0,
