@@ -26,6 +26,12 @@ struct Sample {
     unknown: f64,
     tracked: f64,
     lost: f64,
+    /// Inbound connections so far, all classes (each same-node connection used a flow-table
+    /// entry on both veths, probes one).
+    conns: f64,
+    /// Entries at the last garbage-collection pass.
+    entries: f64,
+    table_full: f64,
     scrape: Duration,
 }
 
@@ -139,6 +145,14 @@ fn soak_mixed_traffic_keeps_memory_and_fds_flat() -> Result<()> {
                     unknown: total("unknown"),
                     tracked: metric_value(&m, "mtls_agent_flows_tracked", &[]).unwrap_or(0.0),
                     lost: metric_value(&m, "mtls_agent_events_lost_total", &[]).unwrap_or(0.0),
+                    conns: total("mtls") + total("tls") + total("plaintext") + total("unknown"),
+                    entries: metric_value(&m, "mtls_agent_flow_table_entries", &[]).unwrap_or(0.0),
+                    table_full: metric_value(
+                        &m,
+                        "mtls_agent_kernel_errors_total",
+                        &[("reason", "flow_table_full")],
+                    )
+                    .unwrap_or(0.0),
                     scrape,
                 });
             }
@@ -151,12 +165,12 @@ fn soak_mixed_traffic_keeps_memory_and_fds_flat() -> Result<()> {
     let mut md = String::new();
     writeln!(
         md,
-        "| t (s) | RSS (KiB) | fds | inbound mtls | tls | plaintext | unknown | tracked | events lost | /metrics |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| t (s) | RSS (KiB) | fds | inbound mtls | tls | plaintext | unknown | tracked | events lost | inbound total | flow-table entries | flow_table_full | /metrics |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )?;
     for s in &samples {
         writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} ms |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} ms |",
             s.at.as_secs(),
             s.rss_kib,
             s.fds,
@@ -166,6 +180,9 @@ fn soak_mixed_traffic_keeps_memory_and_fds_flat() -> Result<()> {
             s.unknown,
             s.tracked,
             s.lost,
+            s.conns,
+            s.entries,
+            s.table_full,
             s.scrape.as_secs_f64() * 1000.0
         )?;
     }
@@ -208,6 +225,8 @@ fn soak_mixed_traffic_keeps_memory_and_fds_flat() -> Result<()> {
         "no unknown verdicts in clean traffic\n{md}"
     );
     assert_eq!(last.lost, 0.0, "{md}");
+    // A healthy node is not reported as table pressure, however many connections it has seen.
+    assert_eq!(last.table_full, 0.0, "{md}");
     assert!(
         last.fds <= first.fds + 2,
         "fds {} -> {}\n{md}",

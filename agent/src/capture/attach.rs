@@ -102,6 +102,10 @@ impl Attacher {
         self.attached.len()
     }
 
+    pub fn attached_ifindexes(&self) -> std::collections::BTreeSet<u32> {
+        self.attached.values().map(|a| a.ifindex).collect()
+    }
+
     pub fn attached_names(&self) -> impl Iterator<Item = &str> {
         self.attached.keys().map(String::as_str)
     }

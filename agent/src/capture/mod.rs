@@ -3,16 +3,17 @@
 //! root and a kernel; everything after it also runs on pcap files.
 pub mod attach;
 pub mod events;
+pub mod gc;
 pub mod netlink;
 pub mod reaper;
 pub mod tcnl;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::SchedClassifier,
 };
-use mtls_agent_common::{CHUNK_BYTES, MAX_CHUNKS_PER_SEGMENT, names, stats};
+use mtls_agent_common::{CHUNK_BYTES, FlowKey, FlowState, MAX_CHUNKS_PER_SEGMENT, names, stats};
 use tracing::{debug, warn};
 
 pub use attach::{Globs, Interface, SyncReport, list_interfaces};
@@ -141,6 +142,20 @@ impl Capture {
             .take_map(names::EVENTS)
             .ok_or(CaptureError::Map(names::EVENTS, "missing".into()))?;
         RingBuf::try_from(map).map_err(|e| CaptureError::Map(names::EVENTS, e.to_string()))
+    }
+
+    /// Takes the flow table out of the object, for the garbage collector (gc.rs).
+    pub fn take_flows(&mut self) -> Result<HashMap<MapData, FlowKey, FlowState>, CaptureError> {
+        let map = self
+            .ebpf
+            .take_map(names::FLOWS)
+            .ok_or(CaptureError::Map(names::FLOWS, "missing".into()))?;
+        HashMap::try_from(map).map_err(|e| CaptureError::Map(names::FLOWS, e.to_string()))
+    }
+
+    /// The ifindexes we are attached to.
+    pub fn attached_ifindexes(&self) -> std::collections::BTreeSet<u32> {
+        self.attacher.attached_ifindexes()
     }
 
     /// Attaches to new matching interfaces and forgets vanished ones.

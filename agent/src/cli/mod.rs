@@ -71,7 +71,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the node agent: attach to pod interfaces, classify, serve /metrics and the report API.
     #[command(after_help = RUN_EXAMPLES)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the STRICT readiness of a namespace (or one workload) from a running agent.
     #[command(after_help = REPORT_EXAMPLES)]
     Report(ReportArgs),
@@ -134,6 +134,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = mtls_agent_common::DEFAULT_FLOW_TABLE_SIZE,
           value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub flow_table_size: u32,
+    /// How often the flow table is swept for entries that can never close: those of deleted
+    /// interfaces and connection attempts never answered (older than 3 minutes).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_gc_interval)]
+    pub flow_gc_interval: humantime::Duration,
     /// Payload-carrying segments captured per direction of a connection.
     #[arg(long, value_name = "N", default_value_t = mtls_agent_common::DEFAULT_MAX_SEGMENTS,
           value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -269,7 +273,7 @@ pub fn main() -> u8 {
         }
     };
     let result = match cli.command {
-        Command::Run(args) => run::run(args),
+        Command::Run(args) => run::run(*args),
         Command::Report(args) => report::report(args),
         Command::Classify(args) => classify::classify(args),
         Command::ClsactReaper(args) => {
@@ -292,6 +296,14 @@ pub fn main() -> u8 {
 }
 
 /// clap's first error line without its "error: " prefix, with the offending value.
+fn parse_gc_interval(s: &str) -> Result<humantime::Duration, String> {
+    let d: humantime::Duration = s.parse().map_err(|e| format!("{e}"))?;
+    if d.as_millis() < 100 || d.as_secs() > 3600 {
+        return Err("must be between 100ms and 1h".into());
+    }
+    Ok(d)
+}
+
 fn clap_one_line(e: &clap::Error) -> String {
     let rendered = e.render().to_string();
     // The first paragraph; clap lists missing arguments on indented lines below the first.

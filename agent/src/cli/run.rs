@@ -184,6 +184,14 @@ async fn daemon(
         tc_mode: args.tc_mode,
     })?;
     let ring = capture.take_ring()?;
+    let gc_shared = capture::gc::GcShared::default();
+    let gc_thread = capture::gc::spawn(
+        capture.take_flows()?,
+        gc_shared.clone(),
+        metrics.clone(),
+        *args.flow_gc_interval,
+    )
+    .ok();
     let mut ring = capture::readable_fd(ring).context("registering the ring buffer")?;
     let mut links = match LinkWatch::new() {
         Ok(l) => Some(l),
@@ -192,7 +200,7 @@ async fn daemon(
             None
         }
     };
-    sync_interfaces(&mut capture, &metrics);
+    sync_interfaces(&mut capture, &metrics, &gc_shared);
     info!(
         listen = %args.listen,
         interfaces = ?interfaces,
@@ -283,7 +291,7 @@ async fn daemon(
                     warn!(error = %e, "link notifications failed; falling back to periodic rescans");
                     links = None;
                 }
-                sync_interfaces(&mut capture, &metrics);
+                sync_interfaces(&mut capture, &metrics, &gc_shared);
                 refresh_node(aggregator.lock().unwrap_or_else(|p| p.into_inner()).resolver_mut());
                 last_rescan = Instant::now();
             }
@@ -302,11 +310,15 @@ async fn daemon(
                 metrics.flows_tracked.set(tracker.len() as i64);
                 metrics.uptime.set(started.elapsed().as_secs_f64());
                 match capture.kernel_stats() {
-                    Ok(s) => seen.mirror(&metrics, &s),
+                    Ok(s) => seen.mirror(
+                        &metrics,
+                        &s,
+                        gc_shared.deleted.load(std::sync::atomic::Ordering::Relaxed),
+                    ),
                     Err(e) => warn!(error = %e, "reading kernel statistics failed"),
                 }
                 if last_rescan.elapsed() >= RESCAN {
-                    sync_interfaces(&mut capture, &metrics);
+                    sync_interfaces(&mut capture, &metrics, &gc_shared);
                     last_rescan = Instant::now();
                 }
             }
@@ -316,6 +328,10 @@ async fn daemon(
     }
 
     let attached = capture.attached_count();
+    gc_shared.stop();
+    if let Some(t) = gc_thread {
+        let _ = t.join();
+    }
     capture.detach_all();
     metrics.interfaces_attached.set(0);
     info!(interfaces = attached, "detached");
@@ -350,7 +366,7 @@ fn oldest_kubernetes_sync(metrics: &Metrics) -> Option<f64> {
         .reduce(f64::min)
 }
 
-fn sync_interfaces(capture: &mut Capture, metrics: &Metrics) {
+fn sync_interfaces(capture: &mut Capture, metrics: &Metrics, gc: &capture::gc::GcShared) {
     match capture.sync_interfaces() {
         Ok(r) => {
             if !r.failed.is_empty() {
@@ -362,6 +378,7 @@ fn sync_interfaces(capture: &mut Capture, metrics: &Metrics) {
     metrics
         .interfaces_attached
         .set(capture.attached_count() as i64);
+    *gc.attached.lock().unwrap_or_else(|p| p.into_inner()) = capture.attached_ifindexes();
 }
 
 fn apply(aggregator: &Mutex<Aggregator>, recent: &Mutex<RecentConnections>, out: &mut Vec<Output>) {
@@ -402,7 +419,7 @@ struct KernelSeen {
 }
 
 impl KernelSeen {
-    fn mirror(&mut self, m: &Metrics, s: &KernelStats) {
+    fn mirror(&mut self, m: &Metrics, s: &KernelStats, gc_deleted: u64) {
         let at = |i: u32| s[i as usize];
         mirror(
             &m.events_lost.with_label_values(&["ring_buffer_full"]),
@@ -417,10 +434,16 @@ impl KernelSeen {
         mirror(
             &m.kernel_errors.with_label_values(&["flow_table_full"]),
             &mut self.flow_full,
-            // An LRU table never refuses an insert; it evicts. Entries are never deleted, so
-            // every flow created beyond the table's size pushed a tracked flow out.
+            // An LRU table never refuses an insert; it evicts, silently. created = deleted +
+            // evicted + held, and held <= size, so created - deleted - size is a lower bound of
+            // the evictions (exact while the table is full); the counter follows its high-water
+            // mark. Closed connections and garbage are deleted, so a busy but healthy node
+            // does not count here.
             at(stats::FLOW_INSERT_FAILED)
-                + at(stats::FLOWS_CREATED).saturating_sub(self.flow_table_size),
+                + at(stats::FLOWS_CREATED)
+                    .saturating_sub(at(stats::FLOWS_DELETED))
+                    .saturating_sub(gc_deleted)
+                    .saturating_sub(self.flow_table_size),
         );
         mirror(
             &m.kernel_errors.with_label_values(&["parse_error"]),

@@ -35,6 +35,10 @@ pub struct Metrics {
     pub unattributed: IntCounterVec,
     pub events_lost: IntCounterVec,
     pub kernel_errors: IntCounterVec,
+    /// Kernel flow-table entries the agent deleted as garbage (capture/gc.rs), by reason.
+    pub flow_table_gc: IntCounterVec,
+    /// Kernel flow-table entries counted by the last garbage-collection pass.
+    pub flow_table_entries: IntGauge,
     pub tcp_packets: IntCounter,
     pub events: IntCounter,
     pub decode_errors: IntCounter,
@@ -190,6 +194,17 @@ impl Metrics {
             "Packets the kernel program could not track: flow_table_full, parse_error, ipv6_extension_headers.",
             &["reason"],
         );
+        let flow_table_gc = counter_vec(
+            &r,
+            "mtls_agent_flow_table_gc_total",
+            "Kernel flow-table entries the agent deleted as garbage: interface_gone (its interface was deleted or is no longer watched), handshake_timeout (a SYN never answered, older than 3 minutes), closed (ended, but the program could not delete it).",
+            &["reason"],
+        );
+        let flow_table_entries = gauge(
+            &r,
+            "mtls_agent_flow_table_entries",
+            "Kernel flow-table entries at the last garbage-collection pass (every 60 s); compare with --flow-table-size.",
+        );
         let tcp_packets = counter(
             &r,
             "mtls_agent_tcp_packets_total",
@@ -240,6 +255,9 @@ impl Metrics {
         for reason in ["flow_table_full", "parse_error", "ipv6_extension_headers"] {
             kernel_errors.with_label_values(&[reason]);
         }
+        for reason in ["interface_gone", "handshake_timeout", "closed"] {
+            flow_table_gc.with_label_values(&[reason]);
+        }
         // Kubernetes mode (issue 4).
         let kubernetes_api_errors = counter_vec(
             &r,
@@ -285,6 +303,8 @@ impl Metrics {
             unattributed,
             events_lost,
             kernel_errors,
+            flow_table_gc,
+            flow_table_entries,
             tcp_packets,
             events,
             decode_errors,
@@ -316,10 +336,11 @@ impl Default for Metrics {
     }
 }
 
-/// Adds `to - from` to a counter that mirrors a monotonic kernel total.
+/// Adds `now - seen` to a counter that mirrors a kernel total, when it grew. For a value that
+/// can dip (an estimate), the counter follows its high-water mark.
 pub fn mirror(counter: &IntCounter, seen: &mut u64, now: u64) {
     if now > *seen {
         counter.inc_by(now - *seen);
+        *seen = now;
     }
-    *seen = now;
 }

@@ -1,0 +1,242 @@
+//! Garbage collection of the kernel flow table.
+//!
+//! Why: the program deletes an entry when its connection closes, but some entries never see a
+//! close: connections on an interface that was deleted (a pod went away mid-connection; the key
+//! holds the ifindex) and connection attempts nobody answered. Left alone, a node running for
+//! months fills the table with them, the LRU starts evicting, and `flow_table_full` would report
+//! pressure that costs nothing. Every minute a thread walks the table and deletes those; what
+//! the LRU evicts after that is real pressure.
+//!
+//! It runs on its own thread, so walking a large table (one syscall pair per entry) never delays
+//! the ring-buffer reader.
+use std::{
+    collections::BTreeSet,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use aya::maps::{HashMap, MapData};
+use mtls_agent_common::{
+    CLIENT_UNKNOWN, FLOW_CLOSED_SENT, FLOW_ISN_HI, FLOW_ISN_LO, FlowKey, FlowState,
+};
+use tracing::{debug, warn};
+
+use crate::export::metrics::Metrics;
+
+/// A handshake not completed after this long never will be: Linux gives up on a SYN after about
+/// 127 s (6 retries), and on a SYN-ACK sooner.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Why an entry is garbage, if it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Garbage {
+    InterfaceGone,
+    HandshakeTimeout,
+    Closed,
+}
+
+impl Garbage {
+    pub fn label(self) -> &'static str {
+        match self {
+            Garbage::InterfaceGone => "interface_gone",
+            Garbage::HandshakeTimeout => "handshake_timeout",
+            Garbage::Closed => "closed",
+        }
+    }
+}
+
+/// The rule, apart from the map so it can be tested: `now_ns` is CLOCK_MONOTONIC, the clock of
+/// `bpf_ktime_get_ns`.
+pub fn garbage(
+    key: &FlowKey,
+    st: &FlowState,
+    attached: &BTreeSet<u32>,
+    now_ns: u64,
+) -> Option<Garbage> {
+    if !attached.contains(&key.ifindex) {
+        return Some(Garbage::InterfaceGone);
+    }
+    if st.flags & FLOW_CLOSED_SENT != 0 {
+        return Some(Garbage::Closed);
+    }
+    let both_isns = FLOW_ISN_LO | FLOW_ISN_HI;
+    let handshake_open =
+        st.client != CLIENT_UNKNOWN && st.flags & both_isns != both_isns && st.segments == [0, 0];
+    if handshake_open
+        && now_ns.saturating_sub(st.first_seen_ns) > HANDSHAKE_TIMEOUT.as_nanos() as u64
+    {
+        return Some(Garbage::HandshakeTimeout);
+    }
+    None
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime with a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// What the collector shares with the daemon loop.
+#[derive(Clone, Default)]
+pub struct GcShared {
+    /// Interfaces we are attached to, by ifindex (kept current by the daemon loop).
+    pub attached: Arc<Mutex<BTreeSet<u32>>>,
+    /// Entries deleted so far, for the eviction estimate (`flow_table_full`).
+    pub deleted: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl GcShared {
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// One pass: deletes the garbage; returns how many entries were left.
+pub fn pass(
+    map: &mut HashMap<MapData, FlowKey, FlowState>,
+    shared: &GcShared,
+    metrics: &Metrics,
+) -> usize {
+    let now = monotonic_ns();
+    let mut entries = 0usize;
+    let mut candidates = Vec::new();
+    for item in map.iter() {
+        let Ok((key, st)) = item else { continue };
+        entries += 1;
+        candidates.push((key, st));
+    }
+    // The attached set is read after the walk: an interface attached meanwhile is in it, so its
+    // new entries are never taken for an interface that is gone.
+    let attached = shared
+        .attached
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let mut deleted = 0usize;
+    for (key, st) in candidates {
+        let Some(why) = garbage(&key, &st, &attached, now) else {
+            continue;
+        };
+        match map.remove(&key) {
+            Ok(()) => {
+                deleted += 1;
+                metrics
+                    .flow_table_gc
+                    .with_label_values(&[why.label()])
+                    .inc();
+                shared.deleted.fetch_add(1, Ordering::Relaxed);
+            }
+            // Evicted or closed meanwhile.
+            Err(e) => debug!(error = %e, "flow entry already gone"),
+        }
+    }
+    let left = entries - deleted;
+    metrics.flow_table_entries.set(left as i64);
+    debug!(entries, deleted, "flow table garbage collected");
+    left
+}
+
+/// Starts the collector thread; it ends when [`GcShared::stop`] is called.
+pub fn spawn(
+    mut map: HashMap<MapData, FlowKey, FlowState>,
+    shared: GcShared,
+    metrics: Metrics,
+    interval: Duration,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("flow-gc".into())
+        .spawn(move || {
+            let tick = Duration::from_millis(100).min(interval);
+            let mut waited = Duration::ZERO;
+            while !shared.stop.load(Ordering::Relaxed) {
+                std::thread::sleep(tick);
+                waited += tick;
+                if waited >= interval {
+                    waited = Duration::ZERO;
+                    pass(&mut map, &shared, &metrics);
+                }
+            }
+        })
+        .inspect_err(|e| warn!(error = %e, "flow table garbage collector not started"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mtls_agent_common::{CLIENT_LO, FLOW_FIN_LO};
+
+    const S: u64 = 1_000_000_000;
+
+    fn key(ifindex: u32) -> FlowKey {
+        FlowKey {
+            addr_lo: [0; 16],
+            addr_hi: [0; 16],
+            port_lo: 1,
+            port_hi: 2,
+            ifindex,
+            family: 4,
+            _pad: [0; 3],
+        }
+    }
+
+    #[test]
+    fn entries_of_unattached_interfaces_are_garbage() {
+        let attached = BTreeSet::from([7]);
+        let st = FlowState::default();
+        assert_eq!(
+            garbage(&key(8), &st, &attached, 0),
+            Some(Garbage::InterfaceGone)
+        );
+        assert_eq!(garbage(&key(7), &st, &attached, 0), None);
+    }
+
+    #[test]
+    fn unanswered_syns_are_garbage_after_the_timeout_only() {
+        let attached = BTreeSet::from([7]);
+        let syn = FlowState {
+            first_seen_ns: 10 * S,
+            client: CLIENT_LO,
+            flags: FLOW_ISN_LO,
+            ..FlowState::default()
+        };
+        assert_eq!(garbage(&key(7), &syn, &attached, 100 * S), None);
+        assert_eq!(
+            garbage(&key(7), &syn, &attached, 191 * S),
+            Some(Garbage::HandshakeTimeout)
+        );
+        // Answered, or carrying data, or picked up mid-stream: a live connection, kept for ever.
+        let answered = FlowState {
+            flags: FLOW_ISN_LO | FLOW_ISN_HI,
+            ..syn
+        };
+        let data = FlowState {
+            segments: [1, 0],
+            ..syn
+        };
+        let midstream = FlowState {
+            client: CLIENT_UNKNOWN,
+            flags: 0,
+            segments: [0, 0],
+            ..syn
+        };
+        for st in [answered, data, midstream] {
+            assert_eq!(garbage(&key(7), &st, &attached, 10_000 * S), None, "{st:?}");
+        }
+        let closed = FlowState {
+            flags: FLOW_CLOSED_SENT | FLOW_FIN_LO,
+            ..answered
+        };
+        assert_eq!(
+            garbage(&key(7), &closed, &attached, 11 * S),
+            Some(Garbage::Closed)
+        );
+    }
+}
