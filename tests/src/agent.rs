@@ -51,9 +51,24 @@ impl Agent {
         extra: &[&str],
         expect_interfaces: usize,
     ) -> Result<Agent> {
+        Self::start_wrapped(tb, &[], bin, inventory, globs, extra, expect_interfaces)
+    }
+
+    /// [`Agent::start`] with the agent's command line prefixed by `wrapper` (e.g. a launcher
+    /// that restricts syscalls).
+    pub fn start_wrapped(
+        tb: &Testbed,
+        wrapper: &[&str],
+        bin: &Path,
+        inventory: &Path,
+        globs: &[&str],
+        extra: &[&str],
+        expect_interfaces: usize,
+    ) -> Result<Agent> {
         let inv = inventory.to_str().context("inventory path is not UTF-8")?;
         Self::start_with(
             tb,
+            wrapper,
             bin,
             &["--inventory", inv],
             globs,
@@ -77,11 +92,12 @@ impl Agent {
             .to_str()
             .context("kubeconfig path is not UTF-8")?;
         let identity = ["--kubernetes", "--kubeconfig", k, "--node-name", node_name];
-        Self::start_with(tb, bin, &identity, globs, extra, expect_interfaces)
+        Self::start_with(tb, &[], bin, &identity, globs, extra, expect_interfaces)
     }
 
     fn start_with(
         tb: &Testbed,
+        wrapper: &[&str],
         bin: &Path,
         identity: &[&str],
         globs: &[&str],
@@ -96,7 +112,8 @@ impl Agent {
         let listen: SocketAddr = given.copied().unwrap_or("127.0.0.1:9477").parse()?;
         let bin_s = bin.to_str().context("agent path is not UTF-8")?;
         let listen_s = listen.to_string();
-        let mut args = vec![bin_s, "run"];
+        let mut args = wrapper.to_vec();
+        args.extend([bin_s, "run"]);
         if given.is_none() {
             args.extend(["--listen", &listen_s]);
         }

@@ -96,33 +96,43 @@ fn churn_of_200_interfaces_attaches_fast_and_leaks_nothing() -> Result<()> {
     for round in 0..ROUNDS + 1 {
         // Round 0 warms up (allocator, first-use paths); the baseline is taken after it.
         let names: Vec<String> = (0..PER_ROUND).map(|i| format!("vc{round}x{i}")).collect();
-        // One interface at a time: latency from just before `ip` runs (an upper bound, it
-        // includes starting the process) until both TCX links of that ifindex exist.
-        for n in &names {
-            let peer = n.replacen("vc", "zc", 1);
+        // Even rounds: one interface at a time. Odd rounds: all of the round's interfaces in
+        // one `ip -batch`, as when a node starts many pods at once. Latency runs from just
+        // before `ip` starts (an upper bound: it includes starting the process) until both TCX
+        // links of the interface's ifindex exist.
+        let groups: Vec<Vec<String>> = if round % 2 == 0 {
+            names.iter().map(|n| vec![n.clone()]).collect()
+        } else {
+            vec![names.clone()]
+        };
+        for group in groups {
+            let mut cmds = Vec::new();
+            for n in &group {
+                let peer = n.replacen("vc", "zc", 1);
+                cmds.push(format!("link add {n} type veth peer name {peer}"));
+                cmds.push(format!("link set {n} up"));
+                cmds.push(format!("link set {peer} up"));
+            }
             let t0 = Instant::now();
-            ip_batch(
-                &tb,
-                &[
-                    format!("link add {n} type veth peer name {peer}"),
-                    format!("link set {n} up"),
-                    format!("link set {peer} up"),
-                ],
-            )?;
+            ip_batch(&tb, &cmds)?;
             let ip_took = t0.elapsed();
             batch_times.push(ip_took);
-            let idx = *ifindexes(&tb, std::slice::from_ref(n))?
-                .get(n)
-                .context("created")?;
-            loop {
-                if links_per_ifindex(pid)?.get(&idx).copied().unwrap_or(0) >= 2 {
-                    latencies.push(t0.elapsed());
-                    after_ip.push(t0.elapsed() - ip_took);
-                    break;
-                }
+            let mut pending = ifindexes(&tb, &group)?;
+            anyhow::ensure!(pending.len() == group.len(), "created: {pending:?}");
+            while !pending.is_empty() {
+                let links = links_per_ifindex(pid)?;
+                pending.retain(|_, idx| {
+                    if links.get(idx).copied().unwrap_or(0) >= 2 {
+                        latencies.push(t0.elapsed());
+                        after_ip.push(t0.elapsed() - ip_took);
+                        false
+                    } else {
+                        true
+                    }
+                });
                 assert!(
                     t0.elapsed() < Duration::from_secs(5),
-                    "round {round}: {n} not attached after 5 s\n{}",
+                    "round {round}: {pending:?} not attached after 5 s\n{}",
                     agent.proc().stderr_tail()
                 );
                 std::thread::sleep(Duration::from_millis(2));
@@ -185,13 +195,10 @@ fn churn_of_200_interfaces_attaches_fast_and_leaks_nothing() -> Result<()> {
         "churn: after `ip` returned: p50 {:?} max {max_after:?}",
         after_ip[after_ip.len() / 2]
     );
-    // Within a second for (nearly) every interface; on this shared 2-core machine (load average
-    // above 10 while other benchmarks run) a rare interface waits longer for the CPU, so the
-    // maximum gets a looser bound.
-    let p95 = after_ip[after_ip.len() * 95 / 100];
-    assert!(p95 < Duration::from_secs(1), "attach latency p95 {p95:?}");
+    // Every interface within a second of existing. (The suite runs this test alone: see
+    // .config/nextest.toml.)
     assert!(
-        max_after < Duration::from_secs(3),
+        max_after < Duration::from_secs(1),
         "attach latency max {max_after:?}"
     );
     let (_, fd_end, rss_end) = *samples.last().context("samples")?;

@@ -27,7 +27,15 @@ pub struct SyncReport {
     pub attached: Vec<String>,
     pub detached: Vec<String>,
     pub failed: Vec<(String, String)>,
+    /// Matching interfaces left for the next call (see [`Attacher::sync`]'s `limit`).
+    pub pending: usize,
 }
+
+/// At most this many interfaces are attached per [`Attacher::sync`] call. Each TCX attach ends
+/// in an RCU grace period under the kernel's rtnl lock (about 25 ms on a small VM, and
+/// attaches cannot overlap), so a burst of new pods is taken in slices: the daemon loop reads
+/// the ring buffer between them instead of stalling for the whole burst.
+pub const ATTACH_SLICE: usize = 8;
 
 /// A network interface present on the node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +91,8 @@ pub struct Attacher {
     reaper: Option<Reaper>,
     /// Starting the reaper failed once: said so, not retried for every interface.
     reaper_failed: bool,
+    /// Interfaces (name, ifindex) whose last attach attempt failed.
+    failed: std::collections::BTreeSet<(String, u32)>,
 }
 
 impl Attacher {
@@ -95,6 +105,7 @@ impl Attacher {
             prog_ids,
             reaper: None,
             reaper_failed: false,
+            failed: Default::default(),
         }
     }
 
@@ -139,12 +150,23 @@ impl Attacher {
                 report.detached.push(name);
             }
         }
-        for iface in present {
-            if self.attached.contains_key(&iface.name) || !self.globs.matches(&iface.name) {
+        let mut tried = 0;
+        // Interfaces whose last attach failed go last, so they cannot starve new ones.
+        let (retry, fresh): (Vec<&Interface>, Vec<&Interface>) = present
+            .iter()
+            .filter(|i| !self.attached.contains_key(&i.name) && self.globs.matches(&i.name))
+            .partition(|i| self.failed.contains(&(i.name.clone(), i.ifindex)));
+        self.failed
+            .retain(|(n, idx)| present.iter().any(|i| &i.name == n && i.ifindex == *idx));
+        for iface in fresh.into_iter().chain(retry) {
+            if tried == ATTACH_SLICE {
+                report.pending += 1;
                 continue;
             }
+            tried += 1;
             match self.attach_one(ingress, egress, iface) {
                 Ok(a) => {
+                    self.failed.remove(&(iface.name.clone(), iface.ifindex));
                     info!(interface = %iface.name, ifindex = iface.ifindex, "attached");
                     self.attached.insert(iface.name.clone(), a);
                     report.attached.push(iface.name.clone());
@@ -154,6 +176,7 @@ impl Attacher {
                     debug!(interface = %iface.name, error = %e, "interface vanished while attaching");
                 }
                 Err(e) => {
+                    self.failed.insert((iface.name.clone(), iface.ifindex));
                     warn!(interface = %iface.name, error = %e, "attach failed");
                     report.failed.push((iface.name.clone(), e));
                 }
@@ -295,9 +318,16 @@ pub fn remove_stale_filters(name: &str) -> usize {
 }
 
 fn tcx_unsupported(err: &aya::programs::ProgramError) -> bool {
-    let text = err.to_string();
-    // EINVAL/EOPNOTSUPP from BPF_LINK_CREATE with a TCX attach type: kernel without TCX.
-    text.contains("Invalid argument") || text.contains("not supported")
+    // EINVAL/EOPNOTSUPP from BPF_LINK_CREATE with a TCX attach type: a kernel without TCX. The
+    // errno is in the error's source chain (aya's message only names the call).
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = src {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(io.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP));
+        }
+        src = e.source();
+    }
+    false
 }
 
 #[cfg(test)]

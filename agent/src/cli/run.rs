@@ -200,7 +200,16 @@ async fn daemon(
             None
         }
     };
-    sync_interfaces(&mut capture, &metrics, &gc_shared);
+    // At start-up everything is attached before the agent says it runs.
+    // (Until none are left, or a round leaves as many as before: those keep failing.)
+    let mut left = usize::MAX;
+    loop {
+        let now_left = sync_interfaces(&mut capture, &metrics, &gc_shared);
+        if now_left == 0 || now_left >= left {
+            break;
+        }
+        left = now_left;
+    }
     info!(
         listen = %args.listen,
         interfaces = ?interfaces,
@@ -249,6 +258,8 @@ async fn daemon(
         ..KernelSeen::default()
     };
     let started = Instant::now();
+    // Matching interfaces not attached yet after the last slice.
+    let mut pending_attach = 0usize;
 
     loop {
         tokio::select! {
@@ -291,9 +302,17 @@ async fn daemon(
                     warn!(error = %e, "link notifications failed; falling back to periodic rescans");
                     links = None;
                 }
-                sync_interfaces(&mut capture, &metrics, &gc_shared);
+                pending_attach = sync_interfaces(&mut capture, &metrics, &gc_shared);
                 refresh_node(aggregator.lock().unwrap_or_else(|p| p.into_inner()).resolver_mut());
                 last_rescan = Instant::now();
+            }
+            // A burst of new interfaces is attached a slice at a time, the ring buffer read
+            // between slices (attach::ATTACH_SLICE).
+            _ = std::future::ready(()), if pending_attach > 0 => {
+                let left = sync_interfaces(&mut capture, &metrics, &gc_shared);
+                // No progress: what is left keeps failing; the next link change or rescan
+                // tries again.
+                pending_attach = if left < pending_attach { left } else { 0 };
             }
             _ = tick.tick() => {
                 tracker.sweep(Instant::now(), SystemTime::now(), &mut out);
@@ -318,7 +337,7 @@ async fn daemon(
                     Err(e) => warn!(error = %e, "reading kernel statistics failed"),
                 }
                 if last_rescan.elapsed() >= RESCAN {
-                    sync_interfaces(&mut capture, &metrics, &gc_shared);
+                    pending_attach = sync_interfaces(&mut capture, &metrics, &gc_shared);
                     last_rescan = Instant::now();
                 }
             }
@@ -366,19 +385,25 @@ fn oldest_kubernetes_sync(metrics: &Metrics) -> Option<f64> {
         .reduce(f64::min)
 }
 
-fn sync_interfaces(capture: &mut Capture, metrics: &Metrics, gc: &capture::gc::GcShared) {
-    match capture.sync_interfaces() {
+/// Attaches a slice of new interfaces; returns how many matching ones are still waiting.
+fn sync_interfaces(capture: &mut Capture, metrics: &Metrics, gc: &capture::gc::GcShared) -> usize {
+    let pending = match capture.sync_interfaces() {
         Ok(r) => {
             if !r.failed.is_empty() {
                 metrics.attach_failures.inc_by(r.failed.len() as u64);
             }
+            r.pending
         }
-        Err(e) => warn!(error = %e, "listing interfaces failed"),
-    }
+        Err(e) => {
+            warn!(error = %e, "listing interfaces failed");
+            0
+        }
+    };
     metrics
         .interfaces_attached
         .set(capture.attached_count() as i64);
     *gc.attached.lock().unwrap_or_else(|p| p.into_inner()) = capture.attached_ifindexes();
+    pending
 }
 
 fn apply(aggregator: &Mutex<Aggregator>, recent: &Mutex<RecentConnections>, out: &mut Vec<Output>) {
