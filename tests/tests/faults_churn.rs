@@ -65,17 +65,7 @@ fn links_per_ifindex(pid: u32) -> Result<BTreeMap<u64, usize>> {
 fn churn_of_200_interfaces_attaches_fast_and_leaks_nothing() -> Result<()> {
     ensure_root()?;
     let bin = agent_bin()?;
-    let mut tb = Testbed::new("mtfchurn")?;
-    let server = tb.add_pod(PodSpec::new("server", "198.18.0.10".parse()?))?;
-    let client = tb.add_pod(PodSpec::new("client", "198.18.0.20".parse()?))?;
-    let inv = tb.workdir().join("inventory.yaml");
-    write_inventory(
-        &inv,
-        &[
-            Workload::new("shop", "web", &[&server]),
-            Workload::new("legacy", "batch", &[&client]).without_sidecar(),
-        ],
-    )?;
+    let (tb, server, client, inv) = two_pod_bed("mtfchurn")?;
     let _http = http_server(&tb, &server.netns, 8080, false)?;
     let agent = Agent::start(&tb, &bin, &inv, &["vp*", "vc*"], &[], 2)?;
     let pid = agent.proc().pid();

@@ -15,17 +15,7 @@ use faults_util::*;
 fn without_tcx_auto_mode_falls_back_to_clsact() -> Result<()> {
     ensure_root()?;
     let bin = agent_bin()?;
-    let mut tb = Testbed::new("mtport")?;
-    let server = tb.add_pod(PodSpec::new("server", "198.18.0.10".parse()?))?;
-    let client = tb.add_pod(PodSpec::new("client", "198.18.0.20".parse()?))?;
-    let inv = tb.workdir().join("inventory.yaml");
-    write_inventory(
-        &inv,
-        &[
-            Workload::new("shop", "web", &[&server]),
-            Workload::new("legacy", "batch", &[&client]).without_sidecar(),
-        ],
-    )?;
+    let (tb, server, client, inv) = two_pod_bed("mtport")?;
     let _http = http_server(&tb, &server.netns, 8080, false)?;
     let agent = Agent::start_wrapped(
         &tb,

@@ -11,18 +11,7 @@ mod faults_util;
 use faults_util::*;
 
 fn bed(family: &str) -> Result<(Testbed, Pod, Pod, std::path::PathBuf)> {
-    let mut tb = Testbed::new(family)?;
-    let server = tb.add_pod(PodSpec::new("server", "198.18.0.10".parse()?))?;
-    let client = tb.add_pod(PodSpec::new("client", "198.18.0.20".parse()?))?;
-    let inv = tb.workdir().join("inventory.yaml");
-    write_inventory(
-        &inv,
-        &[
-            Workload::new("shop", "web", &[&server]),
-            Workload::new("legacy", "batch", &[&client]).without_sidecar(),
-        ],
-    )?;
-    Ok((tb, server, client, inv))
+    two_pod_bed(family)
 }
 
 /// HTTP status of a GET from the node namespace (extra curl args first).

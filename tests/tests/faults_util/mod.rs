@@ -12,6 +12,23 @@ use anyhow::{Context as _, Result, bail};
 use mtls_agent_testbed::*;
 use serde_json::Value;
 
+/// The two-pod bed most fault tests use: `server` (shop/web, 198.18.0.10, with a sidecar) and
+/// `client` (legacy/batch, 198.18.0.20, without), and the inventory that says so.
+pub fn two_pod_bed(family: &str) -> Result<(Testbed, Pod, Pod, std::path::PathBuf)> {
+    let mut tb = Testbed::new(family)?;
+    let server = tb.add_pod(PodSpec::new("server", "198.18.0.10".parse()?))?;
+    let client = tb.add_pod(PodSpec::new("client", "198.18.0.20".parse()?))?;
+    let inv = tb.workdir().join("inventory.yaml");
+    write_inventory(
+        &inv,
+        &[
+            Workload::new("shop", "web", &[&server]),
+            Workload::new("legacy", "batch", &[&client]).without_sidecar(),
+        ],
+    )?;
+    Ok((tb, server, client, inv))
+}
+
 /// Open file descriptors of a process.
 pub fn fd_count(pid: u32) -> Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))
