@@ -173,6 +173,45 @@ fn tls_serves_metrics_and_api_over_https_only() -> Result<()> {
     // Verified against the CA: a client that does not trust it fails; plain HTTP gets nothing.
     assert_eq!(status(&tb, &https("/metrics"), &[])?, 0);
     assert_eq!(status(&tb, &format!("http://{listen}/metrics"), &[])?, 0);
+    // The CLI reports over HTTPS, trusting the CA given with --ca-file; without it (public roots
+    // only) the certificate is refused: exit 1 with one line; a bad --ca-file is exit 2.
+    let report = |extra: &[&str]| -> Result<std::process::Output> {
+        let mut args = vec![
+            bin.to_str().unwrap(),
+            "report",
+            "--namespace",
+            "shop",
+            "--output",
+            "json",
+            "--agent",
+        ];
+        let url = https("");
+        args.push(&url);
+        args.extend_from_slice(extra);
+        tb.output(tb.node_netns(), &args, None, Duration::from_secs(20))
+    };
+    let out = report(&["--ca-file", &ca])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(json["namespace"], "shop", "{json}");
+    let out = report(&[])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot reach the agent") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    let out = report(&["--ca-file", cert.key.to_str().unwrap()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--ca-file") && err.trim().lines().count() == 1,
+        "{err}"
+    );
     // Unreadable key: exit 2 naming the flag.
     let out = tb.output(
         tb.node_netns(),

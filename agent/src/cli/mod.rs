@@ -40,7 +40,10 @@ Examples:
   mtls-agent report --namespace shop --workload api --window 1h --output json
 
   # Every namespace, cluster-wide, from the Prometheus that scrapes all agents
-  mtls-agent report --all-namespaces --prometheus http://prometheus:9090";
+  mtls-agent report --all-namespaces --prometheus http://prometheus:9090
+
+  # An agent serving HTTPS (--tls-cert) with a bearer token (--api-token-file)
+  mtls-agent report --namespace shop --agent https://node1:9477 --ca-file ca.pem --token-file token";
 
 const CLASSIFY_EXAMPLES: &str = "\
 Examples:
@@ -232,6 +235,10 @@ pub struct ReportArgs {
     /// Send the first line of FILE as a bearer token to an agent run with --api-token-file.
     #[arg(long, value_name = "FILE", conflicts_with = "prometheus")]
     pub token_file: Option<PathBuf>,
+    /// For https:// URLs (--agent or --prometheus): trust the CA certificates in FILE (PEM)
+    /// instead of the public web roots, e.g. the CA that signed the agent's --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// A window: a humantime duration (`90s`, `15m`, `1h`) of at least 1 s and at most 7 days.

@@ -63,11 +63,7 @@ impl Prometheus {
                 "--prometheus: {url:?} is not an http:// or https:// URL"
             )));
         }
-        let agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(15)))
-            .http_status_as_error(false)
-            .build()
-            .into();
+        let agent = super::report::http_client(Duration::from_secs(15));
         Ok(Self { base, agent })
     }
 

@@ -15,10 +15,51 @@ use crate::{
 /// Bearer token for the agent's JSON API (`--token-file`, issue 7), set once per process.
 static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
+/// TLS settings for the agent and Prometheus clients (`--ca-file`), set once per process.
+static TLS: std::sync::OnceLock<ureq::tls::TlsConfig> = std::sync::OnceLock::new();
+
+/// An HTTP(S) client with the given timeout and the `--ca-file` trust, if given.
+pub fn http_client(timeout: Duration) -> ureq::Agent {
+    let mut cfg = ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false);
+    if let Some(tls) = TLS.get() {
+        cfg = cfg.tls_config(tls.clone());
+    }
+    cfg.build().into()
+}
+
+/// Reads the CA certificates of `--ca-file`.
+fn load_ca(path: &std::path::Path) -> anyhow::Result<ureq::tls::TlsConfig> {
+    use ureq::tls::{PemItem, RootCerts, TlsConfig};
+    let pem =
+        std::fs::read(path).map_err(|e| usage(format!("--ca-file {}: {e}", path.display())))?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        match item {
+            Ok(PemItem::Certificate(c)) => certs.push(c),
+            Ok(_) => {}
+            Err(e) => return Err(usage(format!("--ca-file {}: {e}", path.display()))),
+        }
+    }
+    if certs.is_empty() {
+        return Err(usage(format!(
+            "--ca-file {}: no PEM certificate in it",
+            path.display()
+        )));
+    }
+    Ok(TlsConfig::builder()
+        .root_certs(RootCerts::new_with_certs(&certs))
+        .build())
+}
+
 pub fn report(args: ReportArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.token_file {
         let _ =
             TOKEN.set(crate::export::http::read_token_file("--token-file", path).map_err(usage)?);
+    }
+    if let Some(path) = &args.ca_file {
+        let _ = TLS.set(load_ca(path)?);
     }
     let window = args.window.map(Duration::from);
     let mut stdout = std::io::stdout().lock();
@@ -93,11 +134,7 @@ fn get_json<T: serde::de::DeserializeOwned>(
             "--agent: {agent_url:?} is not an http:// or https:// URL"
         )));
     }
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(10)))
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let agent = http_client(Duration::from_secs(10));
     let mut req = agent.get(format!("{base}{path}"));
     if let Some(token) = TOKEN.get() {
         req = req.header("Authorization", format!("Bearer {token}"));
