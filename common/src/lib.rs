@@ -156,15 +156,13 @@ pub mod stats {
     pub const TCP_PACKETS: u32 = 5;
     /// Events sent to the ring buffer.
     pub const EVENTS_SENT: u32 = 6;
-    /// Flow-table entries created for keys that were not in the table. With
-    /// [`FLOWS_DELETED`] and the agent's own deletions (idle garbage), what was created beyond
-    /// what was deleted and what the table holds was pushed out by the LRU (an LRU hash never
+    /// Flow-table entries created for keys that were not in the table. With the agent's
+    /// deletions (closed connections and garbage, capture/gc.rs), what was created beyond what
+    /// was deleted and what the table holds was pushed out by the LRU (an LRU hash never
     /// refuses an insert: a full table evicts instead).
     pub const FLOWS_CREATED: u32 = 7;
-    /// Entries the program deleted because their connection ended (closed event sent).
-    pub const FLOWS_DELETED: u32 = 8;
     /// Number of slots.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 8;
 }
 
 #[cfg(feature = "user")]

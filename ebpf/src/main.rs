@@ -142,9 +142,9 @@ fn try_observe(ctx: &TcContext) -> Result<(), ()> {
         // the 4-tuple: start afresh.
         Some(st) if syn && !ack && unsafe { is_reusable(&*st) } => new_flow(ctx, pkt)?,
         Some(st) => st,
-        // Neither a SYN nor data, of a connection not in the table: the last ACK after both
-        // FINs (the entry is gone with the close), a late RST, keep-alives of a connection
-        // older than the agent. An entry for it would never see a close; skip it.
+        // Neither a SYN nor data, of a connection not in the table: a late ACK or RST of a
+        // connection whose entry was collected, keep-alives of a connection older than the
+        // agent. An entry for it would never see a close; skip it.
         None if !syn && pkt.payload_len == 0 => return Ok(()),
         None => {
             let st = new_flow(ctx, pkt)?;
@@ -188,13 +188,10 @@ fn try_observe(ctx: &TcContext) -> Result<(), ()> {
     {
         st.flags |= FLOW_CLOSED_SENT;
         send_closed(pkt, st);
-        // The connection is over: free its entry now instead of leaving it for the LRU to evict
-        // (evictions are what the agent reports as table pressure). Retransmitted FINs and the
-        // last ACK carry no data and create no new entry.
-        #[allow(clippy::needless_borrows_for_generic_args)]
-        if FLOWS.remove(&pkt.key).is_ok() {
-            count(stats::FLOWS_DELETED);
-        }
+        // The entry is not deleted here: an LRU map hands a deleted element to the next insert
+        // at once, while another CPU may still be writing through its pointer to it (a late
+        // packet of this flow), corrupting a new flow. The agent deletes closed entries once
+        // they have been idle for a second (capture/gc.rs).
     }
     Ok(())
 }

@@ -1,14 +1,16 @@
 //! Garbage collection of the kernel flow table.
 //!
-//! Why: the program deletes an entry when its connection closes, but some entries never see a
-//! close: connections on an interface that was deleted (a pod went away mid-connection; the key
-//! holds the ifindex) and connection attempts nobody answered. Left alone, a node running for
-//! months fills the table with them, the LRU starts evicting, and `flow_table_full` would report
-//! pressure that costs nothing. Every minute a thread walks the table and deletes those; what
-//! the LRU evicts after that is real pressure.
+//! Why: the program never deletes entries itself. An LRU map hands a deleted element to the
+//! next insert at once, and another CPU may still be writing through its pointer to it (a late
+//! packet of the same flow), which would corrupt a new flow. So entries are deleted from here,
+//! once nothing can be in flight for them: closed connections idle for a second, entries of
+//! interfaces that were deleted (a pod went away mid-connection; the key holds the ifindex),
+//! and connection attempts nobody answered. Left alone, a busy node would fill the table with
+//! them, the LRU would start evicting, and `flow_table_full` would report pressure that costs
+//! nothing. What the LRU evicts despite this is real pressure.
 //!
 //! It runs on its own thread, so walking a large table (one syscall pair per entry) never delays
-//! the ring-buffer reader.
+//! the ring-buffer reader. While the table is more than half full it walks it more often.
 use std::{
     collections::BTreeSet,
     sync::{
@@ -29,6 +31,9 @@ use crate::export::metrics::Metrics;
 /// A handshake not completed after this long never will be: Linux gives up on a SYN after about
 /// 127 s (6 retries), and on a SYN-ACK sooner.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(180);
+/// A closed connection's entry is deleted once it has been idle this long: its last packets
+/// (the final ACK, a retransmitted FIN) are through by then.
+pub const CLOSED_LINGER: Duration = Duration::from_secs(1);
 
 /// Why an entry is garbage, if it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,7 +64,9 @@ pub fn garbage(
     if !attached.contains(&key.ifindex) {
         return Some(Garbage::InterfaceGone);
     }
-    if st.flags & FLOW_CLOSED_SENT != 0 {
+    if st.flags & FLOW_CLOSED_SENT != 0
+        && now_ns.saturating_sub(st.last_seen_ns) >= CLOSED_LINGER.as_nanos() as u64
+    {
         return Some(Garbage::Closed);
     }
     let both_isns = FLOW_ISN_LO | FLOW_ISN_HI;
@@ -150,18 +157,26 @@ pub fn spawn(
     shared: GcShared,
     metrics: Metrics,
     interval: Duration,
+    table_size: u32,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("flow-gc".into())
         .spawn(move || {
             let tick = Duration::from_millis(100).min(interval);
+            let busy = (interval / 8).max(Duration::from_secs(1)).min(interval);
+            let mut wait = interval;
             let mut waited = Duration::ZERO;
             while !shared.stop.load(Ordering::Relaxed) {
                 std::thread::sleep(tick);
                 waited += tick;
-                if waited >= interval {
+                if waited >= wait {
                     waited = Duration::ZERO;
-                    pass(&mut map, &shared, &metrics);
+                    let left = pass(&mut map, &shared, &metrics);
+                    wait = if left as u64 * 2 > u64::from(table_size) {
+                        busy
+                    } else {
+                        interval
+                    };
                 }
             }
         })
@@ -230,12 +245,15 @@ mod tests {
         for st in [answered, data, midstream] {
             assert_eq!(garbage(&key(7), &st, &attached, 10_000 * S), None, "{st:?}");
         }
+        // Closed: collected once idle for CLOSED_LINGER, not while its last packets may pass.
         let closed = FlowState {
             flags: FLOW_CLOSED_SENT | FLOW_FIN_LO,
+            last_seen_ns: 20 * S,
             ..answered
         };
+        assert_eq!(garbage(&key(7), &closed, &attached, 20 * S + S / 2), None);
         assert_eq!(
-            garbage(&key(7), &closed, &attached, 11 * S),
+            garbage(&key(7), &closed, &attached, 21 * S),
             Some(Garbage::Closed)
         );
     }

@@ -137,8 +137,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = mtls_agent_common::DEFAULT_FLOW_TABLE_SIZE,
           value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub flow_table_size: u32,
-    /// How often the flow table is swept for entries that can never close: those of deleted
-    /// interfaces and connection attempts never answered (older than 3 minutes).
+    /// How often the flow table is swept: closed connections, entries of deleted interfaces and
+    /// connection attempts never answered (older than 3 minutes) are deleted. While the table is
+    /// more than half full it is swept 8 times as often (at most once a second).
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_gc_interval)]
     pub flow_gc_interval: humantime::Duration,
     /// Payload-carrying segments captured per direction of a connection.

@@ -190,6 +190,7 @@ async fn daemon(
         gc_shared.clone(),
         metrics.clone(),
         *args.flow_gc_interval,
+        args.flow_table_size,
     )
     .ok();
     let mut ring = capture::readable_fd(ring).context("registering the ring buffer")?;
@@ -462,11 +463,10 @@ impl KernelSeen {
             // An LRU table never refuses an insert; it evicts, silently. created = deleted +
             // evicted + held, and held <= size, so created - deleted - size is a lower bound of
             // the evictions (exact while the table is full); the counter follows its high-water
-            // mark. Closed connections and garbage are deleted, so a busy but healthy node
-            // does not count here.
+            // mark. The agent deletes closed connections and garbage (gc.rs), so a busy but
+            // healthy node does not count here.
             at(stats::FLOW_INSERT_FAILED)
                 + at(stats::FLOWS_CREATED)
-                    .saturating_sub(at(stats::FLOWS_DELETED))
                     .saturating_sub(gc_deleted)
                     .saturating_sub(self.flow_table_size),
         );

@@ -197,7 +197,7 @@ impl Metrics {
         let flow_table_gc = counter_vec(
             &r,
             "mtls_agent_flow_table_gc_total",
-            "Kernel flow-table entries the agent deleted as garbage: interface_gone (its interface was deleted or is no longer watched), handshake_timeout (a SYN never answered, older than 3 minutes), closed (ended, but the program could not delete it).",
+            "Kernel flow-table entries the agent deleted as garbage: interface_gone (its interface was deleted or is no longer watched), handshake_timeout (a SYN never answered, older than 3 minutes), closed (ended connections, once idle for a second).",
             &["reason"],
         );
         let flow_table_entries = gauge(
