@@ -48,24 +48,6 @@ fn junk(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-fn burst(tb: &Testbed, ns: &str, to: std::net::SocketAddr, n: usize, data: &[u8]) -> Result<usize> {
-    let out = tb.run_timeout(
-        ns,
-        &[
-            "python3",
-            "-c",
-            BURST_CLIENT_PY,
-            &to.ip().to_string(),
-            &to.port().to_string(),
-            &n.to_string(),
-            "4",
-            &hex(data),
-        ],
-        Duration::from_secs(60),
-    )?;
-    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
-}
-
 #[test]
 fn hostile_payloads_keep_the_agent_up_and_tls_junk_is_never_plaintext() -> Result<()> {
     ensure_root()?;
@@ -137,13 +119,13 @@ fn hostile_payloads_keep_the_agent_up_and_tls_junk_is_never_plaintext() -> Resul
     ];
     let mut sent = 0;
     for (what, p) in &tls_payloads {
-        let done = burst(&tb, &client.netns, tlsjunk.v4(443), 8, p)?;
+        let done = burst(&tb, &client.netns, tlsjunk.v4(443), 8, 4, p)?;
         assert_eq!(done, 8, "{what}");
         sent += done;
     }
     for (what, p) in &other_records {
         assert_eq!(
-            burst(&tb, &client.netns, otherrec.v4(443), 4, p)?,
+            burst(&tb, &client.netns, otherrec.v4(443), 4, 4, p)?,
             4,
             "{what}"
         );
@@ -155,6 +137,7 @@ fn hostile_payloads_keep_the_agent_up_and_tls_junk_is_never_plaintext() -> Resul
             &client.netns,
             randjunk.v4(8080),
             1,
+            4,
             &junk(seed + 10, len),
         )?;
     }

@@ -71,31 +71,6 @@ fn summary(times: &mut [Duration]) -> (Duration, Duration, Duration) {
     (p(0.5), p(0.95), *times.last().unwrap())
 }
 
-fn burst(
-    tb: &Testbed,
-    ns: &str,
-    to: std::net::SocketAddr,
-    n: usize,
-    threads: usize,
-    data: &[u8],
-) -> Result<usize> {
-    let out = tb.run_timeout(
-        ns,
-        &[
-            "python3",
-            "-c",
-            BURST_CLIENT_PY,
-            &to.ip().to_string(),
-            &to.port().to_string(),
-            &n.to_string(),
-            &threads.to_string(),
-            &hex(data),
-        ],
-        Duration::from_secs(120),
-    )?;
-    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
-}
-
 /// A 4 KiB ring buffer (three 1 KiB chunks) and 600 ClientHellos, 32 at a time: most handshake
 /// bytes are lost. The loss is counted, /metrics stays fast, and not one of the connections is
 /// called plaintext: those whose bytes were lost (wholly or partly) are `unknown`.

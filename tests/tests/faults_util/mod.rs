@@ -29,6 +29,33 @@ pub fn two_pod_bed(family: &str) -> Result<(Testbed, Pod, Pod, std::path::PathBu
     Ok((tb, server, client, inv))
 }
 
+/// Runs BURST_CLIENT_PY in `ns`: `n` connections to `to`, `threads` at a time, each sending
+/// `data`; returns how many completed.
+pub fn burst(
+    tb: &Testbed,
+    ns: &str,
+    to: std::net::SocketAddr,
+    n: usize,
+    threads: usize,
+    data: &[u8],
+) -> Result<usize> {
+    let out = tb.run_timeout(
+        ns,
+        &[
+            "python3",
+            "-c",
+            BURST_CLIENT_PY,
+            &to.ip().to_string(),
+            &to.port().to_string(),
+            &n.to_string(),
+            &threads.to_string(),
+            &hex(data),
+        ],
+        Duration::from_secs(120),
+    )?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+}
+
 /// Open file descriptors of a process.
 pub fn fd_count(pid: u32) -> Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))
