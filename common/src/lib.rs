@@ -77,6 +77,12 @@ pub const FLOW_RST: u8 = 1 << 2;
 pub const FLOW_CLOSED_SENT: u8 = 1 << 3;
 pub const FLOW_ISN_LO: u8 = 1 << 4;
 pub const FLOW_ISN_HI: u8 = 1 << 5;
+/// The endpoint that lives behind the interface of this entry: on a pod's host-side veth the
+/// ingress hook sees packets *from* the pod (their sender is local) and the egress hook packets
+/// *to* it (their receiver is local). Exact from any packet, SYN or not, and what lets each
+/// node count only its own side of a connection (docs/metrics.md, "counted once per side").
+pub const FLOW_LOCAL_LO: u8 = 1 << 6;
+pub const FLOW_LOCAL_HI: u8 = 1 << 7;
 
 /// Value of the kernel flow table. Array fields are indexed by canonical direction
 /// ([`DIR_LO_TO_HI`], [`DIR_HI_TO_LO`]).

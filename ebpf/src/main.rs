@@ -20,8 +20,8 @@ use mtls_agent_common::{
     CHUNK_BYTES, CLIENT_HI, CLIENT_LO, CLIENT_UNKNOWN, DEFAULT_CAPTURE_BYTES,
     DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_SEGMENTS, DIR_HI_TO_LO, DIR_LO_TO_HI, DataEvent,
     EVENT_CLOSED, EVENT_DATA, EventHeader, FAMILY_V4, FAMILY_V6, FLOW_CLOSED_SENT, FLOW_FIN_HI,
-    FLOW_FIN_LO, FLOW_ISN_HI, FLOW_ISN_LO, FLOW_RST, FlowKey, FlowState, MAX_CHUNKS_PER_SEGMENT,
-    stats,
+    FLOW_FIN_LO, FLOW_ISN_HI, FLOW_ISN_LO, FLOW_LOCAL_HI, FLOW_LOCAL_LO, FLOW_RST, FlowKey,
+    FlowState, MAX_CHUNKS_PER_SEGMENT, stats,
 };
 
 /// Flow table; the agent sets its size at load time.
@@ -58,15 +58,17 @@ const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
+/// Ingress of a pod's host-side interface: packets the pod sent.
 #[classifier]
 pub fn mtls_ingress(ctx: TcContext) -> i32 {
-    let _ = try_observe(&ctx);
+    let _ = try_observe(&ctx, true);
     TC_ACT_UNSPEC
 }
 
+/// Egress of a pod's host-side interface: packets on their way into the pod.
 #[classifier]
 pub fn mtls_egress(ctx: TcContext) -> i32 {
-    let _ = try_observe(&ctx);
+    let _ = try_observe(&ctx, false);
     TC_ACT_UNSPEC
 }
 
@@ -77,6 +79,8 @@ struct Packet {
     key: FlowKey,
     dir: u8,
     seq: u32,
+    /// Acknowledgement number (read for SYN-ACKs: it names the client's ISN).
+    ack: u32,
     flags: u8,
     payload_off: u32,
     payload_len: u32,
@@ -117,7 +121,7 @@ fn add(counter: &mut u64, value: u64) {
     *counter = counter.wrapping_add(value);
 }
 
-fn try_observe(ctx: &TcContext) -> Result<(), ()> {
+fn try_observe(ctx: &TcContext, ingress: bool) -> Result<(), ()> {
     let mut slot = core::mem::MaybeUninit::<Packet>::uninit();
     let pkt = zeroed_packet(&mut slot);
     // Headers in the skb's linear area (nearly always on a veth) are read in place; the
@@ -140,14 +144,14 @@ fn try_observe(ctx: &TcContext) -> Result<(), ()> {
     let state = match FLOWS.get_ptr_mut(&pkt.key) {
         // A SYN on an entry whose connection ended (or carried data) is a new connection reusing
         // the 4-tuple: start afresh.
-        Some(st) if syn && !ack && unsafe { is_reusable(&*st) } => new_flow(ctx, pkt)?,
+        Some(st) if syn && !ack && unsafe { is_reusable(&*st) } => new_flow(ctx, pkt, ingress)?,
         Some(st) => st,
         // Neither a SYN nor data, of a connection not in the table: a late ACK or RST of a
         // connection whose entry was collected, keep-alives of a connection older than the
         // agent. An entry for it would never see a close; skip it.
         None if !syn && pkt.payload_len == 0 => return Ok(()),
         None => {
-            let st = new_flow(ctx, pkt)?;
+            let st = new_flow(ctx, pkt, ingress)?;
             count(stats::FLOWS_CREATED);
             st
         }
@@ -204,10 +208,11 @@ fn is_reusable(st: &FlowState) -> bool {
 }
 
 /// Creates the entry for a connection seen for the first time on this interface. The client is
-/// whoever sent the SYN; a connection picked up mid-stream has no known client.
+/// whoever sent the SYN; a connection picked up mid-stream has no known client. The endpoint
+/// behind this interface is the packet's sender on ingress and its receiver on egress.
 #[inline(never)]
 #[allow(clippy::needless_borrows_for_generic_args)]
-fn new_flow(ctx: &TcContext, pkt: &Packet) -> Result<*mut FlowState, ()> {
+fn new_flow(ctx: &TcContext, pkt: &Packet, ingress: bool) -> Result<*mut FlowState, ()> {
     let now = unsafe { bpf_ktime_get_ns() };
     let syn = pkt.flags & TCP_SYN != 0;
     let ack = pkt.flags & TCP_ACK != 0;
@@ -219,10 +224,16 @@ fn new_flow(ctx: &TcContext, pkt: &Packet) -> Result<*mut FlowState, ()> {
         (true, true) => CLIENT_LO,
         _ => CLIENT_UNKNOWN,
     };
+    let local = if ingress == sender_is_lo {
+        FLOW_LOCAL_LO
+    } else {
+        FLOW_LOCAL_HI
+    };
     let fresh = FlowState {
         first_seen_ns: now,
         last_seen_ns: now,
         client,
+        flags: local,
         ..FlowState::default()
     };
     if FLOWS.insert(&pkt.key, &fresh, 0).is_err() {
@@ -236,14 +247,22 @@ fn new_flow(ctx: &TcContext, pkt: &Packet) -> Result<*mut FlowState, ()> {
     FLOWS.get_ptr_mut(&pkt.key).ok_or(())
 }
 
+/// Records the sender's ISN from a SYN or SYN-ACK. A SYN-ACK also names the client's ISN (its
+/// acknowledgement number minus one): where a CNI steers the client's packets past this hook
+/// (Cilium's `bpf_redirect_peer`), the SYN-ACK is all this interface sees of the handshake, and
+/// the client's ISN is what joins this interface's view to the client's (flows.rs `ConnKey`).
 #[inline(always)]
 fn remember_syn(st: &mut FlowState, pkt: &Packet) {
-    if pkt.dir == DIR_LO_TO_HI {
-        st.isn[0] = pkt.seq;
-        st.flags |= FLOW_ISN_LO;
+    let (own, own_bit, peer, peer_bit) = if pkt.dir == DIR_LO_TO_HI {
+        (0, FLOW_ISN_LO, 1, FLOW_ISN_HI)
     } else {
-        st.isn[1] = pkt.seq;
-        st.flags |= FLOW_ISN_HI;
+        (1, FLOW_ISN_HI, 0, FLOW_ISN_LO)
+    };
+    st.isn[own] = pkt.seq;
+    st.flags |= own_bit;
+    if pkt.flags & TCP_ACK != 0 && st.flags & peer_bit == 0 {
+        st.isn[peer] = pkt.ack.wrapping_sub(1);
+        st.flags |= peer_bit;
     }
 }
 
@@ -448,7 +467,9 @@ fn parse(ctx: &TcContext, pkt: &mut Packet) -> Result<bool, ()> {
     let sport = u16::from_be(load::<u16>(ctx, l4)?);
     let dport = u16::from_be(load::<u16>(ctx, l4 + 2)?);
     let seq = u32::from_be(load::<u32>(ctx, l4 + 4)?);
+    let ack = u32::from_be(load::<u32>(ctx, l4 + 8)?);
     let doff_flags = u16::from_be(load::<u16>(ctx, l4 + 12)?);
+    pkt.ack = ack;
     Ok(finish_tcp(
         ctx, pkt, l4, l4_len, sport, dport, seq, doff_flags,
     ))
@@ -592,6 +613,7 @@ fn parse_direct(ctx: &TcContext, pkt: &mut Packet) -> Option<bool> {
     let sport = u16::from_be_bytes([tcp[0], tcp[1]]);
     let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
     let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    pkt.ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
     let doff_flags = u16::from_be_bytes([tcp[12], tcp[13]]);
     Some(finish_tcp(
         ctx, pkt, l4, l4_len, sport, dport, seq, doff_flags,

@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use mtls_agent_common::{
     CHUNK_BYTES, CLIENT_HI, CLIENT_LO, DIR_LO_TO_HI, EVENT_CLOSED, EVENT_DATA, EventHeader,
-    FAMILY_V4, FLOW_ISN_HI, FLOW_ISN_LO, FLOW_RST, FlowKey,
+    FAMILY_V4, FLOW_ISN_HI, FLOW_ISN_LO, FLOW_LOCAL_HI, FLOW_LOCAL_LO, FLOW_RST, FlowKey,
 };
 
 /// A connection's two endpoints in canonical order (`lo` < `hi`), without the interface: the
@@ -55,6 +55,9 @@ pub struct EventMeta {
     pub segments: [u16; 2],
     /// An RST was seen on this flow.
     pub rst: bool,
+    /// Which endpoint (`lo`, `hi`) lives behind this interface, as the hook that saw the packet
+    /// tells (ingress: the sender, egress: the receiver).
+    pub local: [bool; 2],
 }
 
 impl EventMeta {
@@ -121,6 +124,7 @@ pub fn decode(record: &[u8]) -> Result<Event<'_>, DecodeError> {
         bytes: h.bytes,
         segments: h.segments,
         rst: h.flags & FLOW_RST != 0,
+        local: [h.flags & FLOW_LOCAL_LO != 0, h.flags & FLOW_LOCAL_HI != 0],
     };
     match h.kind {
         EVENT_DATA => {

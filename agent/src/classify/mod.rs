@@ -31,7 +31,7 @@ pub(crate) mod tests;
 use std::fmt;
 use std::net::SocketAddr;
 
-pub use record::{ConnectionRecord, RecentConnections, RecentSnapshot};
+pub use record::{ConnectionRecord, RecentConnections, RecentSnapshot, Sides};
 pub use resumption::ResumptionCache;
 
 use reassembly::Stream;

@@ -415,18 +415,32 @@ fn apply(aggregator: &Mutex<Aggregator>, recent: &Mutex<RecentConnections>, out:
     let mut recent = recent.lock().unwrap_or_else(|p| p.into_inner());
     for o in out.drain(..) {
         match o {
-            Output::Classified(rec) => {
-                let midstream = rec.verdict.evidence.kind().starts_with("midstream");
-                recent.push(rec.client, rec.server, &rec.verdict, midstream, rec.at);
-                agg.record(&rec)
-            }
+            Output::Classified(rec) => agg.record(&rec),
+            Output::Recent(rec) => recent.push_live(
+                rec.client,
+                rec.server,
+                rec.dialled,
+                rec.sides,
+                &rec.verdict,
+                rec.midstream,
+                rec.at,
+            ),
             Output::Ended {
                 client,
                 server,
                 security,
                 bytes,
                 rejected,
-            } => agg.record_end(client, server, security, bytes, rejected, SystemTime::now()),
+                sides,
+            } => agg.record_end(
+                client,
+                server,
+                security,
+                bytes,
+                rejected,
+                sides,
+                SystemTime::now(),
+            ),
         }
     }
 }
