@@ -92,7 +92,16 @@ pub enum Output {
     /// A connection's record for `GET /api/v1/connections`, once per connection, with every
     /// address this node saw for it.
     Recent(ConnRecord),
-    /// A counted connection ended; its bytes on the wire, both directions.
+    /// Payload bytes of a counted connection (both directions) since the last report: a
+    /// long-lived connection reports them every 64 MiB of a direction, not only at its end.
+    Bytes {
+        client: SocketAddr,
+        server: SocketAddr,
+        security: Security,
+        bytes: u64,
+        sides: Sides,
+    },
+    /// A counted connection ended; its payload bytes not reported yet, both directions.
     Ended {
         client: SocketAddr,
         server: SocketAddr,
@@ -118,10 +127,14 @@ struct Conn {
     server: SocketAddr,
     /// The address the client dialled when a DNAT rewrote it (a Service's ClusterIP:port).
     dialled: Option<SocketAddr>,
-    ifaces: Vec<u32>,
-    closed_ifaces: Vec<u32>,
-    /// Bytes on the wire, client → server and server → client (maximum over interfaces).
+    /// The 4-tuples this connection was seen under (two behind a DNAT), and those whose close
+    /// was reported: one flow-table entry each.
+    views: Vec<FlowId>,
+    closed_views: Vec<FlowId>,
+    /// Payload bytes, client → server and server → client (maximum over views), and how many
+    /// of them were reported already.
     bytes: [u64; 2],
+    bytes_reported: u64,
     /// The sides this node hosts, as the hooks told.
     local: Sides,
     /// Sides already counted.
@@ -134,7 +147,7 @@ struct Conn {
     recent_due: Option<(Instant, SystemTime)>,
     /// Some data event arrived.
     saw_data: bool,
-    /// The kernel reported payload segments we never received (ring buffer overflow).
+    /// The kernel could not hand over some of this connection's events (ring buffer full).
     lost_data: bool,
     /// The server answered the SYN: a connection, not a refused attempt.
     established: bool,
@@ -203,9 +216,7 @@ impl Tracker {
         wall: SystemTime,
         out: &mut Vec<Output>,
     ) {
-        let meta = match ev {
-            Event::Data { meta, .. } | Event::Closed { meta } => meta,
-        };
+        let meta = ev.meta();
         let key = ConnKey::of(meta);
         let Some(conn) = conn_entry(&mut self.conns, &self.tombstones, &self.cfg, key, meta, now)
         else {
@@ -213,6 +224,9 @@ impl Tracker {
         };
         let ended = on_conn_event(conn, ev, now, wall, &mut self.cache);
         count_sides(conn, out);
+        if matches!(ev, Event::Bytes { .. }) {
+            report_bytes(conn, out);
+        }
         if ended {
             self.finish(key, now, wall, out);
         }
@@ -226,8 +240,9 @@ impl Tracker {
         };
         self.tombstones.insert(key, now);
         if conn.security.is_none() {
-            // A SYN answered by RST (nothing listening) is not a connection.
-            if !conn.established && !conn.saw_data {
+            // A SYN answered by RST (nothing listening) is not a connection; one whose events
+            // were lost may have been one, and is counted as such.
+            if !conn.established && !conn.saw_data && !conn.lost_data {
                 return;
             }
             let Some(mut c) = conn.classifier.take() else {
@@ -235,7 +250,7 @@ impl Tracker {
             };
             let mut v = c.finish(&mut self.cache);
             if conn.lost_data && v.security == Security::Unknown {
-                v.evidence = crate::classify::Evidence::HandshakeIncomplete;
+                v.evidence = crate::classify::Evidence::EventsLost;
             }
             decide(&mut conn, v, wall);
             count_sides(&mut conn, out);
@@ -247,11 +262,12 @@ impl Tracker {
                     (Some(first), Some(closed)) => closed.saturating_sub(first) <= REJECT_WITHIN_NS,
                     _ => false,
                 };
+            let total = conn.bytes[0] + conn.bytes[1];
             out.push(Output::Ended {
                 client: conn.client,
                 server: conn.server,
                 security,
-                bytes: conn.bytes[0] + conn.bytes[1],
+                bytes: total.saturating_sub(conn.bytes_reported),
                 rejected,
                 sides: conn.local,
             });
@@ -336,9 +352,10 @@ fn conn_entry<'a>(
             client,
             server,
             dialled: None,
-            ifaces: Vec::with_capacity(2),
-            closed_ifaces: Vec::new(),
+            views: Vec::with_capacity(1),
+            closed_views: Vec::new(),
             bytes: [0; 2],
+            bytes_reported: 0,
             local: Sides::default(),
             counted: Sides::default(),
             verdict: None,
@@ -365,13 +382,12 @@ fn on_conn_event(
     wall: SystemTime,
     cache: &mut ResumptionCache,
 ) -> bool {
-    let meta = match ev {
-        Event::Data { meta, .. } | Event::Closed { meta } => meta,
-    };
+    let meta = ev.meta();
     conn.last_activity = now;
-    if !conn.ifaces.contains(&meta.ifindex) {
-        conn.ifaces.push(meta.ifindex);
+    if !conn.views.contains(&meta.flow) {
+        conn.views.push(meta.flow);
     }
+    conn.lost_data |= meta.lost;
     let client_is_lo = conn.client_is_lo(meta);
     let (ci, si) = if client_is_lo { (0, 1) } else { (1, 0) };
     let server_here = if client_is_lo {
@@ -424,17 +440,33 @@ fn on_conn_event(
             }
             false
         }
+        Event::Bytes { .. } => false,
         Event::Closed { meta } => {
-            if !conn.saw_data && meta.segments.iter().any(|&s| s > 0) {
-                conn.lost_data = true;
-            }
             conn.closed_ns.get_or_insert(meta.ts_ns);
-            if !conn.closed_ifaces.contains(&meta.ifindex) {
-                conn.closed_ifaces.push(meta.ifindex);
+            if !conn.closed_views.contains(&meta.flow) {
+                conn.closed_views.push(meta.flow);
             }
             conn.closing_since.get_or_insert(now);
-            conn.ifaces.iter().all(|i| conn.closed_ifaces.contains(i))
+            conn.views.iter().all(|v| conn.closed_views.contains(v))
         }
+    }
+}
+
+/// Reports the payload bytes of a counted connection not reported yet.
+fn report_bytes(conn: &mut Conn, out: &mut Vec<Output>) {
+    let Some(security) = conn.security else {
+        return;
+    };
+    let total = conn.bytes[0] + conn.bytes[1];
+    if total > conn.bytes_reported {
+        out.push(Output::Bytes {
+            client: conn.client,
+            server: conn.server,
+            security,
+            bytes: total - conn.bytes_reported,
+            sides: conn.local,
+        });
+        conn.bytes_reported = total;
     }
 }
 
@@ -512,10 +544,10 @@ mod tests {
             opener: Opener::Hi,
             isn: [server_isn, Some(client_isn)],
             ts_ns: ts,
-            packets: [3, 3],
             bytes: [500, 400],
-            segments: [0, 1],
+            events: [0, 1],
             rst: false,
+            lost: false,
             // The server is `lo`: interface 7 is the client's veth, every other the server's.
             local: [ifindex != 7, ifindex == 7],
         }
@@ -595,16 +627,7 @@ mod tests {
         }
         assert_eq!(classified(&out).len(), 2);
         out.clear();
-        // The first interface closes: the connection waits for the second (grace).
-        t.on_event(
-            &Event::Closed {
-                meta: meta(7, 1000, Some(5000), 2),
-            },
-            now,
-            wall,
-            &mut out,
-        );
-        assert!(out.is_empty());
+        // One flow-table entry for both veths: one close ends it, both sides.
         t.on_event(
             &Event::Closed {
                 meta: meta(9, 1000, Some(5000), 2),
@@ -860,7 +883,7 @@ mod tests {
         let mut out = Vec::new();
         // SYN answered by RST: no server ISN, no data.
         let mut m = meta(7, 1000, None, 1);
-        m.segments = [0, 0];
+        m.events = [0, 0];
         m.rst = true;
         t.on_event(
             &Event::Closed { meta: m },
@@ -876,7 +899,7 @@ mod tests {
         let mut t = Tracker::new(TrackerConfig::default());
         let mut out = Vec::new();
         let mut m = meta(7, 1000, Some(5000), 1);
-        m.segments = [0, 0];
+        m.events = [0, 0];
         t.on_event(
             &Event::Closed { meta: m },
             Instant::now(),
@@ -893,8 +916,9 @@ mod tests {
     fn lost_handshake_events_make_unknown_not_plaintext() {
         let mut t = Tracker::new(TrackerConfig::default());
         let mut out = Vec::new();
-        // The kernel reported segments, but none of their events reached us.
-        let m = meta(7, 1000, Some(5000), 1);
+        // The kernel could not hand over the connection's events (ring buffer full).
+        let mut m = meta(7, 1000, Some(5000), 1);
+        m.lost = true;
         t.on_event(
             &Event::Closed { meta: m },
             Instant::now(),
@@ -906,7 +930,7 @@ mod tests {
         assert_eq!(recs[0].verdict.security, Security::Unknown);
         assert_eq!(
             recs[0].verdict.evidence,
-            crate::classify::Evidence::HandshakeIncomplete
+            crate::classify::Evidence::EventsLost
         );
     }
 
@@ -981,29 +1005,47 @@ mod tests {
         let now = Instant::now();
         let wall = SystemTime::now();
         let mut out = Vec::new();
-        // Seen on two interfaces, closed on one only: ended after the grace period.
-        for i in [7, 9] {
-            t.on_event(
-                &data(meta(i, 1000, Some(5000), 1), true, 1001, GET),
-                now,
-                wall,
-                &mut out,
-            );
-        }
-        t.on_event(
-            &Event::Closed {
-                meta: meta(7, 1000, Some(5000), 2),
+        // Seen under two 4-tuples (a DNAT: two flow-table entries), closed under one only:
+        // ended after the grace period.
+        let vip: SocketAddr = "198.18.21.80:80".parse().unwrap();
+        let client: SocketAddr = CLIENT.parse().unwrap();
+        let dialled = |ts| EventMeta {
+            flow: FlowId {
+                lo: client,
+                hi: vip,
             },
+            opener: Opener::Lo,
+            isn: [Some(1000), Some(5000)],
+            ..meta(7, 1000, Some(5000), ts)
+        };
+        t.on_event(
+            &data(meta(9, 1000, Some(5000), 1), true, 1001, GET),
             now,
             wall,
             &mut out,
         );
+        let get = Event::Data {
+            meta: dialled(1),
+            lo_to_hi: true,
+            seq: 1001,
+            wire_len: GET.len() as u32,
+            payload: GET,
+        };
+        t.on_event(&get, now, wall, &mut out);
+        assert_eq!(t.len(), 1);
+        t.on_event(&Event::Closed { meta: dialled(2) }, now, wall, &mut out);
         out.clear();
         t.sweep(now + Duration::from_millis(50), wall, &mut out);
         assert_eq!(t.len(), 1);
         t.sweep(now + Duration::from_millis(150), wall, &mut out);
         assert!(t.is_empty());
-        assert!(matches!(out.as_slice(), [Output::Ended { .. }]));
+        assert_eq!(
+            out.iter()
+                .filter(|o| matches!(o, Output::Ended { .. }))
+                .count(),
+            1,
+            "{out:?}"
+        );
         // Undecided and idle: counted as it is (a TLS record header alone decides nothing).
         out.clear();
         t.on_event(

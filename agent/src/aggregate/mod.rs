@@ -424,6 +424,34 @@ impl Aggregator {
         self.update_namespace_gauges(&server.namespace, SystemTime::now());
     }
 
+    /// Payload bytes of a connection, for the sides this node hosts.
+    pub fn record_bytes(
+        &mut self,
+        client: SocketAddr,
+        server: SocketAddr,
+        security: Security,
+        bytes: u64,
+        sides: Sides,
+    ) {
+        if bytes == 0 {
+            return;
+        }
+        for (ip, dir, here) in [
+            (client.ip(), "outbound", sides.client),
+            (server.ip(), "inbound", sides.server),
+        ] {
+            if !here {
+                continue;
+            }
+            if let Some(w) = self.resolver.lookup(ip) {
+                self.metrics
+                    .bytes
+                    .with_label_values(&[&w.namespace, &w.name, dir, security.as_str()])
+                    .inc_by(bytes);
+            }
+        }
+    }
+
     /// An ended connection: its bytes for the sides this node hosts, and whether the server
     /// rejected it (reset or closed right after the client's first bytes, as a STRICT sidecar
     /// does).
@@ -438,23 +466,7 @@ impl Aggregator {
         sides: Sides,
         at: SystemTime,
     ) {
-        for (ip, dir, here) in [
-            (client.ip(), "outbound", sides.client),
-            (server.ip(), "inbound", sides.server),
-        ] {
-            if bytes == 0 {
-                break;
-            }
-            if !here {
-                continue;
-            }
-            if let Some(w) = self.resolver.lookup(ip) {
-                self.metrics
-                    .bytes
-                    .with_label_values(&[&w.namespace, &w.name, dir, security.as_str()])
-                    .inc_by(bytes);
-            }
-        }
+        self.record_bytes(client, server, security, bytes, sides);
         if !rejected || !sides.server {
             return;
         }

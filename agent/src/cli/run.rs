@@ -316,6 +316,14 @@ async fn daemon(
                 pending_attach = if left < pending_attach { left } else { 0 };
             }
             _ = tick.tick() => {
+                let unreported = std::mem::take(
+                    &mut *gc_shared.unreported.lock().unwrap_or_else(|p| p.into_inner()),
+                );
+                for (key, st) in unreported {
+                    let meta = capture::events::EventMeta::from_entry(&key, &st);
+                    let ev = capture::events::Event::Closed { meta };
+                    tracker.on_event(&ev, Instant::now(), SystemTime::now(), &mut out);
+                }
                 tracker.sweep(Instant::now(), SystemTime::now(), &mut out);
                 apply(&aggregator, &recent, &mut out);
                 if args.kubernetes
@@ -425,6 +433,13 @@ fn apply(aggregator: &Mutex<Aggregator>, recent: &Mutex<RecentConnections>, out:
                 rec.midstream,
                 rec.at,
             ),
+            Output::Bytes {
+                client,
+                server,
+                security,
+                bytes,
+                sides,
+            } => agg.record_bytes(client, server, security, bytes, sides),
             Output::Ended {
                 client,
                 server,
