@@ -247,12 +247,21 @@ fn walk(ctx: &TcContext, pkt: &Packet, ds: &mut DirState, seg: &Seg) {
         let rec_end = h + 5 + len;
         let after_ccs = ds.tls & TLS_CCS != 0;
         if after_ccs {
-            // Encrypted. TLS <= 1.2 (a clear flight was seen): the Finished, then done.
-            want(ds, rec_end);
-            if ds.tls & TLS_CLEAR_FLIGHT != 0 || (typ == 23 && !client_dir) {
-                ds.tls |= TLS_WALKED;
-            } else if typ == 23 {
-                appdata(ds, h, len, peer_hello);
+            if typ == 23 {
+                // TLS 1.3 (ChangeCipherSpec for middlebox compatibility): the client's encrypted
+                // flight; the server's flight is known.
+                if client_dir && ds.tls & TLS_CLEAR_FLIGHT == 0 {
+                    appdata(ds, h, len, peer_hello);
+                } else {
+                    ds.tls |= TLS_WALKED;
+                }
+            } else {
+                // TLS <= 1.2's encrypted Finished (done after it), or TLS 1.3's second
+                // ClientHello or ServerHello after a HelloRetryRequest.
+                want(ds, rec_end);
+                if ds.tls & TLS_CLEAR_FLIGHT != 0 || (!client_dir && typ == 22) {
+                    ds.tls |= TLS_WALKED;
+                }
             }
         } else {
             match typ {
