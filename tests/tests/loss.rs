@@ -1,7 +1,7 @@
 //! Verdicts survive packet loss (issue 18). Random drops inside both pods, before the agent's
 //! hook (what a pod sends is lost on its way out: the agent sees gaps and reordering) and after
 //! it (what reaches a pod is lost there: the agent sees the retransmitted copies too), with the
-//! client at MTU 600 and no offloads sending a ~1.4 KB ClientHello with the Istio ALPN last, so
+//! client at MTU 1280 and no offloads sending a ~2.9 KB ClientHello with the Istio ALPN last, so
 //! the ClientHello spans three segments. Every connection whose handshake completed at the
 //! client must be counted with its true class, live (`/api/v1/connections`) and by
 //! `classify --pcap` on a capture of the same veths. Needs root; fails, never skips.
@@ -20,6 +20,22 @@ const ISTIO_ALPN: &str = "istio-peer-exchange,istio";
 const PER_CLASS: usize = 50;
 /// Drop probability at each of the four places (client out, client in, server out, server in).
 const LOSS: &str = "0.1";
+/// `openssl s_server` serves one connection at a time: three of each TLS class, so the
+/// retransmission waits of one connection do not hold up the others.
+const MTLS_PORTS: [u16; 3] = [8443, 8444, 8445];
+const TLS_PORTS: [u16; 3] = [9443, 9444, 9445];
+const HTTP_PORT: u16 = 8080;
+
+/// The class every connection to `port` has.
+fn class_of(port: u16) -> &'static str {
+    if MTLS_PORTS.contains(&port) {
+        "mtls"
+    } else if TLS_PORTS.contains(&port) {
+        "tls"
+    } else {
+        "plaintext"
+    }
+}
 
 /// Drops TCP at random in `ns`, on the way out (before the veth's hook) and in (after it).
 fn add_loss(tb: &Testbed, ns: &str) -> Result<()> {
@@ -51,14 +67,14 @@ fn add_loss(tb: &Testbed, ns: &str) -> Result<()> {
 
 #[derive(Debug, Default)]
 struct Made {
-    /// Connections whose handshake (and request) completed at the client, per server port.
-    completed: BTreeMap<u16, usize>,
-    failed: BTreeMap<u16, usize>,
+    /// Connections whose handshake (and request) completed at the client, per true class.
+    completed: BTreeMap<&'static str, usize>,
+    failed: BTreeMap<&'static str, usize>,
 }
 
-/// Per server port: how many records of each security class.
-fn classes(records: &[Value]) -> BTreeMap<u16, BTreeMap<String, usize>> {
-    let mut out: BTreeMap<u16, BTreeMap<String, usize>> = BTreeMap::new();
+/// Per true class (by server port): how many records of each security class.
+fn classes(records: &[Value]) -> BTreeMap<&'static str, BTreeMap<String, usize>> {
+    let mut out: BTreeMap<&'static str, BTreeMap<String, usize>> = BTreeMap::new();
     for r in records {
         let port = r["server"]
             .as_str()
@@ -66,7 +82,10 @@ fn classes(records: &[Value]) -> BTreeMap<u16, BTreeMap<String, usize>> {
             .and_then(|(_, p)| p.parse().ok())
             .unwrap_or(0);
         let sec = r["security"].as_str().unwrap_or("?").to_owned();
-        *out.entry(port).or_default().entry(sec).or_default() += 1;
+        *out.entry(class_of(port))
+            .or_default()
+            .entry(sec)
+            .or_default() += 1;
     }
     out
 }
@@ -74,13 +93,13 @@ fn classes(records: &[Value]) -> BTreeMap<u16, BTreeMap<String, usize>> {
 /// Every completed connection has its true class; a failed one may be that class or unknown,
 /// nothing else.
 fn assert_true_classes(judge: &str, made: &Made, records: &[Value]) {
-    let by_port = classes(records);
-    for (port, class) in [(8443u16, "mtls"), (9443, "tls"), (8080, "plaintext")] {
-        let seen = by_port.get(&port).cloned().unwrap_or_default();
+    let by_class = classes(records);
+    for class in ["mtls", "tls", "plaintext"] {
+        let seen = by_class.get(class).cloned().unwrap_or_default();
         let right = seen.get(class).copied().unwrap_or(0);
         let unknown = seen.get("unknown").copied().unwrap_or(0);
-        let completed = made.completed.get(&port).copied().unwrap_or(0);
-        let failed = made.failed.get(&port).copied().unwrap_or(0);
+        let completed = made.completed.get(class).copied().unwrap_or(0);
+        let failed = made.failed.get(class).copied().unwrap_or(0);
         let others: usize = seen
             .iter()
             .filter(|(k, _)| *k != class && *k != "unknown")
@@ -88,11 +107,11 @@ fn assert_true_classes(judge: &str, made: &Made, records: &[Value]) {
             .sum();
         assert_eq!(
             others, 0,
-            "{judge}: port {port} has wrong classes: {seen:?}"
+            "{judge}: {class} connections judged otherwise: {seen:?}"
         );
         assert!(
             right >= completed && right + unknown <= completed + failed,
-            "{judge}: port {port}: {right} {class} and {unknown} unknown for {completed} completed and {failed} failed connections: {seen:?}"
+            "{judge}: {right} {class} and {unknown} unknown for {completed} completed and {failed} failed connections: {seen:?}"
         );
     }
 }
@@ -105,7 +124,7 @@ fn verdicts_survive_loss_retransmissions_and_reordering() -> Result<()> {
     let server = tb.add_pod(PodSpec::new("server", "198.18.0.10".parse()?))?;
     let client = tb.add_pod(
         PodSpec::new("client", "198.18.0.20".parse()?)
-            .mtu(600)
+            .mtu(1280)
             .disable_offloads(),
     )?;
     let inventory = tb.workdir().join("inventory.yaml");
@@ -119,21 +138,26 @@ fn verdicts_survive_loss_retransmissions_and_reordering() -> Result<()> {
     let pki = Pki::new(tb.workdir().join("pki"))?;
     let server_cert = pki.issue("server", &[San::spiffe("shop", "server")])?;
     let client_cert = pki.issue("client", &[San::spiffe("shop", "client")])?;
-    let _mtls = openssl_server(
-        &tb,
-        &server.netns,
-        &TlsServer::new(8443, &server_cert, pki.ca_cert())
-            .require_client_cert()
-            .alpn(ISTIO_ALPN)
-            .tls_version(TlsVersion::Tls13),
-    )?;
-    let _tls = openssl_server(
-        &tb,
-        &server.netns,
-        &TlsServer::new(9443, &server_cert, pki.ca_cert()).tls_version(TlsVersion::Tls13),
-    )?;
-    let _http = http_server(&tb, &server.netns, 8080, false)?;
-    for port in [8443, 9443, 8080] {
+    let mut servers = Vec::new();
+    for port in MTLS_PORTS {
+        servers.push(openssl_server(
+            &tb,
+            &server.netns,
+            &TlsServer::new(port, &server_cert, pki.ca_cert())
+                .require_client_cert()
+                .alpn(ISTIO_ALPN)
+                .tls_version(TlsVersion::Tls13),
+        )?);
+    }
+    for port in TLS_PORTS {
+        servers.push(openssl_server(
+            &tb,
+            &server.netns,
+            &TlsServer::new(port, &server_cert, pki.ca_cert()).tls_version(TlsVersion::Tls13),
+        )?);
+    }
+    servers.push(http_server(&tb, &server.netns, HTTP_PORT, false)?);
+    for port in MTLS_PORTS.into_iter().chain(TLS_PORTS).chain([HTTP_PORT]) {
         tb.wait_tcp_listening(&server.netns, server.v4(port), Duration::from_secs(10))?;
     }
     let agent = Agent::start(&tb, &bin, &inventory, &["vp*"], &[], 2)?;
@@ -162,38 +186,44 @@ fn verdicts_survive_loss_retransmissions_and_reordering() -> Result<()> {
     add_loss(&tb, &client.netns)?;
     add_loss(&tb, &server.netns)?;
 
-    // A ClientHello of ~1.4 KB: three segments at MTU 600, the Istio ALPN past the first 1 KB.
-    let alpn = padded_alpn(1200, ISTIO_ALPN);
-    let mut mtls = TlsClient::new(server.v4(8443), pki.ca_cert())
-        .cert(&client_cert)
-        .alpn(&alpn)
-        .tls_version(TlsVersion::Tls13);
-    mtls.timeout = Duration::from_secs(40);
-    let mut tls = TlsClient::new(server.v4(9443), pki.ca_cert())
-        .alpn(&padded_alpn(1200, "h2,http/1.1"))
-        .tls_version(TlsVersion::Tls13);
-    tls.timeout = Duration::from_secs(40);
+    // A ClientHello of ~2.9 KB: three segments at MTU 1280, the Istio ALPN past the first 2 KB.
+    let alpn = padded_alpn(2600, ISTIO_ALPN);
+    let other_alpn = padded_alpn(2600, "h2,http/1.1");
+    let client_for = |port: u16| {
+        let mut c = TlsClient::new(server.v4(port), pki.ca_cert()).tls_version(TlsVersion::Tls13);
+        c = if MTLS_PORTS.contains(&port) {
+            c.cert(&client_cert).alpn(&alpn)
+        } else {
+            c.alpn(&other_alpn)
+        };
+        c.timeout = Duration::from_secs(40);
+        c
+    };
     let made = Mutex::new(Made::default());
-    let note = |port: u16, ok: bool| {
+    let note = |class: &'static str, ok: bool| {
         let mut m = made.lock().unwrap();
         let map = if ok { &mut m.completed } else { &mut m.failed };
-        *map.entry(port).or_default() += 1;
+        *map.entry(class).or_default() += 1;
     };
     // Ten clients at a time; each connection waits out its own retransmissions.
     std::thread::scope(|s| {
         for worker in 0..10 {
-            let (tb, client, mtls, tls, note) = (&tb, &client, &mtls, &tls, &note);
-            let url = http_url(server.v4(8080));
+            let (tb, client, note, client_for) = (&tb, &client, &note, &client_for);
+            let url = http_url(server.v4(HTTP_PORT));
             s.spawn(move || {
-                for i in 0..PER_CLASS * 3 {
-                    if i % 10 != worker {
-                        continue;
-                    }
+                for i in (worker..PER_CLASS * 3).step_by(10) {
+                    let k = i / 3;
                     match i % 3 {
-                        0 => note(8443, openssl_client(tb, &client.netns, mtls).is_ok()),
-                        1 => note(9443, openssl_client(tb, &client.netns, tls).is_ok()),
+                        0 => {
+                            let c = client_for(MTLS_PORTS[k % 3]);
+                            note("mtls", openssl_client(tb, &client.netns, &c).is_ok());
+                        }
+                        1 => {
+                            let c = client_for(TLS_PORTS[k % 3]);
+                            note("tls", openssl_client(tb, &client.netns, &c).is_ok());
+                        }
                         _ => note(
-                            8080,
+                            "plaintext",
                             curl(tb, &client.netns, &["--max-time", "30", &url]).is_ok(),
                         ),
                     }
@@ -203,9 +233,9 @@ fn verdicts_survive_loss_retransmissions_and_reordering() -> Result<()> {
     });
     let made = made.into_inner().unwrap();
     eprintln!("connections made under loss: {made:?}");
-    for port in [8443u16, 9443, 8080] {
+    for class in ["mtls", "tls", "plaintext"] {
         ensure!(
-            made.completed.get(&port).copied().unwrap_or(0) >= PER_CLASS * 4 / 5,
+            made.completed.get(class).copied().unwrap_or(0) >= PER_CLASS * 4 / 5,
             "too few connections completed under loss to judge anything: {made:?}"
         );
     }
@@ -238,5 +268,6 @@ fn verdicts_survive_loss_retransmissions_and_reordering() -> Result<()> {
     let offline: Vec<Value> = serde_json::from_slice(&out.stdout)?;
     assert_true_classes("classify --pcap", &made, &offline);
     agent.stop()?;
+    drop(servers);
     tb.destroy()
 }
