@@ -23,9 +23,12 @@ pub enum InventoryError {
 struct RawInventory {
     #[serde(default)]
     workloads: Vec<RawWorkload>,
-    /// Extra addresses of the node itself (probe sources); the agent also detects its own.
+    /// Extra addresses of the node itself; the agent also detects its own.
     #[serde(default)]
     node_addresses: Vec<String>,
+    /// Namespaces in Istio ambient mode (every workload in them is `ambient: true`).
+    #[serde(default)]
+    ambient_namespaces: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -36,6 +39,12 @@ struct RawWorkload {
     addresses: Vec<String>,
     #[serde(default = "yes")]
     sidecar: bool,
+    /// Ports the sidecar does not capture (`traffic.sidecar.istio.io/excludeInboundPorts`).
+    #[serde(default)]
+    exclude_inbound_ports: Vec<u16>,
+    /// Istio ambient mode (ztunnel): the node's own connections (kubelet probes) pass.
+    #[serde(default)]
+    ambient: bool,
 }
 
 fn yes() -> bool {
@@ -49,6 +58,10 @@ pub struct WorkloadSpec {
     pub name: String,
     pub networks: Vec<IpNet>,
     pub sidecar: bool,
+    /// Inbound ports STRICT does not see (not captured by the sidecar), sorted.
+    pub exclude_inbound_ports: Vec<u16>,
+    /// In ambient mode, by its own flag or its namespace's.
+    pub ambient: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -95,6 +108,13 @@ impl Inventory {
         } else {
             serde_yaml::from_str(text).map_err(|e| one_line(&e.to_string()))?
         };
+        for (j, ns) in raw.ambient_namespaces.iter().enumerate() {
+            if !valid_name(ns) {
+                return Err(format!(
+                    "ambient_namespaces[{j}]: {ns:?} is not a valid Kubernetes name"
+                ));
+            }
+        }
         let mut workloads = Vec::with_capacity(raw.workloads.len());
         let mut seen = std::collections::HashSet::new();
         for (i, w) in raw.workloads.into_iter().enumerate() {
@@ -127,11 +147,20 @@ impl Inventory {
                 })?;
                 networks.push(net.trunc());
             }
+            let mut exclude_inbound_ports = w.exclude_inbound_ports;
+            if exclude_inbound_ports.contains(&0) {
+                return Err(format!("{at}.exclude_inbound_ports: 0 is not a port"));
+            }
+            exclude_inbound_ports.sort_unstable();
+            exclude_inbound_ports.dedup();
+            let ambient = w.ambient || raw.ambient_namespaces.contains(&w.namespace);
             workloads.push(WorkloadSpec {
                 namespace: w.namespace,
                 name: w.name,
                 networks,
                 sidecar: w.sidecar,
+                exclude_inbound_ports,
+                ambient,
             });
         }
         let mut node_networks = Vec::new();
@@ -211,6 +240,18 @@ node_addresses: ["198.18.0.1"]
             (
                 "workloads:\n  - {namespace: a, name: b, addresses: [198.18.0.9]}\n  - {namespace: a, name: b, addresses: [198.18.0.8]}\n",
                 "listed twice",
+            ),
+            (
+                "workloads:\n  - {namespace: a, name: b, addresses: [198.18.0.9], exclude_inbound_ports: [70000]}\n",
+                "exclude_inbound_ports",
+            ),
+            (
+                "workloads:\n  - {namespace: a, name: b, addresses: [198.18.0.9], exclude_inbound_ports: [0]}\n",
+                "workloads[0].exclude_inbound_ports: 0 is not a port",
+            ),
+            (
+                "ambient_namespaces: [Bad]\nworkloads: []\n",
+                "ambient_namespaces[0]",
             ),
         ];
         for (text, want) in cases {
