@@ -37,11 +37,40 @@ fn namespaces_get_exact_counts_and_verdicts_in_kubernetes_mode() -> Result<()> {
 
     // The same connections, counts and verdicts as in inventory mode.
     node.send_traffic()?;
+    let checked = node.check(&agent)?;
+    // web's pod spec has a readiness probe on 8080 and says rewriteAppHTTPProbers: "false": the
+    // node's request there is a kubelet probe Istio did not rewrite.
+    let b = checked.shop_node_blocker();
+    assert_eq!(
+        b["client"]["description"], "kubelet probe (rewriting disabled)",
+        "{b:#}"
+    );
+    assert!(
+        b["advice"]
+            .as_str()
+            .is_some_and(|a| a.contains("rewriteAppHTTPProbers") && a.contains("15020")),
+        "{b:#}"
+    );
+    assert_eq!(
+        metric_value(
+            &checked.metrics,
+            "mtls_agent_blocking_connections_total",
+            &[
+                ("namespace", "shop"),
+                ("workload", "web"),
+                ("client_namespace", "node"),
+                ("client_workload", "kubelet-probe"),
+            ]
+        ),
+        Some(1.0),
+        "{}",
+        checked.metrics
+    );
     let Checked {
         metrics: m,
         payments,
         shop,
-    } = node.check(&agent)?;
+    } = checked;
     let legacy = agent.report_json(tb, "legacy", None)?;
 
     // The PeerAuthentication modes reach the report (namespace, workload, port).
@@ -63,7 +92,9 @@ fn namespaces_get_exact_counts_and_verdicts_in_kubernetes_mode() -> Result<()> {
     let (status, table, _) = agent.report(tb, &["--namespace", "shop"])?;
     assert!(status.success());
     assert!(
-        table.contains("NOT READY") && table.contains("legacy/batch"),
+        table.contains("NOT READY")
+            && table.contains("legacy/batch")
+            && table.contains("node: kubelet probe (rewriting disabled)"),
         "{table}"
     );
     let (status, _, err) = agent.report(tb, &["--namespace", "nope"])?;
