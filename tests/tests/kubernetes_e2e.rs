@@ -129,6 +129,20 @@ fn namespaces_get_exact_counts_and_verdicts_in_kubernetes_mode() -> Result<()> {
     );
     assert_eq!(node_id["node"], true);
     assert_eq!(node_id["node_name"], "node-a");
+    // What decides the exemptions, per pod and port.
+    let ledger_9000 = agent.identity(tb, "ip=198.18.0.40&port=9000")?;
+    assert_eq!(
+        ledger_9000["inbound"],
+        json!({"excluded": true, "ambient": false, "unrewritten_probe": false}),
+        "{ledger_9000:#}"
+    );
+    let log_8080 = agent.identity(tb, "ip=198.18.0.50&port=8080")?;
+    assert_eq!(log_8080["inbound"]["ambient"], true, "{log_8080:#}");
+    let web_8080 = agent.identity(tb, "ip=198.18.0.20&port=8080")?;
+    assert_eq!(
+        web_8080["inbound"]["unrewritten_probe"], true,
+        "{web_8080:#}"
+    );
     let reports_port = agent.identity(tb, "namespace=payments&workload=reports&port=9090")?;
     assert_eq!(reports_port["mode"]["mode"], "DISABLE", "{reports_port:#}");
     assert_eq!(reports_port["mode"]["source"], "workload_port");

@@ -33,7 +33,7 @@ const INJECTED: &str = "sidecar.istio.io/status";
 pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 
 /// How the server's data plane treats one inbound port, as far as STRICT goes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct InboundPort {
     /// The sidecar does not capture the port: STRICT never sees its connections.
     pub excluded: bool,
