@@ -61,12 +61,20 @@ pub struct Checked {
 }
 
 impl Checked {
-    /// shop's blocker from the node (web:8080).
-    pub fn shop_node_blocker(&self) -> Value {
-        self.shop["blockers"]
+    /// shop's blocker from the node (web:8080) says who it is (`description`, which depends on
+    /// what the mode knows of web's pod) and what to do (an advice containing every `advice`).
+    pub fn assert_shop_node_blocker(&self, description: &str, advice: &[&str]) {
+        let b = self.shop["blockers"]
             .as_array()
             .and_then(|a| a.iter().find(|b| b["client"]["kind"] == "node").cloned())
-            .unwrap_or(Value::Null)
+            .unwrap_or(Value::Null);
+        assert_eq!(b["client"]["description"], description, "{b:#}");
+        assert!(
+            b["advice"]
+                .as_str()
+                .is_some_and(|a| advice.iter().all(|n| a.contains(n))),
+            "{b:#}"
+        );
     }
 }
 
