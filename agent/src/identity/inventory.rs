@@ -37,18 +37,15 @@ struct RawWorkload {
     namespace: String,
     name: String,
     addresses: Vec<String>,
-    #[serde(default = "yes")]
-    sidecar: bool,
+    /// Default: true, except in ambient mode (ambient pods have no sidecar).
+    #[serde(default)]
+    sidecar: Option<bool>,
     /// Ports the sidecar does not capture (`traffic.sidecar.istio.io/excludeInboundPorts`).
     #[serde(default)]
     exclude_inbound_ports: Vec<u16>,
     /// Istio ambient mode (ztunnel): the node's own connections (kubelet probes) pass.
     #[serde(default)]
     ambient: bool,
-}
-
-fn yes() -> bool {
-    true
 }
 
 /// One workload of the inventory.
@@ -153,12 +150,21 @@ impl Inventory {
             }
             exclude_inbound_ports.sort_unstable();
             exclude_inbound_ports.dedup();
-            let ambient = w.ambient || raw.ambient_namespaces.contains(&w.namespace);
+            // As Istio decides: a workload with a sidecar is not in ambient mode, also in an
+            // ambient namespace; asking for both on one workload is a contradiction.
+            if w.ambient && w.sidecar == Some(true) {
+                return Err(format!(
+                    "{at}: ambient: true and sidecar: true (an ambient workload has no sidecar)"
+                ));
+            }
+            let in_ambient_ns = raw.ambient_namespaces.contains(&w.namespace);
+            let sidecar = w.sidecar.unwrap_or(!(w.ambient || in_ambient_ns));
+            let ambient = w.ambient || (in_ambient_ns && !sidecar);
             workloads.push(WorkloadSpec {
                 namespace: w.namespace,
                 name: w.name,
                 networks,
-                sidecar: w.sidecar,
+                sidecar,
                 exclude_inbound_ports,
                 ambient,
             });
@@ -212,7 +218,24 @@ node_addresses: ["198.18.0.1"]
         );
         assert!(!inv.workloads[1].sidecar);
         assert!(inv.workloads[2].sidecar, "sidecar defaults to true");
+        assert!(inv.workloads.iter().all(|w| !w.ambient));
         assert_eq!(inv.node_networks.len(), 1);
+    }
+
+    #[test]
+    fn ambient_workloads_have_no_sidecar() {
+        let inv = Inventory::parse(
+            "workloads:\n  - {namespace: a, name: x, addresses: [198.18.1.1], ambient: true}\n  - {namespace: z, name: y, addresses: [198.18.1.2]}\n  - {namespace: z, name: s, addresses: [198.18.1.3], sidecar: true}\nambient_namespaces: [z]\n",
+        )
+        .unwrap();
+        let w = |i: usize| (inv.workloads[i].ambient, inv.workloads[i].sidecar);
+        assert_eq!(w(0), (true, false));
+        assert_eq!(w(1), (true, false), "the namespace's mode");
+        assert_eq!(
+            w(2),
+            (false, true),
+            "a sidecar takes precedence, as in Istio"
+        );
     }
 
     #[test]
@@ -252,6 +275,10 @@ node_addresses: ["198.18.0.1"]
             (
                 "ambient_namespaces: [Bad]\nworkloads: []\n",
                 "ambient_namespaces[0]",
+            ),
+            (
+                "workloads:\n  - {namespace: a, name: b, addresses: [198.18.0.9], ambient: true, sidecar: true}\n",
+                "workloads[0]: ambient: true and sidecar: true",
             ),
         ];
         for (text, want) in cases {
