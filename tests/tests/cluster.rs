@@ -16,7 +16,7 @@ use mtls_agent_testbed::{scenario::*, *};
 use serde_json::{Value, json};
 
 /// Pods of node-a; the other pods of the reference node are on node-b.
-const NODE_A: [&str; 4] = ["api", "worker", "web", "auditlog"];
+const NODE_A: [&str; 5] = ["api", "worker", "web", "auditlog", "status"];
 const NODE_B: [&str; 3] = ["reports", "batch", "ledger"];
 
 /// Series whose sum over the node agents must equal the single agent's.
@@ -29,7 +29,7 @@ const SUMMED: [&str; 6] = [
     "mtls_agent_bytes_total",
 ];
 
-const NAMESPACES: [&str; 5] = ["payments", "shop", "billing", "legacy", "audit"];
+const NAMESPACES: [&str; 6] = ["payments", "shop", "billing", "legacy", "audit", "ops"];
 
 fn refs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
@@ -109,7 +109,7 @@ fn assert_same_node_traffic_counted(m: &str) {
         ("audit", "log", "outbound", "plaintext", 2.0),
         ("billing", "ledger", "inbound", "tls", 4.0),
         ("legacy", "batch", "outbound", "tls", 2.0),
-        ("legacy", "batch", "outbound", "plaintext", 3.0),
+        ("legacy", "batch", "outbound", "plaintext", 4.0),
         ("payments", "worker", "outbound", "mtls", 5.0),
     ] {
         assert_eq!(
@@ -141,7 +141,7 @@ fn assert_sums(a: &str, b: &str, all: &str) {
     assert_eq!(conns(a, "shop", "web", "inbound", "plaintext"), 6.0);
     assert_eq!(conns(b, "shop", "web", "inbound", "plaintext"), 0.0);
     assert_eq!(conns(a, "legacy", "batch", "outbound", "plaintext"), 0.0);
-    assert_eq!(conns(b, "legacy", "batch", "outbound", "plaintext"), 3.0);
+    assert_eq!(conns(b, "legacy", "batch", "outbound", "plaintext"), 4.0);
 }
 
 /// The parts of a report that a cluster-wide answer must reproduce exactly.
@@ -154,6 +154,9 @@ fn essentials(r: &Value) -> Value {
             json!([
                 b["client"]["namespace"],
                 b["client"]["workload"],
+                b["client"]["kind"],
+                b["client"]["description"],
+                b["advice"],
                 b["server"],
                 b["security"],
                 b["connections"]

@@ -217,7 +217,8 @@ fn real_prometheus_agrees_with_the_agent_and_every_query_has_data() -> Result<()
         Some(&repo().join("dashboards/prometheus/rules.yaml")),
     )?;
 
-    // Traffic: payments all Istio mTLS (+ exempt probes), shop plaintext from legacy/batch.
+    // Traffic: payments all Istio mTLS (+ exempt probes to 15021), shop plaintext from
+    // legacy/batch and one plaintext request from the node to its app port (a blocker).
     let mtls = TlsClient::new(api.v4(8443), pki.ca_cert())
         .cert(&worker_cert)
         .alpn(ISTIO_ALPN);
@@ -228,16 +229,17 @@ fn real_prometheus_agrees_with_the_agent_and_every_query_has_data() -> Result<()
     for _ in 0..2 {
         http_get(&tb, tb.node_netns(), &http_url(api.v4(15021)))?;
     }
+    http_get(&tb, tb.node_netns(), &http_url(web.v4(8080)))?;
     let m = agent.settle(&tb, Duration::from_secs(15))?;
     let total = metric_value(&m, "mtls_agent_inbound_connections_total", &[]).unwrap_or(0.0);
-    assert_eq!(total, 8.0, "{m}");
+    assert_eq!(total, 9.0, "{m}");
     // Prometheus has scraped the final counts, and the rules have been evaluated on them.
     wait_for(&tb, "the final scrape", Duration::from_secs(30), || {
         Ok(prom
             .query(&tb, "sum(mtls_agent_inbound_connections_total)")?
             .first()
             .and_then(|s| s["value"][1].as_str())
-            == Some("8"))
+            == Some("9"))
     })?;
     // Rates need two samples of the (young) series: wait until every recording rule has both
     // judged namespaces.
@@ -286,6 +288,9 @@ fn real_prometheus_agrees_with_the_agent_and_every_query_has_data() -> Result<()
                     serde_json::json!([
                         b["client"]["namespace"],
                         b["client"]["workload"],
+                        b["client"]["kind"],
+                        b["client"]["description"],
+                        b["advice"],
                         b["server"],
                         b["security"],
                         b["connections"]
@@ -294,6 +299,17 @@ fn real_prometheus_agrees_with_the_agent_and_every_query_has_data() -> Result<()
                 .collect()
         };
         assert_eq!(strip(&from_prom), strip(&from_agent), "{ns} blockers");
+        if ns == "shop" {
+            assert!(
+                from_prom["blockers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|b| b["client"]["kind"] == "node"
+                        && b["client"]["address"] == NODE_IPV4.to_string()),
+                "the node's blocker, named: {from_prom:#}"
+            );
+        }
         let wl = |r: &Value| -> Vec<Value> {
             r["workloads"]
                 .as_array()
