@@ -451,7 +451,10 @@ mod tests {
                     connections: 3,
                     mode: Some("STRICT".into()),
                 }],
+                labels: None,
             }],
+            peer_authentications: vec![],
+            what_if: None,
         }
     }
 
