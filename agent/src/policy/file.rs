@@ -255,11 +255,11 @@ mod tests {
         let cases = [
             (
                 format!("{good}---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: b}}\nspec: {{mtls: {{mode: STRICT, extra: 1}}}}\n"),
-                "p.yaml: document 2: spec.mtls: unknown field `extra`",
+                "p.yaml: document 2: spec.mtls.extra: unknown field `extra`",
             ),
             (
                 "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: a}\nspec: {portLevelMTLS: {}}\n".to_string(),
-                "p.yaml: document 1: spec: unknown field `portLevelMTLS`",
+                "p.yaml: document 1: spec.portLevelMTLS: unknown field `portLevelMTLS`",
             ),
             (
                 "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: a}\nspec: {mtls: {mode: STRIKT}}\n".to_string(),
