@@ -20,6 +20,8 @@ pub struct Workload {
     pub addresses: Vec<String>,
     /// Whether its pods have an Istio sidecar.
     pub sidecar: bool,
+    /// The pods' labels (`labels:`, for generated PeerAuthentication selectors).
+    pub labels: Vec<(String, String)>,
 }
 
 impl Workload {
@@ -34,7 +36,17 @@ impl Workload {
                 .map(|a: IpAddr| a.to_string())
                 .collect(),
             sidecar: true,
+            labels: Vec::new(),
         }
+    }
+
+    /// Adds `labels:` (the pods' labels).
+    pub fn labels(mut self, labels: &[(&str, &str)]) -> Self {
+        self.labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self
     }
 
     /// Marks the workload as running without a sidecar.
@@ -57,6 +69,10 @@ pub fn inventory_yaml(workloads: &[Workload]) -> String {
             addrs.join(", "),
             w.sidecar
         );
+        if !w.labels.is_empty() {
+            let l: Vec<String> = w.labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            let _ = writeln!(y, "    labels: {{{}}}", l.join(", "));
+        }
     }
     y
 }
@@ -78,12 +94,14 @@ mod tests {
             name: "web".into(),
             addresses: vec!["198.18.0.2".into(), "2001:db8::2".into()],
             sidecar: true,
+            labels: vec![],
         };
         let legacy = Workload {
             namespace: "legacy".into(),
             name: "batch".into(),
             addresses: vec!["198.18.0.3".into()],
             sidecar: false,
+            labels: vec![],
         };
         assert_eq!(
             inventory_yaml(&[w, legacy]),

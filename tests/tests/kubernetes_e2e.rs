@@ -260,3 +260,54 @@ fn kubernetes_flags_exit_2_with_one_line() -> Result<()> {
     }
     Ok(())
 }
+
+/// Issue 12 in Kubernetes mode: the same pods as the inventory-mode test, from the API double
+/// (selectors from the pods' labels, without `pod-template-hash`); the mesh-wide PERMISSIVE of
+/// the fixtures is among the known policies the what-if starts from.
+#[test]
+fn policy_from_traffic_and_what_if_in_kubernetes_mode() -> Result<()> {
+    ensure_root()?;
+    let bin = agent_bin()?;
+    let node = PolicyNode::new("mtpolk8s")?;
+    let tb = &node.tb;
+    let api_addr: std::net::SocketAddr = "127.0.0.1:6443".parse()?;
+    let double = KubeDoubleProc::start(tb, tb.node_netns(), api_addr, &kube_fixtures_dir())?;
+    for pod in node.pods_json("node-a") {
+        double.apply(tb, KubeResource::Pods, &pod)?;
+    }
+    let agent = Agent::start_kubernetes(
+        tb,
+        &bin,
+        double.kubeconfig(),
+        "node-a",
+        &["vp*"],
+        &[],
+        tb.pods().len(),
+    )?;
+    for (ip, name) in [
+        ("198.18.0.60", "catalog"),
+        ("198.18.0.63", "cron"),
+        ("198.18.0.64", "gateway"),
+    ] {
+        wait_for(&agent, tb, &format!("ip={ip}"), |v| {
+            v["workload"]["name"] == name
+        })?;
+    }
+    node.send_traffic()?;
+    agent.settle(tb, Duration::from_secs(15))?;
+    let report = agent.report_json(tb, "store", None)?;
+    assert_eq!(
+        report["peer_authentications"][0]["namespace"], "istio-system",
+        "the known mesh-wide policy: {report:#}"
+    );
+    assert_eq!(
+        workload_of(&report, "orders")["labels"],
+        json!({"app": "orders"})
+    );
+    let url = agent.url();
+    node.check_policy(&agent, &["--agent", &url])?;
+    agent.stop()?;
+    drop(double);
+    node.destroy()?;
+    Ok(())
+}
