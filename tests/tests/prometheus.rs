@@ -220,6 +220,115 @@ fn prometheus_rule_in_deploy_equals_the_rules_file() -> Result<()> {
     Ok(())
 }
 
+/// Prometheus with the project's rules (evaluated every second here instead of every 30 s),
+/// scraping `agent` every second, listening on [`PROM`] in the node namespace.
+fn start_prometheus(tb: &Testbed, agent: &Agent) -> Result<Proc> {
+    let promdir = tb.scratch_dir("prometheus")?;
+    let rules = std::fs::read_to_string(repo().join("dashboards/prometheus/rules.yaml"))?
+        .replace("interval: 30s", "interval: 1s");
+    std::fs::write(promdir.join("rules.yaml"), rules)?;
+    std::fs::write(
+        promdir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: mtls-agent\n    static_configs:\n      - targets: ['{}']\n",
+            promdir.join("rules.yaml").display(),
+            agent.url().trim_start_matches("http://")
+        ),
+    )?;
+    let prom = tb.spawn(
+        tb.node_netns(),
+        &[
+            "prometheus",
+            &format!("--config.file={}", promdir.join("prometheus.yml").display()),
+            &format!("--storage.tsdb.path={}", promdir.join("data").display()),
+            &format!("--web.listen-address={PROM}"),
+            "--log.level=warn",
+        ],
+    )?;
+    tb.wait_tcp_listening(tb.node_netns(), PROM.parse()?, Duration::from_secs(30))?;
+    Ok(prom)
+}
+
+/// Issue 12 cluster-wide: `policy` and `report --assume-policy` through `--prometheus` give the
+/// same YAML and the same what-if as through `--agent` (per-port counts and selector labels
+/// reach Prometheus as series).
+#[test]
+fn policy_and_what_if_through_prometheus_equal_the_agent() -> Result<()> {
+    ensure_root()?;
+    let bin = agent_bin()?;
+    let node = scenario::PolicyNode::new("mtpolprom")?;
+    let tb = &node.tb;
+    let inventory = tb.workdir().join("inventory.yaml");
+    write_inventory(&inventory, &node.workloads())?;
+    let agent = Agent::start(tb, &bin, &inventory, &["vp*"], &[], tb.pods().len())?;
+    let _prom = start_prometheus(tb, &agent)?;
+    node.send_traffic()?;
+    let m = agent.settle(tb, Duration::from_secs(15))?;
+    let total = metric_value(&m, "mtls_agent_inbound_connections_total", &[]).unwrap_or(0.0);
+    assert_eq!(total, 6.0, "{m}");
+    wait_for(tb, "the final scrape", Duration::from_secs(30), || {
+        Ok(query(tb, "sum(mtls_agent_inbound_port_connections_total)")?
+            .first()
+            .and_then(|s| s["value"][1].as_str())
+            == Some("6"))
+    })?;
+    let url = agent.url();
+    let prom_url = format!("http://{PROM}");
+    let from_agent = node.check_policy(&agent, &["--agent", &url])?;
+    let from_prom = node.check_policy(&agent, &["--prometheus", &prom_url])?;
+    // The same YAML but for the window each source judged over (the agent's is its uptime).
+    let window = |yaml: &str| -> String {
+        yaml.lines()
+            .next()
+            .and_then(|l| l.split_once("of the last "))
+            .and_then(|(_, r)| r.split_once(" proves"))
+            .map(|(w, _)| w.to_owned())
+            .unwrap_or_default()
+    };
+    let normal = |yaml: &str| yaml.replace(&window(yaml), "WINDOW");
+    assert_eq!(normal(&from_prom.yaml), normal(&from_agent.yaml));
+    // The same what-if: policies, counts and rejected connections (client, server, port,
+    // security, count, last seen).
+    let what_if = |v: &Value| -> Value {
+        let w = &v["what_if"];
+        let policies: Vec<Value> = w["policies"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                let rejects: Vec<Value> = p["rejects"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|b| {
+                        serde_json::json!([
+                            b["client"]["namespace"],
+                            b["client"]["workload"],
+                            b["server"],
+                            b["security"],
+                            b["connections"],
+                            b["last_seen"]
+                        ])
+                    })
+                    .collect();
+                serde_json::json!([p["policy"], p["assumed"], p["connections"], rejects])
+            })
+            .collect();
+        serde_json::json!([w["assumed"], w["rejected_connections"], policies])
+    };
+    assert_eq!(
+        what_if(&from_prom.what_if_strict),
+        what_if(&from_agent.what_if_strict)
+    );
+    assert_eq!(
+        what_if(&from_prom.what_if_generated),
+        what_if(&from_agent.what_if_generated)
+    );
+    agent.stop()?;
+    node.destroy()?;
+    Ok(())
+}
+
 #[test]
 fn real_prometheus_agrees_with_the_agent_and_every_query_has_data() -> Result<()> {
     ensure_root()?;
@@ -260,30 +369,7 @@ fn real_prometheus_agrees_with_the_agent_and_every_query_has_data() -> Result<()
     }
     let agent = Agent::start(&tb, &bin, &inventory, &["vp*"], &[], tb.pods().len())?;
 
-    // Prometheus with the project's rules (evaluated every second here instead of every 30 s).
-    let promdir = tb.scratch_dir("prometheus")?;
-    let rules = std::fs::read_to_string(repo().join("dashboards/prometheus/rules.yaml"))?
-        .replace("interval: 30s", "interval: 1s");
-    std::fs::write(promdir.join("rules.yaml"), rules)?;
-    std::fs::write(
-        promdir.join("prometheus.yml"),
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: mtls-agent\n    static_configs:\n      - targets: ['{}']\n",
-            promdir.join("rules.yaml").display(),
-            agent.url().trim_start_matches("http://")
-        ),
-    )?;
-    let _prom = tb.spawn(
-        tb.node_netns(),
-        &[
-            "prometheus",
-            &format!("--config.file={}", promdir.join("prometheus.yml").display()),
-            &format!("--storage.tsdb.path={}", promdir.join("data").display()),
-            &format!("--web.listen-address={PROM}"),
-            "--log.level=warn",
-        ],
-    )?;
-    tb.wait_tcp_listening(tb.node_netns(), PROM.parse()?, Duration::from_secs(30))?;
+    let _prom = start_prometheus(&tb, &agent)?;
 
     // Traffic: payments all Istio mTLS (+ exempt probes), shop plaintext from legacy/batch.
     let mtls = TlsClient::new(api.v4(8443), pki.ca_cert())
