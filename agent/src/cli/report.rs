@@ -579,4 +579,14 @@ mod tests {
         assert!(t.contains("rejected: 2 inbound"), "{t}");
         assert!(t.contains("8080 (STRICT)"), "{t}");
     }
+
+    #[test]
+    fn tables_fit_the_width() {
+        for width in [60, 80, 120] {
+            let t = render_table(&sample(), width);
+            for line in t.lines().filter(|l| l.starts_with(['│', '┌', '└', '╞', '├'])) {
+                assert!(line.chars().count() <= width as usize, "{width}: {line}\n{t}");
+            }
+        }
+    }
 }

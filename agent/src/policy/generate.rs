@@ -187,3 +187,169 @@ impl Plan {
         s
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::aggregate::{Blocker, ClientRef, Inbound, PortReport, ServerRef, report};
+
+    pub(crate) fn workload(
+        name: &str,
+        sidecar: bool,
+        ports: &[(u16, u64, u64)],
+        labels: bool,
+    ) -> WorkloadReport {
+        // (port, judged, of which compliant)
+        let judged: u64 = ports.iter().map(|p| p.1).sum();
+        let compliant: u64 = ports.iter().map(|p| p.2).sum();
+        let inbound = Inbound {
+            mtls: compliant,
+            plaintext: judged - compliant,
+            ..Default::default()
+        };
+        WorkloadReport {
+            name: name.into(),
+            verdict: report::readiness(&inbound, compliant),
+            inbound,
+            sidecar,
+            mtls_ratio: report::ratio(&inbound, compliant),
+            compliant,
+            rejected: 0,
+            mode: None,
+            ports: ports
+                .iter()
+                .map(|(p, n, _)| PortReport {
+                    port: *p,
+                    connections: *n,
+                    mode: None,
+                })
+                .collect(),
+            labels: labels.then(|| BTreeMap::from([("app".to_string(), name.to_string())])),
+        }
+    }
+
+    pub(crate) fn blocker(server: &str, port: u16, n: u64, last: &str) -> Blocker {
+        Blocker {
+            client: ClientRef {
+                namespace: None,
+                workload: None,
+                address: "198.18.9.9".into(),
+            },
+            server: ServerRef {
+                workload: server.into(),
+                port,
+            },
+            security: "plaintext".into(),
+            connections: n,
+            last_seen: last.into(),
+            evidence: String::new(),
+            mesh: "none".into(),
+            protocol: None,
+        }
+    }
+
+    pub(crate) fn report_of(workloads: Vec<WorkloadReport>, blockers: Vec<Blocker>) -> Report {
+        let mut inbound = Inbound::default();
+        let mut compliant = 0;
+        for w in &workloads {
+            inbound.add(&w.inbound);
+            compliant += w.compliant;
+        }
+        Report {
+            namespace: "shop".into(),
+            workload: None,
+            window_seconds: 900,
+            verdict: report::readiness(&inbound, compliant),
+            inbound,
+            mtls_ratio: report::ratio(&inbound, compliant),
+            compliant,
+            rejected: 0,
+            peer_authentication: None,
+            blockers,
+            workloads,
+            peer_authentications: vec![],
+            what_if: None,
+        }
+    }
+
+    fn names(p: &Plan) -> Vec<&str> {
+        p.proposals
+            .iter()
+            .map(|p| p.resource.metadata.name.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn whole_namespace_ready_is_one_namespace_wide_strict() {
+        let r = report_of(
+            vec![
+                workload("web", true, &[(8080, 3, 3)], true),
+                workload("db", true, &[(5432, 1, 1)], false),
+                workload("job", false, &[], true),
+            ],
+            vec![],
+        );
+        let p = plan(&r);
+        assert_eq!(names(&p), ["default"]);
+        assert!(p.proposals[0].resource.spec.selector.is_none());
+        assert!(
+            p.proposals[0]
+                .evidence
+                .contains("4 connections judged in 15m")
+        );
+        assert_eq!(p.skipped.len(), 1, "the workload without sidecar is named");
+    }
+
+    #[test]
+    fn never_strict_where_a_blocker_was_seen() {
+        let r = report_of(
+            vec![
+                workload("web", true, &[(8080, 3, 3)], true),
+                // Blockers on one of two ports: STRICT with that port PERMISSIVE.
+                workload("api", true, &[(8080, 2, 0), (9090, 2, 2)], true),
+                // Blockers on its only port: nothing.
+                workload("db", true, &[(5432, 2, 1)], true),
+                // Ready but no labels to select it: nothing.
+                workload("nolabels", true, &[(80, 1, 1)], false),
+                workload("idle", true, &[], true),
+            ],
+            vec![
+                blocker("api", 8080, 2, "2026-12-01T00:00:02Z"),
+                blocker("db", 5432, 1, "2026-12-01T00:00:01Z"),
+            ],
+        );
+        let p = plan(&r);
+        assert_eq!(names(&p), ["api", "web"]);
+        let api = &p.proposals[0].resource.spec;
+        assert_eq!(
+            api.port_level_mtls
+                .as_ref()
+                .unwrap()
+                .keys()
+                .collect::<Vec<_>>(),
+            ["8080"]
+        );
+        assert!(
+            p.proposals[0]
+                .evidence
+                .contains("last 2026-12-01T00:00:02Z"),
+            "{}",
+            p.proposals[0].evidence
+        );
+        let skipped: Vec<&str> = p.skipped.iter().map(|(w, _)| w.as_str()).collect();
+        assert_eq!(skipped, ["db", "idle", "nolabels"]);
+        let yaml = p.to_yaml();
+        assert!(
+            yaml.contains("# db: no policy — not ready: blockers on every port"),
+            "{yaml}"
+        );
+        assert!(yaml.contains("no evidence is not readiness"), "{yaml}");
+        // Deterministic: the same report gives the same text.
+        assert_eq!(plan(&r).to_yaml(), yaml);
+        // Every resource parses back with the strict model.
+        let back = crate::policy::file::parse("gen", &yaml).unwrap();
+        assert_eq!(back.len(), 2);
+    }
+}

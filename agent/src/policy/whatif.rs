@@ -102,3 +102,79 @@ impl WhatIf {
         self.rejected_connections > 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{
+        Mode, PolicySet, Rule,
+        generate::tests::{blocker, report_of, workload},
+    };
+
+    fn rule(ns: &str, name: &str, app: Option<&str>, mode: Mode, ports: Vec<(u32, Mode)>) -> Rule {
+        Rule {
+            namespace: ns.into(),
+            name: name.into(),
+            selector: app.map(|a| vec![("app".to_string(), a.to_string())]),
+            mode,
+            ports,
+            created: 0,
+        }
+    }
+
+    #[test]
+    fn lists_per_policy_what_it_would_reject() {
+        let r = report_of(
+            vec![
+                workload("api", true, &[(8080, 2, 0), (9090, 2, 2)], true),
+                workload("db", true, &[(5432, 1, 0)], true),
+                workload("legacy", false, &[(80, 1, 0)], true),
+            ],
+            vec![
+                blocker("api", 8080, 2, "t2"),
+                blocker("db", 5432, 1, "t1"),
+                blocker("legacy", 80, 1, "t3"),
+            ],
+        );
+        // Known: mesh-wide STRICT. Assumed: namespace PERMISSIVE, and api STRICT but 8080 DISABLE.
+        let mut set = PolicySet::new("istio-system");
+        set.apply(rule("istio-system", "default", None, Mode::Strict, vec![]));
+        let w = judge(&r, &set, &[]);
+        assert_eq!(w.rejected_connections, 3, "{w:#?}");
+        assert_eq!(w.policies[0].policy, "istio-system/default");
+        assert!(!w.policies[0].assumed);
+        assert_eq!(w.not_enforced.len(), 1, "no sidecar, nothing enforced");
+
+        set.apply(rule("shop", "default", None, Mode::Permissive, vec![]));
+        set.apply(rule(
+            "shop",
+            "api",
+            Some("api"),
+            Mode::Strict,
+            vec![(8080, Mode::Disable)],
+        ));
+        let assumed = vec!["shop/default".to_string(), "shop/api".to_string()];
+        let w = judge(&r, &set, &assumed);
+        assert!(!w.rejects_anything(), "{w:#?}");
+        // Every assumed policy is listed, also when it rejects nothing.
+        assert_eq!(
+            w.policies
+                .iter()
+                .map(|p| p.policy.as_str())
+                .collect::<Vec<_>>(),
+            ["shop/default", "shop/api"]
+        );
+        // Port-level UNSET inherits the workload's STRICT: 8080 is rejected, under shop/api.
+        set.apply(rule(
+            "shop",
+            "api",
+            Some("api"),
+            Mode::Strict,
+            vec![(8080, Mode::Unset)],
+        ));
+        let w = judge(&r, &set, &assumed);
+        assert_eq!(w.rejected_connections, 2);
+        assert_eq!(w.policies[1].policy, "shop/api");
+        assert_eq!(w.policies[1].rejects[0].server.port, 8080);
+    }
+}
