@@ -593,6 +593,30 @@ impl PolicyNode {
         Ok((status.code().unwrap_or(-1), out, err))
     }
 
+    /// `report --namespace store --assume-policy FILE --check --output json`.
+    fn check(
+        &self,
+        agent: &Agent,
+        file: &std::path::Path,
+        source: &[&str],
+    ) -> Result<(i32, String, String)> {
+        let file = file.to_str().context("path is not UTF-8")?;
+        self.run(
+            agent,
+            &[
+                "report",
+                "--namespace",
+                "store",
+                "--assume-policy",
+                file,
+                "--check",
+                "--output",
+                "json",
+            ],
+            source,
+        )
+    }
+
     /// The acceptance of issue 12 through one way of asking (`source`: `--agent URL` or
     /// `--prometheus URL`): the exact YAML of `policy`, valid against the PeerAuthentication
     /// schema; that YAML judged on the same traffic rejects nothing (`--check` exits 0); a
@@ -672,21 +696,7 @@ spec:
         // Fed back: nothing rejected, exit 0.
         let generated = self.tb.workdir().join("generated.yaml");
         std::fs::write(&generated, &yaml)?;
-        let generated = generated.to_str().context("path")?;
-        let (code, out, err) = self.run(
-            agent,
-            &[
-                "report",
-                "--namespace",
-                "store",
-                "--assume-policy",
-                generated,
-                "--check",
-                "--output",
-                "json",
-            ],
-            source,
-        )?;
+        let (code, out, err) = self.check(agent, &generated, source)?;
         assert_eq!(code, 0, "{err}\n{out}");
         let what_if_generated: Value = serde_json::from_str(&out)?;
         let w = &what_if_generated["what_if"];
@@ -700,21 +710,8 @@ spec:
         // Namespace-wide STRICT: exit 3, rejecting exactly the blockers report lists.
         let strict = self.tb.workdir().join("strict.yaml");
         std::fs::write(&strict, NAMESPACE_STRICT)?;
+        let (code, out, err) = self.check(agent, &strict, source)?;
         let strict = strict.to_str().context("path")?;
-        let (code, out, err) = self.run(
-            agent,
-            &[
-                "report",
-                "--namespace",
-                "store",
-                "--assume-policy",
-                strict,
-                "--check",
-                "--output",
-                "json",
-            ],
-            source,
-        )?;
         assert_eq!(code, 3, "{err}\n{out}");
         assert_eq!(err.trim().lines().count(), 1, "{err}");
         let what_if_strict: Value = serde_json::from_str(&out)?;
@@ -747,19 +744,8 @@ spec:
                 NAMESPACE_STRICT.replace("mode: STRICT", "mode: STRICT\n    strict: true")
             ),
         )?;
+        let (code, _, err) = self.check(agent, &bad, source)?;
         let bad_s = bad.to_str().context("path")?;
-        let (code, _, err) = self.run(
-            agent,
-            &[
-                "report",
-                "--namespace",
-                "store",
-                "--assume-policy",
-                bad_s,
-                "--check",
-            ],
-            source,
-        )?;
         assert_eq!(code, 2, "{err}");
         assert_eq!(err.trim().lines().count(), 1, "{err}");
         assert!(

@@ -12,6 +12,24 @@ use serde_json::{Value, json};
 
 const TCX_QUERY: &str = env!("CARGO_BIN_EXE_tcx-query");
 
+/// The API double in the node namespace (the fixtures: the reference node's pods as the API
+/// returns them, plus namespaces, nodes and PeerAuthentications) and the agent of `node-a`
+/// watching it, attached to every pod of the bed.
+fn start_with_double(tb: &Testbed, bin: &std::path::Path) -> Result<(KubeDoubleProc, Agent)> {
+    let api_addr: std::net::SocketAddr = "127.0.0.1:6443".parse()?;
+    let double = KubeDoubleProc::start(tb, tb.node_netns(), api_addr, &kube_fixtures_dir())?;
+    let agent = Agent::start_kubernetes(
+        tb,
+        bin,
+        double.kubeconfig(),
+        "node-a",
+        &["vp*"],
+        &[],
+        tb.pods().len(),
+    )?;
+    Ok((double, agent))
+}
+
 #[test]
 fn namespaces_get_exact_counts_and_verdicts_in_kubernetes_mode() -> Result<()> {
     ensure_root()?;
@@ -22,18 +40,7 @@ fn namespaces_get_exact_counts_and_verdicts_in_kubernetes_mode() -> Result<()> {
     // The API double in the node namespace: the fixtures are the reference node's pods as the
     // API returns them (pod IPs, owners, service accounts, sidecars), plus namespaces, nodes and
     // PeerAuthentications.
-    let api_addr: std::net::SocketAddr = "127.0.0.1:6443".parse()?;
-    let double = KubeDoubleProc::start(tb, tb.node_netns(), api_addr, &kube_fixtures_dir())?;
-
-    let agent = Agent::start_kubernetes(
-        tb,
-        &bin,
-        double.kubeconfig(),
-        "node-a",
-        &["vp*"],
-        &[],
-        tb.pods().len(),
-    )?;
+    let (double, agent) = start_with_double(tb, &bin)?;
 
     // The same connections, counts and verdicts as in inventory mode.
     node.send_traffic()?;
@@ -270,20 +277,10 @@ fn policy_from_traffic_and_what_if_in_kubernetes_mode() -> Result<()> {
     let bin = agent_bin()?;
     let node = PolicyNode::new("mtpolk8s")?;
     let tb = &node.tb;
-    let api_addr: std::net::SocketAddr = "127.0.0.1:6443".parse()?;
-    let double = KubeDoubleProc::start(tb, tb.node_netns(), api_addr, &kube_fixtures_dir())?;
+    let (double, agent) = start_with_double(tb, &bin)?;
     for pod in node.pods_json("node-a") {
         double.apply(tb, KubeResource::Pods, &pod)?;
     }
-    let agent = Agent::start_kubernetes(
-        tb,
-        &bin,
-        double.kubeconfig(),
-        "node-a",
-        &["vp*"],
-        &[],
-        tb.pods().len(),
-    )?;
     for (ip, name) in [
         ("198.18.0.60", "catalog"),
         ("198.18.0.63", "cron"),

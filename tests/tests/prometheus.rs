@@ -220,6 +220,18 @@ fn prometheus_rule_in_deploy_equals_the_rules_file() -> Result<()> {
     Ok(())
 }
 
+/// What `report --prometheus` and `report --agent` both know of a blocker (not the evidence,
+/// nor a known client's address: per-connection facts that are no metric labels).
+fn blocker_key(b: &Value) -> Vec<Value> {
+    vec![
+        b["client"]["namespace"].clone(),
+        b["client"]["workload"].clone(),
+        b["server"].clone(),
+        b["security"].clone(),
+        b["connections"].clone(),
+    ]
+}
+
 /// Prometheus with the project's rules (evaluated every second here instead of every 30 s),
 /// scraping `agent` every second, listening on [`PROM`] in the node namespace.
 fn start_prometheus(tb: &Testbed, agent: &Agent) -> Result<Proc> {
@@ -301,14 +313,9 @@ fn policy_and_what_if_through_prometheus_equal_the_agent() -> Result<()> {
                     .into_iter()
                     .flatten()
                     .map(|b| {
-                        serde_json::json!([
-                            b["client"]["namespace"],
-                            b["client"]["workload"],
-                            b["server"],
-                            b["security"],
-                            b["connections"],
-                            b["last_seen"]
-                        ])
+                        let mut key = blocker_key(b);
+                        key.push(b["last_seen"].clone());
+                        Value::Array(key)
                     })
                     .collect();
                 serde_json::json!([p["policy"], p["assumed"], p["connections"], rejects])
@@ -435,15 +442,7 @@ fn real_prometheus_agrees_with_the_agent_and_every_query_has_data() -> Result<()
                 .as_array()
                 .into_iter()
                 .flatten()
-                .map(|b| {
-                    serde_json::json!([
-                        b["client"]["namespace"],
-                        b["client"]["workload"],
-                        b["server"],
-                        b["security"],
-                        b["connections"]
-                    ])
-                })
+                .map(|b| Value::Array(blocker_key(b)))
                 .collect()
         };
         assert_eq!(strip(&from_prom), strip(&from_agent), "{ns} blockers");

@@ -280,6 +280,33 @@ fn client_name(b: &Blocker) -> String {
     }
 }
 
+/// The columns every table of connections has (blockers, what-if rejections).
+const BLOCKER_HEADER: [&str; 7] = [
+    "CLIENT",
+    "ADDRESS",
+    "SERVER",
+    "PORT",
+    "SECURITY",
+    "CONNS",
+    "LAST SEEN",
+];
+
+fn blocker_cells(b: &Blocker) -> [String; 7] {
+    let security = match &b.protocol {
+        Some(p) => format!("{} ({p})", b.security),
+        None => b.security.clone(),
+    };
+    [
+        client_name(b),
+        b.client.address.clone(),
+        b.server.workload.clone(),
+        b.server.port.to_string(),
+        security,
+        b.connections.to_string(),
+        b.last_seen.clone(),
+    ]
+}
+
 /// What to do about one blocker, in words.
 pub fn advice(b: &Blocker, report: &Report) -> String {
     let client = client_name(b);
@@ -354,33 +381,13 @@ pub fn render_table(r: &Report, width: u16) -> String {
     if !r.blockers.is_empty() {
         s += "\nBlockers — these connections would break under STRICT:\n";
         let mut t = table(width);
-        t.set_header([
-            "CLIENT",
-            "ADDRESS",
-            "SERVER",
-            "PORT",
-            "SECURITY",
-            "CONNS",
-            "LAST SEEN",
-            "EVIDENCE",
-            "WHAT TO DO",
-        ]);
+        let mut header = BLOCKER_HEADER.to_vec();
+        header.extend(["EVIDENCE", "WHAT TO DO"]);
+        t.set_header(header);
         for b in &r.blockers {
-            let security = match &b.protocol {
-                Some(p) => format!("{} ({p})", b.security),
-                None => b.security.clone(),
-            };
-            t.add_row([
-                client_name(b),
-                b.client.address.clone(),
-                b.server.workload.clone(),
-                b.server.port.to_string(),
-                security,
-                b.connections.to_string(),
-                b.last_seen.clone(),
-                b.evidence.clone(),
-                advice(b, r),
-            ]);
+            let mut row = blocker_cells(b).to_vec();
+            row.extend([b.evidence.clone(), advice(b, r)]);
+            t.add_row(row);
         }
         s += &format!("{t}\n");
     }
@@ -468,25 +475,9 @@ pub fn render_what_if(w: &whatif::WhatIf, width: u16) -> String {
             continue;
         }
         let mut t = table(width);
-        t.set_header([
-            "CLIENT",
-            "ADDRESS",
-            "SERVER",
-            "PORT",
-            "SECURITY",
-            "CONNS",
-            "LAST SEEN",
-        ]);
+        t.set_header(BLOCKER_HEADER);
         for b in &p.rejects {
-            t.add_row([
-                client_name(b),
-                b.client.address.clone(),
-                b.server.workload.clone(),
-                b.server.port.to_string(),
-                b.security.clone(),
-                b.connections.to_string(),
-                b.last_seen.clone(),
-            ]);
+            t.add_row(blocker_cells(b));
         }
         s += &format!("{t}\n");
     }
@@ -584,8 +575,14 @@ mod tests {
     fn tables_fit_the_width() {
         for width in [60, 80, 120] {
             let t = render_table(&sample(), width);
-            for line in t.lines().filter(|l| l.starts_with(['│', '┌', '└', '╞', '├'])) {
-                assert!(line.chars().count() <= width as usize, "{width}: {line}\n{t}");
+            for line in t
+                .lines()
+                .filter(|l| l.starts_with(['│', '┌', '└', '╞', '├']))
+            {
+                assert!(
+                    line.chars().count() <= width as usize,
+                    "{width}: {line}\n{t}"
+                );
             }
         }
     }

@@ -1318,6 +1318,50 @@ mod tests {
     }
 
     #[test]
+    fn selector_labels_are_shared_and_stable() {
+        let mut store = KubeStore::new(KubeConfig::default());
+        let pod = |name: &str, labels: &[(&str, &str)], ip: &str| PodSummary {
+            namespace: "shop".into(),
+            name: name.into(),
+            workload: "web".into(),
+            kind: WorkloadKind::Deployment,
+            service_account: "web".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            node_name: None,
+            host_network: false,
+            live: true,
+            sidecar: true,
+            ips: vec![ip.parse().unwrap()],
+            created: 1,
+        };
+        store.apply_pod_summary(&pod(
+            "web-a-1",
+            &[
+                ("app", "web"),
+                ("pod-template-hash", "a"),
+                ("tier", "front"),
+            ],
+            "10.2.0.1",
+        ));
+        store.apply_pod_summary(&pod(
+            "web-b-1",
+            &[
+                ("app", "web"),
+                ("pod-template-hash", "b"),
+                ("version", "v2"),
+            ],
+            "10.2.0.2",
+        ));
+        // Mid-rollout: only what both pods share, never the per-rollout hash.
+        let want: BTreeMap<String, String> = [("app".to_string(), "web".to_string())].into();
+        assert_eq!(store.selector_labels("shop", "web"), Some(want));
+        assert_eq!(store.selector_labels("shop", "nope"), None);
+    }
+
+    #[test]
     fn injection_labels() {
         let l = |pairs: &[(&str, &str)]| {
             let m: BTreeMap<String, String> = pairs
