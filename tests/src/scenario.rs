@@ -735,6 +735,20 @@ spec:
         assert!(table.contains("store/cron"), "{table}");
         assert!(table.lines().all(|l| l.chars().count() <= 120), "{table}");
 
+        // The same policy from stdin (`-`), as a pipeline would pass it.
+        let mut argv = vec![
+            "report",
+            "--namespace",
+            "store",
+            "--assume-policy",
+            "-",
+            "--check",
+        ];
+        argv.extend_from_slice(source);
+        let (status, _, err) =
+            agent.cli_stdin(&self.tb, &argv, Some(NAMESPACE_STRICT.as_bytes()))?;
+        assert_eq!(status.code(), Some(3), "stdin: {err}");
+
         // A bad policy file: one line naming the file, the document and the field; exit 2.
         let bad = self.tb.workdir().join("bad.yaml");
         std::fs::write(

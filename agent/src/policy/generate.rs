@@ -9,11 +9,17 @@
 //!   data, without a sidecar, without known labels, or with blockers on every port.
 //!
 //! Output is deterministic for the same traffic: resources sorted by name, no timestamps other
-//! than the evidence's own.
-use std::{collections::BTreeSet, time::Duration};
+//! than the evidence's own. Names: `default` and the workload's name, or, in Kubernetes mode, the
+//! name of the known policy the resource replaces (the known namespace-wide policy; a known
+//! workload policy selecting that workload alone), because of several matching policies Istio
+//! honours the oldest: a new one beside them would have no effect.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use super::{
-    Mode,
+    Mode, Rule,
     file::{PeerAuthentication, to_yaml},
 };
 use crate::aggregate::{Readiness, Report, WorkloadReport};
@@ -51,6 +57,48 @@ fn last_blocker(report: &Report, f: impl Fn(&crate::aggregate::Blocker) -> bool)
         .to_owned()
 }
 
+/// The oldest known policy of `rules` (Istio lets the oldest of several matching ones win).
+fn oldest<'a>(rules: impl Iterator<Item = &'a Rule>) -> Option<&'a Rule> {
+    rules.min_by(|a, b| a.created.cmp(&b.created).then_with(|| a.name.cmp(&b.name)))
+}
+
+/// The name of the namespace-wide resource: the known namespace-wide policy's (Kubernetes
+/// mode), so that applying replaces it; a second one would lose to it in Istio, being newer.
+fn namespace_policy_name(report: &Report) -> String {
+    oldest(
+        report
+            .peer_authentications
+            .iter()
+            .filter(|r| r.namespace == report.namespace && r.selector.is_none()),
+    )
+    .map(|r| r.name.clone())
+    .unwrap_or_else(|| "default".into())
+}
+
+/// Whether `rule`'s selector matches a workload with `labels`.
+fn selects(rule: &Rule, labels: Option<&BTreeMap<String, String>>) -> bool {
+    rule.selector
+        .as_ref()
+        .is_some_and(|sel| labels.is_some_and(|l| sel.iter().all(|(k, v)| l.get(k) == Some(v))))
+}
+
+/// The name of a workload's resource: the known workload policy that selects it and no other
+/// workload of the report (so applying replaces it), else the workload's name.
+fn workload_policy_name(report: &Report, w: &WorkloadReport) -> String {
+    oldest(report.peer_authentications.iter().filter(|r| {
+        r.namespace == report.namespace
+            && selects(r, w.labels.as_ref())
+            && report
+                .workloads
+                .iter()
+                .filter(|o| selects(r, o.labels.as_ref()))
+                .count()
+                == 1
+    }))
+    .map(|r| r.name.clone())
+    .unwrap_or_else(|| w.name.clone())
+}
+
 pub fn plan(report: &Report) -> Plan {
     let window = window_text(report.window_seconds);
     let mut plan = Plan {
@@ -71,7 +119,13 @@ pub fn plan(report: &Report) -> Plan {
     }
     if whole_namespace {
         plan.proposals.push(Proposal {
-            resource: PeerAuthentication::new(&report.namespace, "default", None, Mode::Strict, &[]),
+            resource: PeerAuthentication::new(
+                &report.namespace,
+                &namespace_policy_name(report),
+                None,
+                Mode::Strict,
+                &[],
+            ),
             evidence: format!(
                 "namespace {}: {} connections judged in {window}, all accepted by STRICT; last blocker seen: {}",
                 report.namespace,
@@ -109,7 +163,7 @@ pub fn plan(report: &Report) -> Plan {
             Readiness::Ready => plan.proposals.push(Proposal {
                 resource: PeerAuthentication::new(
                     &report.namespace,
-                    &w.name,
+                    &workload_policy_name(report, w),
                     Some(labels),
                     Mode::Strict,
                     &[],
@@ -144,7 +198,7 @@ pub fn plan(report: &Report) -> Plan {
                 plan.proposals.push(Proposal {
                     resource: PeerAuthentication::new(
                         &report.namespace,
-                        &w.name,
+                        &workload_policy_name(report, w),
                         Some(labels),
                         Mode::Strict,
                         &ports,
@@ -300,6 +354,44 @@ pub(crate) mod tests {
                 .contains("4 connections judged in 15m")
         );
         assert_eq!(p.skipped.len(), 1, "the workload without sidecar is named");
+    }
+
+    #[test]
+    fn known_policies_are_replaced_by_name() {
+        let rule = |name: &str, app: Option<&str>| Rule {
+            namespace: "shop".into(),
+            name: name.into(),
+            selector: app.map(|a| vec![("app".to_string(), a.to_string())]),
+            mode: Mode::Permissive,
+            ports: vec![],
+            created: 5,
+        };
+        let ready = vec![
+            workload("web", true, &[(8080, 3, 3)], true),
+            workload("db", true, &[(5432, 1, 1)], true),
+        ];
+        let mut r = report_of(ready.clone(), vec![]);
+        r.peer_authentications = vec![
+            rule("shop-wide", None),
+            crate::policy::Rule {
+                namespace: "other".into(),
+                ..rule("elsewhere", None)
+            },
+        ];
+        assert_eq!(names(&plan(&r)), ["shop-wide"]);
+        // Per workload: a known policy selecting web alone is replaced; one selecting both
+        // workloads is not reused.
+        let mut r = report_of(
+            vec![
+                ready[0].clone(),
+                workload("db", true, &[(5432, 1, 0)], true),
+            ],
+            vec![blocker("db", 5432, 1, "t")],
+        );
+        let mut both = rule("both", Some("web"));
+        both.selector = Some(vec![]);
+        r.peer_authentications = vec![rule("web-permissive", Some("web")), both];
+        assert_eq!(names(&plan(&r)), ["web-permissive"]);
     }
 
     #[test]
