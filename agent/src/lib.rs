@@ -11,3 +11,4 @@ pub mod export;
 pub mod flows;
 pub mod identity;
 pub mod pcap;
+pub mod policy;

@@ -241,25 +241,37 @@ impl Agent {
     /// Runs `mtls-agent report` (inside the node namespace) and returns (exit status, stdout,
     /// stderr).
     pub fn report(&self, tb: &Testbed, args: &[&str]) -> Result<(ExitStatus, String, String)> {
-        let bin = self.bin.to_str().context("agent path is not UTF-8")?;
         let url = self.url();
-        let mut argv = vec![bin, "report", "--agent", &url];
+        let mut argv = vec!["report", "--agent", &url];
         argv.extend_from_slice(args);
-        let out = tb.output(&self.ns, &argv, None, Duration::from_secs(15))?;
-        Ok((
-            out.status,
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ))
+        self.cli(tb, &argv)
     }
 
     /// Runs `mtls-agent report ARGS` inside the node namespace without `--agent` (e.g. with
     /// `--prometheus`).
     pub fn report_with(&self, tb: &Testbed, args: &[&str]) -> Result<(ExitStatus, String, String)> {
-        let bin = self.bin.to_str().context("agent path is not UTF-8")?;
-        let mut argv = vec![bin, "report"];
+        let mut argv = vec!["report"];
         argv.extend_from_slice(args);
-        let out = tb.output(&self.ns, &argv, None, Duration::from_secs(15))?;
+        self.cli(tb, &argv)
+    }
+
+    /// Runs `mtls-agent ARGS` (any command, e.g. `policy`) inside the node namespace and returns
+    /// (exit status, stdout, stderr).
+    pub fn cli(&self, tb: &Testbed, args: &[&str]) -> Result<(ExitStatus, String, String)> {
+        self.cli_stdin(tb, args, None)
+    }
+
+    /// [`Agent::cli`] with `stdin` as the command's standard input.
+    pub fn cli_stdin(
+        &self,
+        tb: &Testbed,
+        args: &[&str],
+        stdin: Option<&[u8]>,
+    ) -> Result<(ExitStatus, String, String)> {
+        let bin = self.bin.to_str().context("agent path is not UTF-8")?;
+        let mut argv = vec![bin];
+        argv.extend_from_slice(args);
+        let out = tb.output(&self.ns, &argv, stdin, Duration::from_secs(15))?;
         Ok((
             out.status,
             String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -24,6 +24,8 @@ pub struct Workload {
     pub exclude_inbound_ports: Vec<u16>,
     /// In Istio ambient mode (`ambient: true`).
     pub ambient: bool,
+    /// The pods' labels (`labels:`, for generated PeerAuthentication selectors).
+    pub labels: Vec<(String, String)>,
 }
 
 impl Workload {
@@ -40,7 +42,17 @@ impl Workload {
             sidecar: true,
             exclude_inbound_ports: Vec::new(),
             ambient: false,
+            labels: Vec::new(),
         }
+    }
+
+    /// Adds `labels:` (the pods' labels).
+    pub fn labels(mut self, labels: &[(&str, &str)]) -> Self {
+        self.labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self
     }
 
     /// Marks the workload as running without a sidecar.
@@ -83,6 +95,10 @@ pub fn inventory_yaml(workloads: &[Workload]) -> String {
         if w.ambient {
             y.push_str("    ambient: true\n");
         }
+        if !w.labels.is_empty() {
+            let l: Vec<String> = w.labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            let _ = writeln!(y, "    labels: {{{}}}", l.join(", "));
+        }
     }
     y
 }
@@ -106,6 +122,7 @@ mod tests {
             sidecar: true,
             exclude_inbound_ports: Vec::new(),
             ambient: false,
+            labels: vec![],
         };
         let legacy = Workload {
             namespace: "legacy".into(),
@@ -114,6 +131,7 @@ mod tests {
             sidecar: false,
             exclude_inbound_ports: vec![9000, 9001],
             ambient: true,
+            labels: vec![],
         };
         assert_eq!(
             inventory_yaml(&[w, legacy]),

@@ -576,3 +576,408 @@ pub fn assert_attached_then_detached(tb: &Testbed, tcx_query: &str, agent: Agent
     }
     Ok(())
 }
+
+/// The node of the `policy` / `--assume-policy` end-to-end tests: one namespace, `store`, with
+/// each case the generator must tell apart, and a client namespace, `edge`.
+///
+/// | workload        | sidecar | inbound traffic                                              | expected policy                      |
+/// |-----------------|---------|--------------------------------------------------------------|--------------------------------------|
+/// | store/catalog   | yes     | 2 × Istio mTLS (TLS 1.3) on 8443 from edge/gateway           | STRICT                               |
+/// | store/orders    | yes     | 2 × Istio mTLS on 8443 from edge/gateway, 2 × plaintext HTTP on 8080 from store/cron | STRICT, 8080 PERMISSIVE |
+/// | store/idle      | yes     | none                                                         | none: no data                        |
+/// | store/cron      | no      | none (it is the plaintext client)                            | none: no sidecar                     |
+pub struct PolicyNode {
+    _servers: Vec<Proc>,
+    pub catalog: Pod,
+    pub orders: Pod,
+    pub idle: Pod,
+    pub cron: Pod,
+    pub gateway: Pod,
+    pub pki: Pki,
+    pub gateway_cert: CertPaths,
+    pub tb: Testbed,
+}
+
+/// The pods' labels (inventory `labels:`, and the API double's pods).
+pub const POLICY_LABELS: [(&str, &str); 5] = [
+    ("catalog", "catalog"),
+    ("orders", "orders"),
+    ("idle", "idle"),
+    ("cron", "cron"),
+    ("gateway", "gateway"),
+];
+
+/// What [`PolicyNode::check_policy`] saw, for comparing ways of asking (agent, Prometheus).
+pub struct PolicyAnswers {
+    pub yaml: String,
+    pub what_if_generated: Value,
+    pub what_if_strict: Value,
+}
+
+/// A namespace-wide STRICT for `store`: the policy every migration wants to apply first.
+pub const NAMESPACE_STRICT: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: default
+  namespace: store
+spec:
+  mtls:
+    mode: STRICT
+";
+
+impl PolicyNode {
+    pub fn new(family: &str) -> Result<Self> {
+        let mut tb = Testbed::new(family)?;
+        let catalog = tb.add_pod(PodSpec::new("catalog", "198.18.0.60".parse()?))?;
+        let orders = tb.add_pod(PodSpec::new("orders", "198.18.0.61".parse()?))?;
+        let idle = tb.add_pod(PodSpec::new("idle", "198.18.0.62".parse()?))?;
+        let cron = tb.add_pod(PodSpec::new("cron", "198.18.0.63".parse()?))?;
+        let gateway = tb.add_pod(PodSpec::new("gateway", "198.18.0.64".parse()?))?;
+        let pki = Pki::new(tb.workdir().join("pki"))?;
+        let catalog_cert = pki.issue("catalog", &[San::spiffe("store", "catalog")])?;
+        let orders_cert = pki.issue("orders", &[San::spiffe("store", "orders")])?;
+        let gateway_cert = pki.issue("gateway", &[San::spiffe("edge", "gateway")])?;
+        let mtls_server = |port, cert| {
+            TlsServer::new(port, cert, pki.ca_cert())
+                .require_client_cert()
+                .alpn(ISTIO_ALPN)
+                .tls_version(TlsVersion::Tls13)
+        };
+        let s1 = openssl_server(&tb, &catalog.netns, &mtls_server(8443, &catalog_cert))?;
+        let s2 = openssl_server(&tb, &orders.netns, &mtls_server(8443, &orders_cert))?;
+        let s3 = http_server(&tb, &orders.netns, 8080, false)?;
+        for (ns, addr) in [
+            (&catalog.netns, catalog.v4(8443)),
+            (&orders.netns, orders.v4(8443)),
+            (&orders.netns, orders.v4(8080)),
+        ] {
+            tb.wait_tcp_listening(ns, addr, Duration::from_secs(10))?;
+        }
+        Ok(Self {
+            _servers: vec![s1, s2, s3],
+            catalog,
+            orders,
+            idle,
+            cron,
+            gateway,
+            pki,
+            gateway_cert,
+            tb,
+        })
+    }
+
+    /// The workloads as an inventory, with `labels:` (inventory mode).
+    pub fn workloads(&self) -> Vec<Workload> {
+        let w = |ns: &str, name: &str, pod: &Pod| {
+            Workload::new(ns, name, &[pod]).labels(&[("app", name)])
+        };
+        vec![
+            w("store", "catalog", &self.catalog),
+            w("store", "orders", &self.orders),
+            w("store", "idle", &self.idle),
+            w("store", "cron", &self.cron).without_sidecar(),
+            w("edge", "gateway", &self.gateway),
+        ]
+    }
+
+    /// The same pods as the API returns them (Kubernetes mode), on node `node`.
+    pub fn pods_json(&self, node: &str) -> Vec<Value> {
+        let pods = [
+            ("store", "catalog", &self.catalog, true),
+            ("store", "orders", &self.orders, true),
+            ("store", "idle", &self.idle, true),
+            ("store", "cron", &self.cron, false),
+            ("edge", "gateway", &self.gateway, true),
+        ];
+        pods.iter()
+            .map(|(ns, name, pod, sidecar)| {
+                let rs = format!("{name}-5f7c9d8b6");
+                crate::pod_json(
+                    ns,
+                    &format!("{rs}-x{}", &name[..3]),
+                    Some(("ReplicaSet", &rs)),
+                    &[("app", name)],
+                    name,
+                    node,
+                    &[&pod.v4(0).ip().to_string()],
+                    *sidecar,
+                )
+            })
+            .collect()
+    }
+
+    /// Makes every connection of the table above, each checked on the client side.
+    pub fn send_traffic(&self) -> Result<()> {
+        let tb = &self.tb;
+        let mtls = |addr| {
+            TlsClient::new(addr, self.pki.ca_cert())
+                .cert(&self.gateway_cert)
+                .alpn(ISTIO_ALPN)
+                .tls_version(TlsVersion::Tls13)
+        };
+        for addr in [
+            self.catalog.v4(8443),
+            self.catalog.v4(8443),
+            self.orders.v4(8443),
+            self.orders.v4(8443),
+        ] {
+            let s = openssl_client(tb, &self.gateway.netns, &mtls(addr))?;
+            assert_eq!(s.server_saw_client_cert, Some(true));
+        }
+        for _ in 0..2 {
+            http_get(tb, &self.cron.netns, &http_url(self.orders.v4(8080)))?;
+        }
+        Ok(())
+    }
+
+    /// Runs `mtls-agent ARGS --source…` and returns (exit code, stdout, stderr).
+    fn run(&self, agent: &Agent, args: &[&str], source: &[&str]) -> Result<(i32, String, String)> {
+        let mut argv = args.to_vec();
+        argv.extend_from_slice(source);
+        let (status, out, err) = agent.cli(&self.tb, &argv)?;
+        Ok((status.code().unwrap_or(-1), out, err))
+    }
+
+    /// `report --namespace store --assume-policy FILE --check --output json`.
+    fn check(
+        &self,
+        agent: &Agent,
+        file: &std::path::Path,
+        source: &[&str],
+    ) -> Result<(i32, String, String)> {
+        let file = file.to_str().context("path is not UTF-8")?;
+        self.run(
+            agent,
+            &[
+                "report",
+                "--namespace",
+                "store",
+                "--assume-policy",
+                file,
+                "--check",
+                "--output",
+                "json",
+            ],
+            source,
+        )
+    }
+
+    /// The acceptance of issue 12 through one way of asking (`source`: `--agent URL` or
+    /// `--prometheus URL`): the exact YAML of `policy`, valid against the PeerAuthentication
+    /// schema; that YAML judged on the same traffic rejects nothing (`--check` exits 0); a
+    /// namespace-wide STRICT rejects exactly the blockers `report` lists (`--check` exits 3).
+    pub fn check_policy(&self, agent: &Agent, source: &[&str]) -> Result<PolicyAnswers> {
+        let log = || agent.proc().stderr_tail();
+        let (code, out, err) = self.run(
+            agent,
+            &["report", "--namespace", "store", "--output", "json"],
+            source,
+        )?;
+        assert_eq!(code, 0, "{err}");
+        let report: Value = serde_json::from_str(&out)?;
+        let blockers = report["blockers"].clone();
+        assert_eq!(
+            blockers.as_array().map(Vec::len),
+            Some(1),
+            "{report:#}\n{}",
+            log()
+        );
+        let b = &blockers[0];
+        assert_eq!(b["client"]["namespace"], "store", "{report:#}");
+        assert_eq!(b["client"]["workload"], "cron", "{report:#}");
+        assert_eq!(b["server"], json!({"workload": "orders", "port": 8080}));
+        assert_eq!(b["security"], "plaintext");
+        assert_eq!(b["connections"], 2);
+        let last = b["last_seen"].as_str().context("last_seen")?.to_owned();
+
+        // policy: exactly the expected YAML.
+        let (code, yaml, err) = self.run(agent, &["policy", "--namespace", "store"], source)?;
+        assert_eq!(code, 0, "{err}");
+        let window = yaml
+            .lines()
+            .next()
+            .and_then(|l| l.split_once("of the last "))
+            .and_then(|(_, r)| r.split_once(" proves"))
+            .map(|(w, _)| w.to_owned())
+            .with_context(|| format!("no window in the header:\n{yaml}"))?;
+        let expected = format!(
+            "# PeerAuthentications for namespace store that the traffic of the last {window} proves safe (mtls-agent policy).
+# cron: no policy — no sidecar: STRICT would not protect it until it is injected
+# idle: no policy — no inbound connection in {window} (no evidence is not readiness)
+---
+# catalog: 2 connections judged in {window}, all accepted by STRICT; last blocker seen: none in the window
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: catalog
+  namespace: store
+spec:
+  selector:
+    matchLabels:
+      app: catalog
+  mtls:
+    mode: STRICT
+---
+# orders: 4 connections judged in {window}; STRICT except port 8080 (PERMISSIVE: blockers seen, last {last}); port 8443 clean
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: orders
+  namespace: store
+spec:
+  selector:
+    matchLabels:
+      app: orders
+  mtls:
+    mode: STRICT
+  portLevelMtls:
+    '8080':
+      mode: PERMISSIVE
+"
+        );
+        assert_eq!(yaml, expected);
+        validate_peer_authentications(&yaml)?;
+
+        // Fed back: nothing rejected, exit 0.
+        let generated = self.tb.workdir().join("generated.yaml");
+        std::fs::write(&generated, &yaml)?;
+        let (code, out, err) = self.check(agent, &generated, source)?;
+        assert_eq!(code, 0, "{err}\n{out}");
+        let what_if_generated: Value = serde_json::from_str(&out)?;
+        let w = &what_if_generated["what_if"];
+        assert_eq!(w["rejected_connections"], 0, "{w:#}");
+        assert_eq!(
+            w["assumed"],
+            json!(["store/catalog", "store/orders"]),
+            "{w:#}"
+        );
+
+        // Namespace-wide STRICT: exit 3, rejecting exactly the blockers report lists.
+        let strict = self.tb.workdir().join("strict.yaml");
+        std::fs::write(&strict, NAMESPACE_STRICT)?;
+        let (code, out, err) = self.check(agent, &strict, source)?;
+        let strict = strict.to_str().context("path")?;
+        assert_eq!(code, 3, "{err}\n{out}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        let what_if_strict: Value = serde_json::from_str(&out)?;
+        let w = &what_if_strict["what_if"];
+        assert_eq!(w["rejected_connections"], 2, "{w:#}");
+        let policies = w["policies"].as_array().context("policies")?;
+        assert_eq!(policies.len(), 1, "{w:#}");
+        assert_eq!(policies[0]["policy"], "store/default");
+        assert_eq!(policies[0]["rejects"], blockers, "{w:#}");
+        // The table names the policy and the client, within the default width (not a TTY).
+        let (code, table, err) = self.run(
+            agent,
+            &["report", "--namespace", "store", "--assume-policy", strict],
+            source,
+        )?;
+        assert_eq!(code, 0, "without --check: {err}");
+        assert!(
+            table.contains("assumed store/default: rejects 2 connections"),
+            "{table}"
+        );
+        assert!(table.contains("store/cron"), "{table}");
+        assert!(table.lines().all(|l| l.chars().count() <= 120), "{table}");
+
+        // The same policy from stdin (`-`), as a pipeline would pass it.
+        let mut argv = vec![
+            "report",
+            "--namespace",
+            "store",
+            "--assume-policy",
+            "-",
+            "--check",
+        ];
+        argv.extend_from_slice(source);
+        let (status, _, err) =
+            agent.cli_stdin(&self.tb, &argv, Some(NAMESPACE_STRICT.as_bytes()))?;
+        assert_eq!(status.code(), Some(3), "stdin: {err}");
+
+        // A bad policy file: one line naming the file, the document and the field; exit 2.
+        let bad = self.tb.workdir().join("bad.yaml");
+        std::fs::write(
+            &bad,
+            format!(
+                "{NAMESPACE_STRICT}---\n{}",
+                NAMESPACE_STRICT.replace("mode: STRICT", "mode: STRICT\n    strict: true")
+            ),
+        )?;
+        let (code, _, err) = self.check(agent, &bad, source)?;
+        let bad_s = bad.to_str().context("path")?;
+        assert_eq!(code, 2, "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(
+            err.contains(&format!(
+                "{bad_s}: document 2: spec.mtls.strict: unknown field"
+            )),
+            "{err}"
+        );
+        Ok(PolicyAnswers {
+            yaml,
+            what_if_generated,
+            what_if_strict,
+        })
+    }
+
+    pub fn destroy(self) -> Result<()> {
+        let PolicyNode { _servers, tb, .. } = self;
+        drop(_servers);
+        tb.destroy()
+    }
+}
+
+/// Validates every document of `yaml` against the JSON Schema of `security.istio.io/v1`
+/// PeerAuthentication in the fixtures (Python's jsonschema; PyYAML reads the YAML), and
+/// checks that the schema itself rejects what Istio rejects, so that a pass means something.
+pub fn validate_peer_authentications(yaml: &str) -> Result<()> {
+    const SCRIPT: &str = r#"
+import json, sys, yaml, jsonschema
+schema = json.load(open(sys.argv[1]))
+jsonschema.Draft202012Validator.check_schema(schema)
+v = jsonschema.Draft202012Validator(schema)
+docs = [d for d in yaml.safe_load_all(sys.stdin) if d]
+assert docs, "no document"
+for i, d in enumerate(docs):
+    errs = list(v.iter_errors(d))
+    if errs:
+        sys.exit("document %d: %s" % (i + 1, "; ".join(e.message for e in errs)))
+bad = [
+    {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication", "metadata": {"name": "a"},
+     "spec": {"portLevelMtls": {"8080": {"mode": "DISABLE"}}}},
+    {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication", "metadata": {"name": "a"},
+     "spec": {"mtls": {"mode": "STRIKT"}}},
+    {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication", "metadata": {"name": "a"},
+     "spec": {"mtls": {"mode": "STRICT"}, "extra": 1}},
+    {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication", "metadata": {"name": "a"},
+     "spec": {"selector": {"matchLabels": {"app": "a"}}, "portLevelMtls": {"70000": {"mode": "DISABLE"}}}},
+]
+for b in bad:
+    if v.is_valid(b):
+        sys.exit("the schema accepts an invalid PeerAuthentication: %s" % json.dumps(b))
+print(len(docs))
+"#;
+    let schema = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/istio/peerauthentication.schema.json");
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", SCRIPT])
+        .arg(&schema)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("python3 (with PyYAML and jsonschema)")?;
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().context("stdin")?;
+        stdin.write_all(yaml.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "PeerAuthentication schema validation failed: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    Ok(())
+}

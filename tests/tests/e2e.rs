@@ -345,3 +345,23 @@ fn new_and_removed_interfaces_are_followed_within_a_second() -> Result<()> {
     tb.destroy()?;
     Ok(())
 }
+
+/// Issue 12 in inventory mode: `policy` writes exactly the PeerAuthentications the traffic
+/// proves safe, and `report --assume-policy --check` judges them and a namespace-wide STRICT.
+#[test]
+fn policy_from_traffic_and_what_if_in_inventory_mode() -> Result<()> {
+    ensure_root()?;
+    let bin = agent_bin()?;
+    let node = PolicyNode::new("mtpol")?;
+    let tb = &node.tb;
+    let inventory = tb.workdir().join("inventory.yaml");
+    write_inventory(&inventory, &node.workloads())?;
+    let agent = Agent::start(tb, &bin, &inventory, &["vp*"], &[], tb.pods().len())?;
+    node.send_traffic()?;
+    agent.settle(tb, Duration::from_secs(15))?;
+    let url = agent.url();
+    node.check_policy(&agent, &["--agent", &url])?;
+    agent.stop()?;
+    node.destroy()?;
+    Ok(())
+}

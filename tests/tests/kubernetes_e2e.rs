@@ -12,6 +12,24 @@ use serde_json::{Value, json};
 
 const TCX_QUERY: &str = env!("CARGO_BIN_EXE_tcx-query");
 
+/// The API double in the node namespace (the fixtures: the reference node's pods as the API
+/// returns them, plus namespaces, nodes and PeerAuthentications) and the agent of `node-a`
+/// watching it, attached to every pod of the bed.
+fn start_with_double(tb: &Testbed, bin: &std::path::Path) -> Result<(KubeDoubleProc, Agent)> {
+    let api_addr: std::net::SocketAddr = "127.0.0.1:6443".parse()?;
+    let double = KubeDoubleProc::start(tb, tb.node_netns(), api_addr, &kube_fixtures_dir())?;
+    let agent = Agent::start_kubernetes(
+        tb,
+        bin,
+        double.kubeconfig(),
+        "node-a",
+        &["vp*"],
+        &[],
+        tb.pods().len(),
+    )?;
+    Ok((double, agent))
+}
+
 #[test]
 fn namespaces_get_exact_counts_and_verdicts_in_kubernetes_mode() -> Result<()> {
     ensure_root()?;
@@ -22,18 +40,7 @@ fn namespaces_get_exact_counts_and_verdicts_in_kubernetes_mode() -> Result<()> {
     // The API double in the node namespace: the fixtures are the reference node's pods as the
     // API returns them (pod IPs, owners, service accounts, sidecars), plus namespaces, nodes and
     // PeerAuthentications.
-    let api_addr: std::net::SocketAddr = "127.0.0.1:6443".parse()?;
-    let double = KubeDoubleProc::start(tb, tb.node_netns(), api_addr, &kube_fixtures_dir())?;
-
-    let agent = Agent::start_kubernetes(
-        tb,
-        &bin,
-        double.kubeconfig(),
-        "node-a",
-        &["vp*"],
-        &[],
-        tb.pods().len(),
-    )?;
+    let (double, agent) = start_with_double(tb, &bin)?;
 
     // The same connections, counts and verdicts as in inventory mode.
     node.send_traffic()?;
@@ -296,5 +303,46 @@ fn kubernetes_flags_exit_2_with_one_line() -> Result<()> {
         );
         assert!(!err.contains("panicked"), "{err}");
     }
+    Ok(())
+}
+
+/// Issue 12 in Kubernetes mode: the same pods as the inventory-mode test, from the API double
+/// (selectors from the pods' labels, without `pod-template-hash`); the mesh-wide PERMISSIVE of
+/// the fixtures is among the known policies the what-if starts from.
+#[test]
+fn policy_from_traffic_and_what_if_in_kubernetes_mode() -> Result<()> {
+    ensure_root()?;
+    let bin = agent_bin()?;
+    let node = PolicyNode::new("mtpolk8s")?;
+    let tb = &node.tb;
+    let (double, agent) = start_with_double(tb, &bin)?;
+    for pod in node.pods_json("node-a") {
+        double.apply(tb, KubeResource::Pods, &pod)?;
+    }
+    for (ip, name) in [
+        ("198.18.0.60", "catalog"),
+        ("198.18.0.63", "cron"),
+        ("198.18.0.64", "gateway"),
+    ] {
+        wait_for(&agent, tb, &format!("ip={ip}"), |v| {
+            v["workload"]["name"] == name
+        })?;
+    }
+    node.send_traffic()?;
+    agent.settle(tb, Duration::from_secs(15))?;
+    let report = agent.report_json(tb, "store", None)?;
+    assert_eq!(
+        report["peer_authentications"][0]["namespace"], "istio-system",
+        "the known mesh-wide policy: {report:#}"
+    );
+    assert_eq!(
+        workload_of(&report, "orders")["labels"],
+        json!({"app": "orders"})
+    );
+    let url = agent.url();
+    node.check_policy(&agent, &["--agent", &url])?;
+    agent.stop()?;
+    drop(double);
+    node.destroy()?;
     Ok(())
 }

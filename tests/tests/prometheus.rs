@@ -170,6 +170,100 @@ fn prometheus_rule_in_deploy_equals_the_rules_file() -> Result<()> {
     Ok(())
 }
 
+/// What `report --prometheus` and `report --agent` both know of a blocker (not the evidence,
+/// nor a known client's address: per-connection facts that are no metric labels).
+fn blocker_key(b: &Value) -> Vec<Value> {
+    vec![
+        b["client"]["namespace"].clone(),
+        b["client"]["workload"].clone(),
+        b["client"]["kind"].clone(),
+        b["client"]["description"].clone(),
+        b["advice"].clone(),
+        b["server"].clone(),
+        b["security"].clone(),
+        b["connections"].clone(),
+    ]
+}
+
+/// Issue 12 cluster-wide: `policy` and `report --assume-policy` through `--prometheus` give the
+/// same YAML and the same what-if as through `--agent` (per-port counts and selector labels
+/// reach Prometheus as series).
+#[test]
+fn policy_and_what_if_through_prometheus_equal_the_agent() -> Result<()> {
+    ensure_root()?;
+    let bin = agent_bin()?;
+    let node = scenario::PolicyNode::new("mtpolprom")?;
+    let tb = &node.tb;
+    let inventory = tb.workdir().join("inventory.yaml");
+    write_inventory(&inventory, &node.workloads())?;
+    let agent = Agent::start(tb, &bin, &inventory, &["vp*"], &[], tb.pods().len())?;
+    let prom = Prometheus::start(
+        tb,
+        &[agent.url().trim_start_matches("http://").to_owned()],
+        None,
+    )?;
+    node.send_traffic()?;
+    let m = agent.settle(tb, Duration::from_secs(15))?;
+    let total = metric_value(&m, "mtls_agent_inbound_connections_total", &[]).unwrap_or(0.0);
+    assert_eq!(total, 6.0, "{m}");
+    wait_for(tb, "the final scrape", Duration::from_secs(30), || {
+        Ok(prom
+            .scalar(tb, "sum(mtls_agent_inbound_port_connections_total)")?
+            .as_deref()
+            == Some("6"))
+    })?;
+    let url = agent.url();
+    let prom_url = prom.url();
+    let from_agent = node.check_policy(&agent, &["--agent", &url])?;
+    let from_prom = node.check_policy(&agent, &["--prometheus", &prom_url])?;
+    // The same YAML but for the window each source judged over (the agent's is its uptime).
+    let window = |yaml: &str| -> String {
+        yaml.lines()
+            .next()
+            .and_then(|l| l.split_once("of the last "))
+            .and_then(|(_, r)| r.split_once(" proves"))
+            .map(|(w, _)| w.to_owned())
+            .unwrap_or_default()
+    };
+    let normal = |yaml: &str| yaml.replace(&window(yaml), "WINDOW");
+    assert_eq!(normal(&from_prom.yaml), normal(&from_agent.yaml));
+    // The same what-if: policies, counts and rejected connections (client, server, port,
+    // security, count, last seen).
+    let what_if = |v: &Value| -> Value {
+        let w = &v["what_if"];
+        let policies: Vec<Value> = w["policies"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                let rejects: Vec<Value> = p["rejects"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|b| {
+                        let mut key = blocker_key(b);
+                        key.push(b["last_seen"].clone());
+                        Value::Array(key)
+                    })
+                    .collect();
+                serde_json::json!([p["policy"], p["assumed"], p["connections"], rejects])
+            })
+            .collect();
+        serde_json::json!([w["assumed"], w["rejected_connections"], policies])
+    };
+    assert_eq!(
+        what_if(&from_prom.what_if_strict),
+        what_if(&from_agent.what_if_strict)
+    );
+    assert_eq!(
+        what_if(&from_prom.what_if_generated),
+        what_if(&from_agent.what_if_generated)
+    );
+    agent.stop()?;
+    node.destroy()?;
+    Ok(())
+}
+
 #[test]
 fn real_prometheus_agrees_with_the_agent_and_every_query_has_data() -> Result<()> {
     ensure_root()?;
@@ -284,18 +378,7 @@ fn real_prometheus_agrees_with_the_agent_and_every_query_has_data() -> Result<()
                 .as_array()
                 .into_iter()
                 .flatten()
-                .map(|b| {
-                    serde_json::json!([
-                        b["client"]["namespace"],
-                        b["client"]["workload"],
-                        b["client"]["kind"],
-                        b["client"]["description"],
-                        b["advice"],
-                        b["server"],
-                        b["security"],
-                        b["connections"]
-                    ])
-                })
+                .map(|b| Value::Array(blocker_key(b)))
                 .collect()
         };
         assert_eq!(strip(&from_prom), strip(&from_agent), "{ns} blockers");

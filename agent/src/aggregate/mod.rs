@@ -126,7 +126,13 @@ struct WorkloadStats {
     buckets: std::collections::VecDeque<Bucket>,
     /// Client label sets already used on the blocking counter for this server workload.
     blocking_labels: HashSet<(String, String, String)>,
+    /// Ports already used on `mtls_agent_inbound_port_connections_total` for this workload.
+    port_labels: HashSet<u16>,
 }
+
+/// Distinct `port` values per workload on `mtls_agent_inbound_port_connections_total`; the rest
+/// is counted as `port="other"`.
+pub const MAX_PORT_LABELS: usize = 16;
 
 /// Sums of the buckets inside a window.
 #[derive(Debug, Default)]
@@ -267,6 +273,19 @@ impl Aggregator {
                     if w.sidecar { "true" } else { "false" },
                 ])
                 .set(1);
+            if let Some(labels) = self.resolver.labels(&w.namespace, &w.name)
+                && !labels.is_empty()
+            {
+                let selector = labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                self.metrics
+                    .workload_selector
+                    .with_label_values(&[w.namespace.as_str(), w.name.as_str(), &selector])
+                    .set(1);
+            }
         }
         for ns in self.resolver.namespaces() {
             self.metrics.strict_ready.with_label_values(&[ns]).set(0);
@@ -361,6 +380,19 @@ impl Aggregator {
                 Security::Unknown => bucket.inbound.unknown += 1,
             }
             *bucket.ports.entry(rec.server.port()).or_default() += 1;
+            let port = rec.server.port();
+            let port_label =
+                if stats.port_labels.contains(&port) || stats.port_labels.len() < MAX_PORT_LABELS {
+                    stats.port_labels.insert(port);
+                    port.to_string()
+                } else {
+                    "other".to_owned()
+                };
+            self.metrics
+                .inbound_port
+                .with_label_values(&[&server.namespace, &server.name, &port_label])
+                .inc();
+            let bucket = stats.bucket_mut(start);
             if compliant {
                 bucket.compliant += 1;
             } else {
@@ -666,6 +698,7 @@ impl Aggregator {
                     .mode(&w.namespace, &w.name, 0)
                     .map(|m| m.as_str().to_owned()),
                 ports,
+                labels: self.resolver.labels(&w.namespace, &w.name),
             });
             for (k, acc) in t.blockers {
                 let address = acc.last_address.to_string();
@@ -711,6 +744,12 @@ impl Aggregator {
                 .map(|m| m.as_str().to_owned()),
             blockers,
             workloads,
+            peer_authentications: self
+                .resolver
+                .kube()
+                .map(|k| k.rules_for(namespace))
+                .unwrap_or_default(),
+            what_if: None,
         })
     }
 }

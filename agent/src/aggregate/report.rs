@@ -174,6 +174,10 @@ pub struct WorkloadReport {
     /// Server ports that received judged inbound connections, with their effective mode.
     #[serde(default)]
     pub ports: Vec<PortReport>,
+    /// The labels all of the workload's pods have (Kubernetes mode; `labels:` of the inventory),
+    /// which a PeerAuthentication selector for it uses. Absent when unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,6 +211,13 @@ pub struct Report {
     pub peer_authentication: Option<String>,
     pub blockers: Vec<Blocker>,
     pub workloads: Vec<WorkloadReport>,
+    /// The PeerAuthentications that can apply to the namespace: its own and the root
+    /// namespace's (Kubernetes mode; absent otherwise). `report --assume-policy` adds to them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peer_authentications: Vec<crate::policy::Rule>,
+    /// `report --assume-policy`: what the assumed policies would reject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub what_if: Option<crate::policy::whatif::WhatIf>,
 }
 
 /// The verdict rule of DESIGN.md: ready when judged inbound traffic was seen and none of it
@@ -305,6 +316,8 @@ mod tests {
                 advice: None,
             }],
             workloads: vec![],
+            peer_authentications: vec![],
+            what_if: None,
         };
         let v = serde_json::to_value(&r).unwrap();
         assert_eq!(v["verdict"], "not_ready");

@@ -1,11 +1,15 @@
 //! cli: the `mtls-agent` command line — `run` (the daemon), `report` and `classify`.
 //!
 //! Exit codes (DESIGN.md): 0 success, 1 runtime failure, 2 bad usage or bad input, each failure
-//! as one line on stderr naming the flag or file and what is wrong.
+//! as one line on stderr naming the flag or file and what is wrong; 3 only for
+//! `report --assume-policy … --check` when the assumed policies would reject traffic.
 pub mod classify;
+pub mod policy;
 pub mod prometheus;
 pub mod report;
 pub mod run;
+pub mod source;
+pub mod width;
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -43,7 +47,22 @@ Examples:
   mtls-agent report --all-namespaces --prometheus http://prometheus:9090
 
   # An agent serving HTTPS (--tls-cert) with a bearer token (--api-token-file)
-  mtls-agent report --namespace shop --agent https://node1:9477 --ca-file ca.pem --token-file token";
+  mtls-agent report --namespace shop --agent https://node1:9477 --ca-file ca.pem --token-file token
+
+  # What would a namespace-wide STRICT reject? Exit 3 if anything (a GitOps gate)
+  mtls-agent report --namespace shop --assume-policy strict.yaml --check";
+
+const POLICY_EXAMPLES: &str = "\
+Examples:
+  # The PeerAuthentications the last hour of traffic proves safe, applied at once
+  mtls-agent policy --namespace shop --window 1h | kubectl apply -f -
+
+  # Cluster-wide, from the Prometheus that scrapes all agents, for one workload
+  mtls-agent policy --namespace shop --workload api --prometheus http://prometheus:9090
+
+  # Check the result (or any proposed policy) against the same traffic before applying it
+  mtls-agent policy --namespace shop > pa.yaml
+  mtls-agent report --namespace shop --assume-policy pa.yaml --check";
 
 const CLASSIFY_EXAMPLES: &str = "\
 Examples:
@@ -78,6 +97,9 @@ pub enum Command {
     /// Print the STRICT readiness of a namespace (or one workload) from a running agent.
     #[command(after_help = REPORT_EXAMPLES)]
     Report(ReportArgs),
+    /// Print the PeerAuthentications (YAML) that the observed traffic proves safe now.
+    #[command(after_help = POLICY_EXAMPLES)]
+    Policy(PolicyArgs),
     /// Classify every TCP connection of a capture file (pcap/pcapng) offline, with the daemon's
     /// classifier.
     #[command(after_help = CLASSIFY_EXAMPLES)]
@@ -221,25 +243,39 @@ pub struct ReportArgs {
     /// One line per namespace: verdict, mTLS ratio, blockers, sidecar coverage.
     #[arg(long, short = 'A')]
     pub all_namespaces: bool,
-    /// Base URL of a running agent (one node).
-    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9477")]
-    pub agent: String,
-    /// Base URL of a Prometheus that scrapes every agent (cluster-wide).
-    #[arg(long, value_name = "URL", conflicts_with = "agent")]
-    pub prometheus: Option<String>,
     /// Judge over this window (e.g. 5m, 1h). Default: the agent's --window; 15m with --prometheus.
     #[arg(long, value_name = "DURATION", value_parser = parse_window)]
     pub window: Option<humantime::Duration>,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     pub output: Output,
-    /// Send the first line of FILE as a bearer token to an agent run with --api-token-file.
-    #[arg(long, value_name = "FILE", conflicts_with = "prometheus")]
-    pub token_file: Option<PathBuf>,
-    /// For https:// URLs (--agent or --prometheus): trust the CA certificates in FILE (PEM)
-    /// instead of the public web roots, e.g. the CA that signed the agent's --tls-cert.
-    #[arg(long, value_name = "FILE")]
-    pub ca_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub source: source::SourceArgs,
+    /// Judge the traffic as if the PeerAuthentications in FILE (YAML, one or more documents;
+    /// `-`: stdin) were applied on top of those the agent knows; list what each would reject.
+    #[arg(long, value_name = "FILE", requires = "namespace")]
+    pub assume_policy: Vec<PathBuf>,
+    /// With --assume-policy: exit 3 when the assumed policies would reject any connection.
+    #[arg(long, requires = "assume_policy")]
+    pub check: bool,
+    /// Istio root namespace, where mesh-wide PeerAuthentications live (--assume-policy).
+    #[arg(long, value_name = "NS", default_value = crate::policy::DEFAULT_ROOT_NAMESPACE)]
+    pub istio_root_namespace: String,
+}
+
+#[derive(Debug, Args)]
+pub struct PolicyArgs {
+    /// Namespace to write PeerAuthentications for.
+    #[arg(long, value_name = "NS")]
+    pub namespace: String,
+    /// Only this workload of the namespace.
+    #[arg(long, value_name = "W")]
+    pub workload: Option<String>,
+    /// Evidence window (e.g. 15m, 1h). Default: the agent's --window; 15m with --prometheus.
+    #[arg(long, value_name = "DURATION", value_parser = parse_window)]
+    pub window: Option<humantime::Duration>,
+    #[command(flatten)]
+    pub source: source::SourceArgs,
 }
 
 /// A window: a humantime duration (`90s`, `15m`, `1h`) of at least 1 s and at most 7 days.
@@ -283,6 +319,7 @@ pub fn main() -> u8 {
     let result = match cli.command {
         Command::Run(args) => run::run(*args),
         Command::Report(args) => report::report(args),
+        Command::Policy(args) => policy::policy(args),
         Command::Classify(args) => classify::classify(args),
         Command::ClsactReaper(args) => {
             run::init_logging("info");
@@ -294,6 +331,8 @@ pub fn main() -> u8 {
         Err(e) => {
             let code = if e.downcast_ref::<UsageError>().is_some() {
                 2
+            } else if e.downcast_ref::<report::WouldReject>().is_some() {
+                3
             } else {
                 1
             };

@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use super::usage;
 use crate::aggregate::{
-    Blocker, ClientRef, Inbound, NodeClient, Report, ServerRef, WorkloadReport,
+    Blocker, ClientRef, Inbound, NodeClient, PortReport, Report, ServerRef, WorkloadReport,
     report::{ratio, readiness, sort_blockers},
 };
 
@@ -261,6 +261,42 @@ impl Prometheus {
         }
         sort_blockers(&mut blockers);
 
+        // Per-port judged counts (ports beyond the agent's bound are `other`: not a port).
+        let mut ports: BTreeMap<String, Vec<PortReport>> = BTreeMap::new();
+        for s in self.query(&window_sum(
+            "mtls_agent_inbound_port_connections_total",
+            &sel,
+            "workload, port",
+            &w,
+        ))? {
+            let n = count(&s);
+            if let (Ok(port), true) = (label(&s, "port").parse::<u16>(), n > 0) {
+                ports
+                    .entry(label(&s, "workload"))
+                    .or_default()
+                    .push(PortReport {
+                        port,
+                        connections: n,
+                        mode: None,
+                    });
+            }
+        }
+        // Selector labels; when they changed inside the window, only those that stayed.
+        let mut selectors: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        for s in self.query(&format!(
+            "max by (workload, selector) (max_over_time(mtls_agent_workload_selector_info{{{sel}}}[{w}]))"
+        ))? {
+            let set: BTreeMap<String, String> = label(&s, "selector")
+                .split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            selectors
+                .entry(label(&s, "workload"))
+                .and_modify(|old| old.retain(|k, v| set.get(k) == Some(v)))
+                .or_insert(set);
+        }
+
         let mut total = Inbound::default();
         let mut compliant = 0;
         let mut rejected = 0;
@@ -271,16 +307,21 @@ impl Prometheus {
                 compliant += comp;
                 rejected += rej;
                 WorkloadReport {
-                    name,
                     verdict: readiness(&inbound, comp),
                     inbound,
                     sidecar,
                     mtls_ratio: ratio(&inbound, comp),
                     compliant: comp,
                     rejected: rej,
-                    // Modes and per-port counts are the agent's knowledge, not metrics.
+                    // Modes are the agent's knowledge, not metrics.
                     mode: None,
-                    ports: Vec::new(),
+                    ports: {
+                        let mut p = ports.remove(&name).unwrap_or_default();
+                        p.sort_by_key(|p| p.port);
+                        p
+                    },
+                    labels: selectors.remove(&name),
+                    name,
                 }
             })
             .collect();
@@ -296,6 +337,8 @@ impl Prometheus {
             peer_authentication: None,
             blockers,
             workloads,
+            peer_authentications: Vec::new(),
+            what_if: None,
         })
     }
 }

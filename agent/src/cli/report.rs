@@ -6,10 +6,11 @@ use anyhow::Context as _;
 use comfy_table::{ContentArrangement, Table, presets::UTF8_BORDERS_ONLY};
 use owo_colors::{OwoColorize as _, Stream};
 
-use super::{Output, ReportArgs, prometheus::Prometheus, usage};
+use super::{Output, ReportArgs, usage};
 use crate::{
     aggregate::{Blocker, ClientKind, NodeClient, Readiness, Report},
     export::http::{ApiError, NamespaceSummary},
+    policy::{PolicySet, whatif},
 };
 
 /// Bearer token for the agent's JSON API (`--token-file`, issue 7), set once per process.
@@ -53,37 +54,36 @@ fn load_ca(path: &std::path::Path) -> anyhow::Result<ureq::tls::TlsConfig> {
         .build())
 }
 
-pub fn report(args: ReportArgs) -> anyhow::Result<()> {
-    if let Some(path) = &args.token_file {
+/// Reads `--token-file` and `--ca-file` once for the HTTP clients of this process.
+pub fn init_client(
+    token_file: Option<&std::path::Path>,
+    ca_file: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    if let Some(path) = token_file {
         let _ =
             TOKEN.set(crate::export::http::read_token_file("--token-file", path).map_err(usage)?);
     }
-    if let Some(path) = &args.ca_file {
+    if let Some(path) = ca_file {
         let _ = TLS.set(load_ca(path)?);
     }
+    Ok(())
+}
+
+pub fn report(args: ReportArgs) -> anyhow::Result<()> {
+    // Policy files first: a typo there is the user's to fix before any network call.
+    let assumed = read_assumed(&args.assume_policy)?;
+    let source = args.source.open()?;
     let window = args.window.map(Duration::from);
+    let width = super::width::table_width();
     let mut stdout = std::io::stdout().lock();
     if args.all_namespaces {
-        let list = match &args.prometheus {
-            Some(url) => {
-                let prom = Prometheus::new(url)?;
-                let window = window.unwrap_or(crate::aggregate::DEFAULT_WINDOW);
-                let mut list = Vec::new();
-                for ns in prom.namespaces(window)? {
-                    list.push(NamespaceSummary::from_report(
-                        &prom.report(&ns, None, window)?,
-                    ));
-                }
-                list
-            }
-            None => get_json(&args.agent, "/api/v1/namespaces", &window_query(window))?,
-        };
+        let list = source.namespaces(window)?;
         match args.output {
             Output::Json => {
                 serde_json::to_writer_pretty(&mut stdout, &list).context("writing JSON")?;
                 writeln!(stdout)?;
             }
-            Output::Table => write!(stdout, "{}", render_namespaces(&list))?,
+            Output::Table => write!(stdout, "{}", render_namespaces(&list, width))?,
         }
         return Ok(());
     }
@@ -91,39 +91,90 @@ pub fn report(args: ReportArgs) -> anyhow::Result<()> {
         .namespace
         .as_deref()
         .ok_or_else(|| usage("--namespace or --all-namespaces is required"))?;
-    let report: Report = match &args.prometheus {
-        Some(url) => Prometheus::new(url)?.report(
-            namespace,
-            args.workload.as_deref(),
-            window.unwrap_or(crate::aggregate::DEFAULT_WINDOW),
-        )?,
-        None => {
-            let mut q = vec![("namespace", namespace.to_owned())];
-            if let Some(w) = &args.workload {
-                q.push(("workload", w.clone()));
-            }
-            q.extend(window_query(window));
-            get_json(&args.agent, "/api/v1/report", &q)?
+    let mut report = source.report(namespace, args.workload.as_deref(), window)?;
+    if !assumed.is_empty() {
+        let mut set = PolicySet::new(&args.istio_root_namespace);
+        for r in &report.peer_authentications {
+            set.apply(r.clone());
         }
-    };
+        let mut ids = Vec::new();
+        for (i, pa) in assumed.iter().enumerate() {
+            // Not applied yet: newer than every known policy, unless it replaces one of the
+            // same name (an update keeps the object's creation time).
+            let mut rule = pa.to_rule(namespace, i64::MAX / 2 + i as i64);
+            if let Some(old) = set
+                .rules
+                .iter()
+                .find(|r| r.namespace == rule.namespace && r.name == rule.name)
+            {
+                rule.created = old.created;
+            }
+            ids.push(rule.id());
+            set.apply(rule);
+        }
+        report.what_if = Some(whatif::judge(&report, &set, &ids));
+    }
     match args.output {
         Output::Json => {
             serde_json::to_writer_pretty(&mut stdout, &report).context("writing JSON")?;
             writeln!(stdout)?;
         }
-        Output::Table => write!(stdout, "{}", render_table(&report))?,
+        Output::Table => {
+            write!(stdout, "{}", render_table(&report, width))?;
+            if let Some(w) = &report.what_if {
+                write!(stdout, "{}", render_what_if(w, width))?;
+            }
+        }
+    }
+    stdout.flush()?;
+    if args.check
+        && let Some(w) = &report.what_if
+        && w.rejects_anything()
+    {
+        return Err(WouldReject(w.rejected_connections).into());
     }
     Ok(())
 }
 
-fn window_query(window: Option<Duration>) -> Vec<(&'static str, String)> {
-    window
-        .map(|w| vec![("window", w.as_secs().to_string())])
-        .unwrap_or_default()
+/// `report --check`: the assumed policies would reject traffic (exit code 3).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the assumed PeerAuthentications would reject {0} connections seen in the window (--check)"
+)]
+pub struct WouldReject(pub u64);
+
+/// Every document of every `--assume-policy` file (`-`: stdin, once).
+fn read_assumed(
+    paths: &[std::path::PathBuf],
+) -> anyhow::Result<Vec<crate::policy::file::PeerAuthentication>> {
+    let mut out = Vec::new();
+    let mut stdin_used = false;
+    for path in paths {
+        let (name, text) = if path.as_os_str() == "-" {
+            if stdin_used {
+                return Err(usage("--assume-policy -: stdin can be read only once"));
+            }
+            stdin_used = true;
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .map_err(|e| usage(format!("--assume-policy -: {e}")))?;
+            ("-".to_owned(), text)
+        } else {
+            let name = path.display().to_string();
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| usage(format!("--assume-policy {name}: {e}")))?;
+            (name, text)
+        };
+        out.extend(
+            crate::policy::file::parse(&name, &text)
+                .map_err(|e| usage(format!("--assume-policy {e}")))?,
+        );
+    }
+    Ok(out)
 }
 
 /// GET a JSON document from the agent's API; 400/404 answers are the user's to fix (exit 2).
-fn get_json<T: serde::de::DeserializeOwned>(
+pub(crate) fn get_json<T: serde::de::DeserializeOwned>(
     agent_url: &str,
     path: &str,
     query: &[(&str, String)],
@@ -167,19 +218,17 @@ fn get_json<T: serde::de::DeserializeOwned>(
 }
 
 /// `report --all-namespaces` for people.
-pub fn render_namespaces(list: &[NamespaceSummary]) -> String {
-    let mut t = Table::new();
-    t.load_preset(UTF8_BORDERS_ONLY)
-        .set_content_arrangement(ContentArrangement::Dynamic)
-        .set_header([
-            "NAMESPACE",
-            "VERDICT",
-            "MTLS RATIO",
-            "INBOUND",
-            "BLOCKING CONNS",
-            "BLOCKERS",
-            "SIDECARS",
-        ]);
+pub fn render_namespaces(list: &[NamespaceSummary], width: u16) -> String {
+    let mut t = table(width);
+    t.set_header([
+        "NAMESPACE",
+        "VERDICT",
+        "MTLS RATIO",
+        "INBOUND",
+        "BLOCKING CONNS",
+        "BLOCKERS",
+        "SIDECARS",
+    ]);
     for n in list {
         t.add_row([
             n.namespace.clone(),
@@ -238,6 +287,33 @@ fn client_name(b: &Blocker) -> String {
     }
 }
 
+/// The columns every table of connections has (blockers, what-if rejections).
+const BLOCKER_HEADER: [&str; 7] = [
+    "CLIENT",
+    "ADDRESS",
+    "SERVER",
+    "PORT",
+    "SECURITY",
+    "CONNS",
+    "LAST SEEN",
+];
+
+fn blocker_cells(b: &Blocker) -> [String; 7] {
+    let security = match &b.protocol {
+        Some(p) => format!("{} ({p})", b.security),
+        None => b.security.clone(),
+    };
+    [
+        client_name(b),
+        b.client.address.clone(),
+        b.server.workload.clone(),
+        b.server.port.to_string(),
+        security,
+        b.connections.to_string(),
+        b.last_seen.clone(),
+    ]
+}
+
 /// What to do about one blocker, in words: the agent's advice where it has one.
 pub fn advice(b: &Blocker, report: &Report) -> String {
     if let Some(a) = &b.advice {
@@ -271,7 +347,16 @@ pub fn advice(b: &Blocker, report: &Report) -> String {
     }
 }
 
-pub fn render_table(r: &Report) -> String {
+/// A table that wraps its cells to fit `width` columns.
+fn table(width: u16) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_width(width);
+    t
+}
+
+pub fn render_table(r: &Report, width: u16) -> String {
     let mut s = String::new();
     let subject = match &r.workload {
         Some(w) => format!("workload {}/{}", r.namespace, w),
@@ -305,36 +390,14 @@ pub fn render_table(r: &Report) -> String {
     }
     if !r.blockers.is_empty() {
         s += "\nBlockers — these connections would break under STRICT:\n";
-        let mut t = Table::new();
-        t.load_preset(UTF8_BORDERS_ONLY)
-            .set_content_arrangement(ContentArrangement::Dynamic)
-            .set_header([
-                "CLIENT",
-                "ADDRESS",
-                "SERVER",
-                "PORT",
-                "SECURITY",
-                "CONNS",
-                "LAST SEEN",
-                "EVIDENCE",
-                "WHAT TO DO",
-            ]);
+        let mut t = table(width);
+        let mut header = BLOCKER_HEADER.to_vec();
+        header.extend(["EVIDENCE", "WHAT TO DO"]);
+        t.set_header(header);
         for b in &r.blockers {
-            let security = match &b.protocol {
-                Some(p) => format!("{} ({p})", b.security),
-                None => b.security.clone(),
-            };
-            t.add_row([
-                client_name(b),
-                b.client.address.clone(),
-                b.server.workload.clone(),
-                b.server.port.to_string(),
-                security,
-                b.connections.to_string(),
-                b.last_seen.clone(),
-                b.evidence.clone(),
-                advice(b, r),
-            ]);
+            let mut row = blocker_cells(b).to_vec();
+            row.extend([b.evidence.clone(), advice(b, r)]);
+            t.add_row(row);
         }
         s += &format!("{t}\n");
     }
@@ -356,10 +419,8 @@ pub fn render_table(r: &Report) -> String {
         if with_modes {
             header.push("MODE");
         }
-        let mut t = Table::new();
-        t.load_preset(UTF8_BORDERS_ONLY)
-            .set_content_arrangement(ContentArrangement::Dynamic)
-            .set_header(header);
+        let mut t = table(width);
+        t.set_header(header);
         for w in &r.workloads {
             let ports = w
                 .ports
@@ -400,6 +461,41 @@ pub fn render_table(r: &Report) -> String {
                 missing.join(", ")
             );
         }
+    }
+    s
+}
+
+/// The what-if of `--assume-policy`: per policy, the connections it would reject.
+pub fn render_what_if(w: &whatif::WhatIf, width: u16) -> String {
+    let mut s = format!(
+        "\nWhat-if — as if these PeerAuthentications were applied: {}\n",
+        w.assumed.join(", ")
+    );
+    if !w.rejects_anything() {
+        s += "They would reject none of the connections seen in the window.\n";
+    }
+    for p in &w.policies {
+        s += &format!(
+            "{} {}: rejects {} connections\n",
+            if p.assumed { "assumed" } else { "in force" },
+            p.policy,
+            p.connections
+        );
+        if p.rejects.is_empty() {
+            continue;
+        }
+        let mut t = table(width);
+        t.set_header(BLOCKER_HEADER);
+        for b in &p.rejects {
+            t.add_row(blocker_cells(b));
+        }
+        s += &format!("{t}\n");
+    }
+    if !w.not_enforced.is_empty() {
+        s += &format!(
+            "Not enforced: {} blockers reach workloads without a sidecar, which no PeerAuthentication protects.\n",
+            w.not_enforced.len()
+        );
     }
     s
 }
@@ -464,13 +560,16 @@ mod tests {
                     connections: 3,
                     mode: Some("STRICT".into()),
                 }],
+                labels: None,
             }],
+            peer_authentications: vec![],
+            what_if: None,
         }
     }
 
     #[test]
     fn table_names_verdict_blockers_and_advice() {
-        let t = render_table(&sample());
+        let t = render_table(&sample(), 400);
         assert!(t.contains("NOT READY"), "{t}");
         assert!(t.contains("33.3%"), "{t}");
         assert!(t.contains("legacy/batch"), "{t}");
@@ -492,9 +591,25 @@ mod tests {
         b.client = ClientRef::node("198.18.0.1".into(), NodeClient::NodeOrHostNetwork);
         b.advice = Some(NodeClient::NodeOrHostNetwork.advice(8080));
         r.blockers.push(b);
-        let t = render_table(&r);
+        let t = render_table(&r, 240);
         assert!(t.contains("node: the node or a hostNetwork pod"), "{t}");
         assert!(t.contains("excludeInboundPorts"), "{t}");
         assert!(t.contains("inject a sidecar into legacy/batch"), "{t}");
+    }
+
+    #[test]
+    fn tables_fit_the_width() {
+        for width in [60, 80, 120] {
+            let t = render_table(&sample(), width);
+            for line in t
+                .lines()
+                .filter(|l| l.starts_with(['│', '┌', '└', '╞', '├']))
+            {
+                assert!(
+                    line.chars().count() <= width as usize,
+                    "{width}: {line}\n{t}"
+                );
+            }
+        }
     }
 }

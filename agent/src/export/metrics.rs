@@ -31,6 +31,10 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     pub identity_last_sync: Gauge,
     pub blocking_overflow: IntCounterVec,
+    /// Judged inbound connections per server port (bounded, issue 12: port-level policies).
+    pub inbound_port: IntCounterVec,
+    /// The labels a PeerAuthentication selector for a workload uses (issue 12).
+    pub workload_selector: IntGaugeVec,
     pub evidence: IntCounterVec,
     pub unattributed: IntCounterVec,
     pub events_lost: IntCounterVec,
@@ -170,6 +174,22 @@ impl Metrics {
             "Blocking connections whose client was folded into client_workload=\"other\" because the server already had the maximum number of distinct client label sets.",
             &["namespace", "workload"],
         );
+        let inbound_port = counter_vec(
+            &r,
+            "mtls_agent_inbound_port_connections_total",
+            "Judged (not exempt) inbound connections to a workload by server port, for port-level PeerAuthentication (bounded: ports beyond the first 16 per workload are port=\"other\").",
+            &["namespace", "workload", "port"],
+        );
+        let workload_selector = IntGaugeVec::new(
+            Opts::new(
+                "mtls_agent_workload_selector_info",
+                "Always 1: the labels all pods of a workload have (selector=\"k=v,k2=v2\", sorted), for the selector of a generated PeerAuthentication. Only for workloads whose labels are known.",
+            ),
+            &["namespace", "workload", "selector"],
+        )
+        .expect("static metric definition");
+        r.register(Box::new(workload_selector.clone()))
+            .expect("unique metric name");
         let evidence = counter_vec(
             &r,
             "mtls_agent_verdict_evidence_total",
@@ -299,6 +319,8 @@ impl Metrics {
             rejected,
             identity_last_sync,
             blocking_overflow,
+            inbound_port,
+            workload_selector,
             evidence,
             unattributed,
             events_lost,

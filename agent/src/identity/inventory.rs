@@ -46,6 +46,9 @@ struct RawWorkload {
     /// Istio ambient mode (ztunnel): the node's own connections (kubelet probes) pass.
     #[serde(default)]
     ambient: bool,
+    /// The pods' labels, for the selector of a generated PeerAuthentication (`policy`).
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
 }
 
 /// One workload of the inventory.
@@ -59,6 +62,8 @@ pub struct WorkloadSpec {
     pub exclude_inbound_ports: Vec<u16>,
     /// In ambient mode, by its own flag or its namespace's.
     pub ambient: bool,
+    /// `labels:` (empty when not given).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -83,6 +88,29 @@ fn valid_name(s: &str) -> bool {
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
         && s.as_bytes()[0].is_ascii_alphanumeric()
+}
+
+/// A label value: at most 63 characters, alphanumerics with `-`, `_`, `.` inside.
+fn valid_label_value(v: &str) -> bool {
+    v.len() <= 63
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && v.bytes().next().is_none_or(|b| b.is_ascii_alphanumeric())
+        && v.bytes().last().is_none_or(|b| b.is_ascii_alphanumeric())
+}
+
+/// A label key: an optional DNS prefix and `/`, then a non-empty name like a value.
+fn valid_label_key(k: &str) -> bool {
+    let name = match k.rsplit_once('/') {
+        Some((prefix, name)) => {
+            if !valid_name(prefix) {
+                return false;
+            }
+            name
+        }
+        None => k,
+    };
+    !name.is_empty() && valid_label_value(name)
 }
 
 impl Inventory {
@@ -160,6 +188,13 @@ impl Inventory {
             let in_ambient_ns = raw.ambient_namespaces.contains(&w.namespace);
             let sidecar = w.sidecar.unwrap_or(!(w.ambient || in_ambient_ns));
             let ambient = w.ambient || (in_ambient_ns && !sidecar);
+            for (k, v) in &w.labels {
+                if !valid_label_key(k) || !valid_label_value(v) {
+                    return Err(format!(
+                        "{at}.labels: {k:?}: {v:?} is not a valid Kubernetes label"
+                    ));
+                }
+            }
             workloads.push(WorkloadSpec {
                 namespace: w.namespace,
                 name: w.name,
@@ -167,6 +202,7 @@ impl Inventory {
                 sidecar,
                 exclude_inbound_ports,
                 ambient,
+                labels: w.labels,
             });
         }
         let mut node_networks = Vec::new();
@@ -189,6 +225,26 @@ fn one_line(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_are_optional_and_checked() {
+        let inv = Inventory::parse(
+            "workloads:\n  - {namespace: shop, name: web, addresses: [198.18.1.2], labels: {app: web, app.kubernetes.io/part-of: shop}}\n",
+        )
+        .unwrap();
+        assert_eq!(inv.workloads[0].labels["app"], "web");
+        assert_eq!(inv.workloads[0].labels.len(), 2);
+        let e = Inventory::parse(
+            "workloads:\n  - {namespace: shop, name: web, addresses: [198.18.1.2], labels: {app: 'a b'}}\n",
+        )
+        .unwrap_err();
+        assert!(e.starts_with("workloads[0].labels:"), "{e}");
+        let e = Inventory::parse(
+            "workloads:\n  - {namespace: shop, name: web, addresses: [198.18.1.2], label: {app: a}}\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("unknown field `label`"), "{e}");
+    }
 
     #[test]
     fn parses_the_design_example() {

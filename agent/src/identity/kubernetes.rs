@@ -30,86 +30,10 @@ use super::{
 /// Default SPIFFE trust domain (`--trust-domain`).
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 /// Default Istio root namespace (`--istio-root-namespace`): mesh-wide policies live there.
-pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+pub const DEFAULT_ROOT_NAMESPACE: &str = crate::policy::DEFAULT_ROOT_NAMESPACE;
 
-/// A PeerAuthentication mTLS mode, spelled as Istio spells it (`STRICT`, `PERMISSIVE`,
-/// `DISABLE`, `UNSET`); deserialising accepts any case.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum Mode {
-    /// Inherit from the parent level (workload → namespace → mesh → PERMISSIVE).
-    Unset,
-    /// Plaintext only (the sidecar does not terminate mTLS).
-    Disable,
-    /// mTLS and plaintext accepted: Istio's default.
-    Permissive,
-    /// Only Istio mTLS accepted.
-    Strict,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Unset => "UNSET",
-            Mode::Disable => "DISABLE",
-            Mode::Permissive => "PERMISSIVE",
-            Mode::Strict => "STRICT",
-        }
-    }
-
-    /// Parses any case; `None` for an unknown spelling.
-    pub fn parse(s: &str) -> Option<Mode> {
-        Some(match s.to_ascii_uppercase().as_str() {
-            "UNSET" | "" => Mode::Unset,
-            "DISABLE" => Mode::Disable,
-            "PERMISSIVE" => Mode::Permissive,
-            "STRICT" => Mode::Strict,
-            _ => return None,
-        })
-    }
-}
-
-impl std::fmt::Display for Mode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl<'de> Deserialize<'de> for Mode {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Mode::parse(&s).ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "unknown mTLS mode {s:?} (expected STRICT, PERMISSIVE, DISABLE or UNSET)"
-            ))
-        })
-    }
-}
-
-/// Which PeerAuthentication decided an effective mode.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ModeSource {
-    /// `portLevelMtls` of a workload-selector policy.
-    WorkloadPort,
-    /// `mtls.mode` of a workload-selector policy.
-    Workload,
-    /// A policy without selector in the workload's namespace.
-    Namespace,
-    /// A policy without selector in the root namespace.
-    Mesh,
-    /// No policy set a mode: Istio's default, PERMISSIVE.
-    Default,
-}
-
-/// The effective mode and where it comes from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EffectiveMode {
-    pub mode: Mode,
-    pub source: ModeSource,
-    /// `namespace/name` of the deciding PeerAuthentication (none for the default).
-    pub policy: Option<String>,
-}
+use crate::policy::Rule;
+pub use crate::policy::{EffectiveMode, Mode, ModeSource};
 
 /// How a namespace is enrolled in the mesh, from its labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -373,14 +297,10 @@ impl AddressIndex {
     }
 }
 
+/// A PeerAuthentication as the policy module evaluates it, with the relist epoch.
 #[derive(Debug)]
 struct PolicyRec {
-    name: Box<str>,
-    /// `None` (or empty matchLabels): the whole namespace.
-    selector: Option<Vec<(String, String)>>,
-    mode: Mode,
-    ports: Vec<(u32, Mode)>,
-    created: i64,
+    rule: Rule,
     epoch: u32,
 }
 
@@ -952,7 +872,7 @@ impl KubeStore {
         };
         let ns = self.intern(&ns);
         let list = self.policies.entry(ns).or_default();
-        list.retain(|p| p.name != rec.name);
+        list.retain(|p| p.rule.name != rec.rule.name);
         list.push(rec);
     }
 
@@ -961,80 +881,72 @@ impl KubeStore {
         if let (Some(ns), Some(name)) = (meta["namespace"].as_str(), meta["name"].as_str())
             && let Some(list) = self.policies.get_mut(ns)
         {
-            list.retain(|p| &*p.name != name);
+            list.retain(|p| p.rule.name != name);
             if list.is_empty() {
                 self.policies.remove(ns);
             }
         }
     }
 
-    /// The effective mode for a pod with `labels` in `namespace` on `port`: the oldest matching
-    /// workload-selector policy (its `portLevelMtls` for the port, then its `mtls.mode`), then the
-    /// oldest namespace-wide policy, then the oldest mesh-wide policy in the root namespace, each
-    /// level only when it sets a mode other than UNSET; PERMISSIVE when none does.
+    /// The effective mode for a pod with `labels` in `namespace` on `port`, by Istio's
+    /// precedence (see [`crate::policy::effective`]).
     fn effective<'a>(
         &'a self,
         namespace: &str,
         labels: impl Fn(&str, &str) -> bool + 'a,
         port: Option<u16>,
     ) -> EffectiveMode {
-        let oldest =
-            |list: Option<&'a Vec<PolicyRec>>, with_selector: bool| -> Option<&'a PolicyRec> {
-                list.into_iter()
-                    .flatten()
-                    .filter(|p| {
-                        p.selector.is_some() == with_selector
-                            && p.selector
-                                .as_ref()
-                                .is_none_or(|sel| sel.iter().all(|(k, v)| labels(k, v)))
-                    })
-                    .min_by(|a, b| a.created.cmp(&b.created).then_with(|| a.name.cmp(&b.name)))
-            };
-        let name = |p: &PolicyRec, ns: &str| Some(format!("{ns}/{}", p.name));
-        let list = |ns: &str| -> Option<&'a Vec<PolicyRec>> { self.policies.get(ns) };
-        if let Some(p) = oldest(list(namespace), true) {
-            if let Some(port) = port
-                && let Some((_, m)) = p.ports.iter().find(|(pp, _)| *pp == port as u32)
-                && *m != Mode::Unset
-            {
-                return EffectiveMode {
-                    mode: *m,
-                    source: ModeSource::WorkloadPort,
-                    policy: name(p, namespace),
-                };
-            }
-            if p.mode != Mode::Unset {
-                return EffectiveMode {
-                    mode: p.mode,
-                    source: ModeSource::Workload,
-                    policy: name(p, namespace),
-                };
-            }
-        }
-        if let Some(p) = oldest(list(namespace), false)
-            && p.mode != Mode::Unset
-        {
-            return EffectiveMode {
-                mode: p.mode,
-                source: ModeSource::Namespace,
-                policy: name(p, namespace),
-            };
-        }
-        let root = self.cfg.root_namespace.as_str();
-        if let Some(p) = oldest(list(root), false)
-            && p.mode != Mode::Unset
-        {
-            return EffectiveMode {
-                mode: p.mode,
-                source: ModeSource::Mesh,
-                policy: name(p, root),
-            };
-        }
-        EffectiveMode {
-            mode: Mode::Permissive,
-            source: ModeSource::Default,
-            policy: None,
-        }
+        crate::policy::effective(
+            &self.cfg.root_namespace,
+            namespace,
+            |ns| self.policies.get(ns).into_iter().flatten().map(|p| &p.rule),
+            labels,
+            port,
+        )
+    }
+
+    /// The PeerAuthentications that can apply in `namespace`: its own and the root namespace's.
+    pub fn rules_for(&self, namespace: &str) -> Vec<Rule> {
+        let mut out: Vec<Rule> = [namespace, self.cfg.root_namespace.as_str()]
+            .iter()
+            .flat_map(|ns| self.policies.get(*ns).into_iter().flatten())
+            .map(|p| p.rule.clone())
+            .collect();
+        out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        out.dedup_by(|a, b| a.namespace == b.namespace && a.name == b.name);
+        out
+    }
+
+    /// The labels every pod of a workload has, for a PeerAuthentication selector: without the
+    /// ones that change with each rollout or pod (`pod-template-hash`, …), so the selector keeps
+    /// matching. `None` for a workload without known pods.
+    pub fn selector_labels(
+        &self,
+        namespace: &str,
+        workload: &str,
+    ) -> Option<BTreeMap<String, String>> {
+        const VOLATILE: [&str; 5] = [
+            "pod-template-hash",
+            "controller-revision-hash",
+            "pod-template-generation",
+            "batch.kubernetes.io/controller-uid",
+            "controller-uid",
+        ];
+        let sets = self.workload_labels.get(namespace)?.get(workload)?;
+        let (first, rest) = sets.split_first()?;
+        Some(
+            first
+                .0
+                .iter()
+                .filter(|(k, v)| {
+                    !VOLATILE.contains(&&**k)
+                        && rest
+                            .iter()
+                            .all(|(set, _)| set.iter().any(|(kk, vv)| kk == k && vv == v))
+                })
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
     }
 
     fn namespace_known(&self, namespace: &str) -> bool {
@@ -1248,13 +1160,16 @@ fn parse_policy(obj: &serde_json::Value, epoch: u32) -> Option<(String, PolicyRe
         .map(|t| t.as_second())
         .unwrap_or(0);
     Some((
-        ns,
+        ns.clone(),
         PolicyRec {
-            name: name.into(),
-            selector,
-            mode: mode_of(&spec.mtls),
-            ports,
-            created,
+            rule: Rule {
+                namespace: ns,
+                name: name.into(),
+                selector,
+                mode: mode_of(&spec.mtls),
+                ports,
+                created,
+            },
             epoch,
         },
     ))
@@ -1448,6 +1363,51 @@ mod tests {
         assert_eq!(at(&store, 8080).mode, Mode::Permissive);
         assert_eq!(Mode::parse("Strict"), Some(Mode::Strict));
         assert_eq!(Mode::parse("bogus"), None);
+    }
+
+    #[test]
+    fn selector_labels_are_shared_and_stable() {
+        let mut store = KubeStore::new(KubeConfig::default());
+        let pod = |name: &str, labels: &[(&str, &str)], ip: &str| PodSummary {
+            namespace: "shop".into(),
+            name: name.into(),
+            workload: "web".into(),
+            kind: WorkloadKind::Deployment,
+            service_account: "web".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            node_name: None,
+            host_network: false,
+            live: true,
+            sidecar: true,
+            ips: vec![ip.parse().unwrap()],
+            created: 1,
+            inbound: InboundCapture::default(),
+        };
+        store.apply_pod_summary(&pod(
+            "web-a-1",
+            &[
+                ("app", "web"),
+                ("pod-template-hash", "a"),
+                ("tier", "front"),
+            ],
+            "10.2.0.1",
+        ));
+        store.apply_pod_summary(&pod(
+            "web-b-1",
+            &[
+                ("app", "web"),
+                ("pod-template-hash", "b"),
+                ("version", "v2"),
+            ],
+            "10.2.0.2",
+        ));
+        // Mid-rollout: only what both pods share, never the per-rollout hash.
+        let want: BTreeMap<String, String> = [("app".to_string(), "web".to_string())].into();
+        assert_eq!(store.selector_labels("shop", "web"), Some(want));
+        assert_eq!(store.selector_labels("shop", "nope"), None);
     }
 
     #[test]

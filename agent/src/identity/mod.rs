@@ -43,6 +43,8 @@ pub struct Resolver {
     node: Vec<IpNet>,
     /// Inventory mode: workloads with excluded inbound ports or in ambient mode.
     inbound: HashMap<Arc<Workload>, (Box<[u16]>, bool)>,
+    /// Inventory mode: `labels:` per (namespace, workload).
+    labels: std::collections::HashMap<(String, String), std::collections::BTreeMap<String, String>>,
     /// Kubernetes mode: the API's pods, namespaces, nodes and PeerAuthentications.
     kube: Option<Box<KubeStore>>,
 }
@@ -52,7 +54,11 @@ impl Resolver {
         let mut entries = Vec::new();
         let mut workloads = Vec::new();
         let mut inbound = HashMap::new();
+        let mut labels = std::collections::HashMap::new();
         for w in &inv.workloads {
+            if !w.labels.is_empty() {
+                labels.insert((w.namespace.clone(), w.name.clone()), w.labels.clone());
+            }
             let wl = Arc::new(Workload {
                 namespace: w.namespace.clone(),
                 name: w.name.clone(),
@@ -75,6 +81,7 @@ impl Resolver {
             workloads,
             node: inv.node_networks.clone(),
             inbound,
+            labels,
             kube: None,
         }
     }
@@ -85,6 +92,22 @@ impl Resolver {
         Self {
             kube: Some(Box::new(store)),
             ..Self::default()
+        }
+    }
+
+    /// The labels a PeerAuthentication selector for the workload matches: its pods' common
+    /// labels (Kubernetes mode) or the inventory's `labels:`. `None` when unknown.
+    pub fn labels(
+        &self,
+        namespace: &str,
+        workload: &str,
+    ) -> Option<std::collections::BTreeMap<String, String>> {
+        match &self.kube {
+            Some(k) => k.selector_labels(namespace, workload),
+            None => self
+                .labels
+                .get(&(namespace.to_owned(), workload.to_owned()))
+                .cloned(),
         }
     }
 

@@ -1,0 +1,116 @@
+//! Where `report` and `policy` get their data: one trait, one implementation per way of asking
+//! (`--agent`: one node's JSON API; `--prometheus`: every agent's counters through PromQL), so
+//! every command works every way. A third way (every agent pod through the Kubernetes API's
+//! `pods/proxy`, merged) implements the same trait.
+use std::time::Duration;
+
+use clap::Args;
+
+use super::{prometheus::Prometheus, report::get_json};
+use crate::{aggregate::Report, export::http::NamespaceSummary};
+
+/// The report data of a namespace, however it is obtained.
+pub trait Source {
+    /// The report of `namespace` (or one `workload` of it) over `window` (`None`: the source's
+    /// default), with the per-workload detail `policy` needs: blockers with server port and last
+    /// seen, judged connections per port, sidecar, selector labels, and the PeerAuthentications
+    /// the source knows. An unknown namespace or workload is a usage error (exit 2).
+    fn report(
+        &self,
+        namespace: &str,
+        workload: Option<&str>,
+        window: Option<Duration>,
+    ) -> anyhow::Result<Report>;
+
+    /// One summary per namespace the source knows.
+    fn namespaces(&self, window: Option<Duration>) -> anyhow::Result<Vec<NamespaceSummary>>;
+}
+
+/// The flags that choose the source, shared by every command that asks one.
+#[derive(Debug, Args)]
+pub struct SourceArgs {
+    /// Base URL of a running agent (one node).
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9477")]
+    pub agent: String,
+    /// Base URL of a Prometheus that scrapes every agent (cluster-wide).
+    #[arg(long, value_name = "URL", conflicts_with = "agent")]
+    pub prometheus: Option<String>,
+    /// Send the first line of FILE as a bearer token to an agent run with --api-token-file.
+    #[arg(long, value_name = "FILE", conflicts_with = "prometheus")]
+    pub token_file: Option<std::path::PathBuf>,
+    /// For https:// URLs (--agent or --prometheus): trust the CA certificates in FILE (PEM)
+    /// instead of the public web roots, e.g. the CA that signed the agent's --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+impl SourceArgs {
+    /// The source these flags name (after reading the token and CA files).
+    pub fn open(&self) -> anyhow::Result<Box<dyn Source>> {
+        super::report::init_client(self.token_file.as_deref(), self.ca_file.as_deref())?;
+        Ok(match &self.prometheus {
+            Some(url) => Box::new(Prometheus::new(url)?),
+            None => Box::new(AgentApi {
+                url: self.agent.clone(),
+            }),
+        })
+    }
+}
+
+/// One agent's JSON API (`/api/v1/report`, `/api/v1/namespaces`).
+pub struct AgentApi {
+    pub url: String,
+}
+
+fn window_query(window: Option<Duration>) -> Vec<(&'static str, String)> {
+    window
+        .map(|w| vec![("window", w.as_secs().to_string())])
+        .unwrap_or_default()
+}
+
+impl Source for AgentApi {
+    fn report(
+        &self,
+        namespace: &str,
+        workload: Option<&str>,
+        window: Option<Duration>,
+    ) -> anyhow::Result<Report> {
+        let mut q = vec![("namespace", namespace.to_owned())];
+        if let Some(w) = workload {
+            q.push(("workload", w.to_owned()));
+        }
+        q.extend(window_query(window));
+        get_json(&self.url, "/api/v1/report", &q)
+    }
+
+    fn namespaces(&self, window: Option<Duration>) -> anyhow::Result<Vec<NamespaceSummary>> {
+        get_json(&self.url, "/api/v1/namespaces", &window_query(window))
+    }
+}
+
+impl Source for Prometheus {
+    fn report(
+        &self,
+        namespace: &str,
+        workload: Option<&str>,
+        window: Option<Duration>,
+    ) -> anyhow::Result<Report> {
+        Prometheus::report(
+            self,
+            namespace,
+            workload,
+            window.unwrap_or(crate::aggregate::DEFAULT_WINDOW),
+        )
+    }
+
+    fn namespaces(&self, window: Option<Duration>) -> anyhow::Result<Vec<NamespaceSummary>> {
+        let window = window.unwrap_or(crate::aggregate::DEFAULT_WINDOW);
+        let mut list = Vec::new();
+        for ns in Prometheus::namespaces(self, window)? {
+            list.push(NamespaceSummary::from_report(&Prometheus::report(
+                self, &ns, None, window,
+            )?));
+        }
+        Ok(list)
+    }
+}
