@@ -369,7 +369,7 @@ pub fn render_table(r: &Report, width: u16) -> String {
     );
     let judged = r.inbound.mtls + r.inbound.tls + r.inbound.plaintext + r.inbound.unknown;
     s += &format!(
-        "mTLS ratio {} — {} of {} judged inbound connections are Istio mTLS; {} exempt (Istio ports, ports not captured, ambient probes)\n",
+        "mTLS ratio {} — {} of {} judged inbound connections are Istio mTLS; {} exempt (not enforced by STRICT)\n",
         pct(r.mtls_ratio),
         r.compliant,
         judged,
