@@ -242,9 +242,17 @@ impl Agent {
     /// stderr).
     pub fn report(&self, tb: &Testbed, args: &[&str]) -> Result<(ExitStatus, String, String)> {
         let url = self.url();
-        let mut argv = vec!["report", "--agent", &url];
+        let bin = self.bin.to_str().context("agent path is not UTF-8")?;
+        // Wide enough that no cell wraps: these tests read the table's words; how it fits a
+        // narrow terminal is tested apart (the policy scenario, and unit tests).
+        let mut argv = vec!["env", "COLUMNS=400", bin, "report", "--agent", &url];
         argv.extend_from_slice(args);
-        self.cli(tb, &argv)
+        let out = tb.output(&self.ns, &argv, None, Duration::from_secs(15))?;
+        Ok((
+            out.status,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
     }
 
     /// Runs `mtls-agent report ARGS` inside the node namespace without `--agent` (e.g. with
