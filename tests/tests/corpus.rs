@@ -27,11 +27,11 @@ use mtls_agent_testbed::*;
 use serde_json::Value;
 
 mod corpus_stacks;
-use corpus_stacks::{GrpcMode, GrpcPorts, Listener, MariadbMode, Pem, Policy};
+use corpus_stacks::{ClientCert, GrpcMode, GrpcPorts, Listener, MariadbMode, Pem, Policy};
 
 const ISTIO_ALPN: &str = "istio-peer-exchange,istio";
 /// What grpcio's client offers.
-const GRPC_ALPN: [&str; 2] = ["grpc-exp", "h2"];
+const GRPC_ALPN: [&str; 1] = ["h2"];
 const ISTIO: [&str; 5] = [
     "istio",
     "istio-peer-exchange",
@@ -536,7 +536,9 @@ struct Stream {
 }
 
 /// Runs tshark over the capture and derives a verdict per connection from its dissection alone.
-fn tshark_verdicts(pcap: &Path, keylog: &Path, h2c_ports: &[u16]) -> Result<SharkVerdicts> {
+/// `decode_as`: ports whose protocol tshark does not guess (h2c, MySQL and SMTP off their
+/// well-known ports), as (port, dissector).
+fn tshark_verdicts(pcap: &Path, keylog: &Path, decode_as: &[(u16, &str)]) -> Result<SharkVerdicts> {
     let fields = [
         "frame.number",
         "tcp.stream",
@@ -573,9 +575,9 @@ fn tshark_verdicts(pcap: &Path, keylog: &Path, h2c_ports: &[u16]) -> Result<Shar
         "-E".into(),
         "aggregator=|".into(),
     ];
-    for port in h2c_ports {
+    for (port, dissector) in decode_as {
         args.push("-d".into());
-        args.push(format!("tcp.port=={port},http2"));
+        args.push(format!("tcp.port=={port},{dissector}"));
     }
     for f in fields {
         args.push("-e".into());
@@ -1344,6 +1346,11 @@ fn corpus_agrees_with_truth_tshark_and_the_live_agent() -> Result<()> {
                 if policy == Policy::Required && !cert {
                     continue;
                 }
+                let mtls = cert && policy != Policy::None;
+                let cc = ClientCert {
+                    offered: cert,
+                    seen: mtls,
+                };
                 if java_client {
                     corpus_stacks::java_client(
                         &tb,
@@ -1352,7 +1359,7 @@ fn corpus_agrees_with_truth_tshark_and_the_live_agent() -> Result<()> {
                         srv.v4(port),
                         version,
                         &client_pem,
-                        cert,
+                        cc,
                     )?;
                 } else {
                     corpus_stacks::node_client(
@@ -1361,11 +1368,10 @@ fn corpus_agrees_with_truth_tshark_and_the_live_agent() -> Result<()> {
                         srv.v4(port),
                         version,
                         &client_pem,
-                        cert,
+                        cc,
                         &keylog(),
                     )?;
                 }
-                let mtls = cert && policy != Policy::None;
                 let case = format!(
                     "TLS {version}, {}, {}",
                     policy.label(),
@@ -1820,7 +1826,16 @@ fn corpus_agrees_with_truth_tshark_and_the_live_agent() -> Result<()> {
         key_text.push_str(&std::fs::read_to_string(e?.path())?);
     }
     std::fs::write(&all_keys, key_text)?;
-    let shark = tshark_verdicts(&pcap, &all_keys, &[8081, grpc_ports.plain])?;
+    let shark = tshark_verdicts(
+        &pcap,
+        &all_keys,
+        &[
+            (8081, "http2"),
+            (grpc_ports.plain, "http2"),
+            (3307, "mysql"),
+            (2525, "smtp"),
+        ],
+    )?;
 
     // --- compare, connection by connection ---
     // The i-th connection made to a server address is the i-th one each judge saw there.

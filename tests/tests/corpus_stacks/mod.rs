@@ -57,9 +57,9 @@ fn write_source(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
 }
 
 /// The client's printed outcome must name the version and whether the server saw a certificate.
-fn check_outcome(who: &str, out: &std::process::Output, version: &str, cert: bool) -> Result<()> {
+fn check_outcome(who: &str, out: &std::process::Output, version: &str, seen: bool) -> Result<()> {
     let text = String::from_utf8_lossy(&out.stdout);
-    let want = format!("client-cert={}", if cert { "yes" } else { "no" });
+    let want = format!("client-cert={}", if seen { "yes" } else { "no" });
     ensure!(
         out.status.success() && text.contains(&protocol_name(version)) && text.contains(&want),
         "{who}: expected {} and {want}, got {text:?} (stderr {})",
@@ -117,14 +117,23 @@ pub fn node_servers(
     Ok(p)
 }
 
-/// One Node.js client connection, checked; `cert` presents the client certificate.
+/// Whom a client offers its certificate and what the server must report.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientCert {
+    /// The client has a certificate to present.
+    pub offered: bool,
+    /// The server reports having received one (offered, and asked for).
+    pub seen: bool,
+}
+
+/// One Node.js client connection, checked.
 pub fn node_client(
     tb: &Testbed,
     ns: &str,
     server: SocketAddr,
     version: &str,
     pem: &Pem<'_>,
-    cert: bool,
+    cert: ClientCert,
     keylog: &Path,
 ) -> Result<()> {
     let script = tb.workdir().join("node-client.js");
@@ -142,11 +151,16 @@ pub fn node_client(
         path_str(pem.ca)?,
         path_str(keylog)?,
     ];
-    if cert {
+    if cert.offered {
         args.extend([path_str(&pem.cert.cert)?, path_str(&pem.cert.key)?]);
     }
     let out = tb.output(ns, &args, None, Duration::from_secs(20))?;
-    check_outcome(&format!("node client to {server}"), &out, version, cert)
+    check_outcome(
+        &format!("node client to {server}"),
+        &out,
+        version,
+        cert.seen,
+    )
 }
 
 /// Compiles the Java program once into the test bed's work directory; returns the class path.
@@ -216,7 +230,7 @@ pub fn java_client(
     server: SocketAddr,
     version: &str,
     pem: &Pem<'_>,
-    cert: bool,
+    cert: ClientCert,
 ) -> Result<()> {
     let (host, port) = (server.ip().to_string(), server.port().to_string());
     let v = protocol_name(version);
@@ -231,11 +245,16 @@ pub fn java_client(
         &v,
         path_str(pem.ca)?,
     ];
-    if cert {
+    if cert.offered {
         args.extend([path_str(&pem.cert.cert)?, path_str(&pem.cert.key)?]);
     }
     let out = tb.output(ns, &args, None, Duration::from_secs(30))?;
-    check_outcome(&format!("java client to {server}"), &out, version, cert)
+    check_outcome(
+        &format!("java client to {server}"),
+        &out,
+        version,
+        cert.seen,
+    )
 }
 
 /// An SMTP-style server: greets first, offers STARTTLS (Python `ssl`, key log to `keylog`).

@@ -20,6 +20,8 @@ if sys.argv[1] == "server":
     print("listening", port, flush=True)
     while True:
         c, _ = s.accept()
+        # The session's socket: the plain one, then the TLS one after STARTTLS.
+        conn = c
         try:
             c.sendall(b"220 corpus ESMTP\r\n")
             f = c.makefile("rb")
@@ -29,11 +31,9 @@ if sys.argv[1] == "server":
                     c.sendall(b"250-corpus\r\n250 STARTTLS\r\n")
                 elif cmd == "STARTTLS":
                     c.sendall(b"220 ready\r\n")
-                    t = ctx.wrap_socket(c, server_side=True)
-                    tf = t.makefile("rb")
-                    if lines(tf) == "QUIT":
-                        t.sendall(b"221 tls bye\r\n")
-                    t.close()
+                    conn = ctx.wrap_socket(c, server_side=True)
+                    if lines(conn.makefile("rb")) == "QUIT":
+                        conn.sendall(b"221 tls bye\r\n")
                     break
                 else:
                     c.sendall(b"221 bye\r\n")
@@ -41,7 +41,12 @@ if sys.argv[1] == "server":
         except Exception as e:
             print("session failed:", e, flush=True)
         finally:
-            c.close()
+            # makefile() keeps the descriptor open after close(): shut down to send the FIN now.
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
 else:
     host, port, ca, keylog, mode = sys.argv[2:7]
     with socket.create_connection((host, int(port)), timeout=5) as c:
