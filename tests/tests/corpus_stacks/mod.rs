@@ -69,6 +69,40 @@ fn check_outcome(who: &str, out: &std::process::Output, version: &str, seen: boo
     Ok(())
 }
 
+/// `port:TLSv1.x:policy` arguments, with the stack's names for required / wanted / none.
+fn listener_specs(listeners: &[Listener], names: [&str; 3]) -> Vec<String> {
+    listeners
+        .iter()
+        .map(|(port, v, policy)| {
+            let p = match policy {
+                Policy::Required => names[0],
+                Policy::Wanted => names[1],
+                Policy::None => names[2],
+            };
+            format!("{port}:{}:{p}", protocol_name(v))
+        })
+        .collect()
+}
+
+/// Waits for every listener of a server process (a JVM takes a few seconds).
+fn wait_listening(
+    tb: &Testbed,
+    ns: &str,
+    listeners: &[Listener],
+    p: &Proc,
+    who: &str,
+) -> Result<()> {
+    for (port, ..) in listeners {
+        tb.wait_tcp_listening(
+            ns,
+            SocketAddr::from(([0, 0, 0, 0], *port)),
+            Duration::from_secs(30),
+        )
+        .with_context(|| format!("{who}: {}", p.stderr_tail()))?;
+    }
+    Ok(())
+}
+
 /// The PEM files a TLS peer needs.
 pub struct Pem<'a> {
     pub ca: &'a Path,
@@ -85,17 +119,7 @@ pub fn node_servers(
 ) -> Result<Proc> {
     let dir = tb.scratch_dir("node")?;
     let script = write_source(&dir, "server.js", NODE_SERVER)?;
-    let specs: Vec<String> = listeners
-        .iter()
-        .map(|(port, v, policy)| {
-            let p = match policy {
-                Policy::Required => "required",
-                Policy::Wanted => "wanted",
-                Policy::None => "none",
-            };
-            format!("{port}:{}:{p}", protocol_name(v))
-        })
-        .collect();
+    let specs = listener_specs(listeners, ["required", "wanted", "none"]);
     let mut args = vec![
         "node",
         path_str(&script)?,
@@ -106,14 +130,7 @@ pub fn node_servers(
     ];
     args.extend(specs.iter().map(String::as_str));
     let p = tb.spawn(ns, &args)?;
-    for (port, ..) in listeners {
-        tb.wait_tcp_listening(
-            ns,
-            SocketAddr::from(([0, 0, 0, 0], *port)),
-            Duration::from_secs(20),
-        )
-        .with_context(|| format!("node server: {}", p.stderr_tail()))?;
-    }
+    wait_listening(tb, ns, listeners, &p, "node server")?;
     Ok(p)
 }
 
@@ -188,17 +205,7 @@ pub fn java_servers(
     pem: &Pem<'_>,
     listeners: &[Listener],
 ) -> Result<Proc> {
-    let specs: Vec<String> = listeners
-        .iter()
-        .map(|(port, v, policy)| {
-            let p = match policy {
-                Policy::Required => "need",
-                Policy::Wanted => "want",
-                Policy::None => "none",
-            };
-            format!("{port}:{}:{p}", protocol_name(v))
-        })
-        .collect();
+    let specs = listener_specs(listeners, ["need", "want", "none"]);
     let mut args = vec![
         "java",
         "-cp",
@@ -211,14 +218,7 @@ pub fn java_servers(
     ];
     args.extend(specs.iter().map(String::as_str));
     let p = tb.spawn(ns, &args)?;
-    for (port, ..) in listeners {
-        tb.wait_tcp_listening(
-            ns,
-            SocketAddr::from(([0, 0, 0, 0], *port)),
-            Duration::from_secs(30),
-        )
-        .with_context(|| format!("java server: {}", p.stderr_tail()))?;
-    }
+    wait_listening(tb, ns, listeners, &p, "java server")?;
     Ok(p)
 }
 
