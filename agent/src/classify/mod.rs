@@ -7,8 +7,10 @@
 //!
 //! * TLS (`tls`): parse the ClientHello/ServerHello with `tls-parser` and apply the client-auth
 //!   rules (TLS <= 1.2: the client's Certificate message is visible; TLS 1.3: the size of the
-//!   client's first encrypted record tells a Certificate from a bare Finished), inheriting the
-//!   outcome of resumed sessions from a [`ResumptionCache`];
+//!   client's first encrypted record tells a Certificate from a bare Finished, and the size of its
+//!   second tells whether record padding could explain the first — then `unknown`; only the
+//!   5-byte headers of those two records are read, see `tls` for exactly which bytes and when the
+//!   verdict is final), inheriting the outcome of resumed sessions from a [`ResumptionCache`];
 //! * plaintext (`plaintext`): the first client bytes are not a TLS record, with the sub-protocol
 //!   where recognisable; preambles that wrap TLS (PostgreSQL SSLRequest, MySQL SSL request) are
 //!   unwrapped first;
