@@ -46,6 +46,19 @@ const PACKAGES: &[(&str, &str)] = &[
         "postgresql",
         "a real PostgreSQL server (SSLRequest, TLS with and without client certificates) in the corpus test",
     ),
+    (
+        "openjdk-17-jdk-headless",
+        "Java's TLS stack (SunJSSE): the corpus test compiles a client and server with javac",
+    ),
+    (
+        "nodejs",
+        "Node.js's `tls` client and server in the corpus test",
+    ),
+    (
+        "mariadb-server",
+        "a real MariaDB server (TLS inside the MySQL protocol, client certificates) in the corpus test",
+    ),
+    ("mariadb-client", "the `mariadb` client of the corpus test"),
 ];
 
 fn step(msg: &str) {
@@ -199,6 +212,8 @@ pub fn setup() -> anyhow::Result<()> {
     // 5. kubernetes-validate (PyPI, bundles the Kubernetes schemas: validates the rendered
     //    deploy/ manifests offline in tests/tests/kubernetes_manifests.rs).
     ensure_kubernetes_validate()?;
+    // 6. grpcio (PyPI): the corpus test's gRPC client and server (BoringSSL, ALPN h2, h2c).
+    ensure_grpcio()?;
     step("done");
     Ok(())
 }
@@ -214,17 +229,9 @@ fn ensure_kubernetes_validate() -> anyhow::Result<()> {
     step(&format!(
         "installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} (pip)"
     ));
-    run(
-        Command::new("python3").args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
-        ]),
-        "pip install kubernetes-validate",
-    )?;
+    pip_install(&format!(
+        "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+    ))?;
     // pyenv installs console scripts behind shims that need a rehash.
     if !ok(Command::new("kubernetes-validate").arg("--version")) {
         let _ = ok(Command::new("pyenv").arg("rehash"));
@@ -238,6 +245,38 @@ fn ensure_kubernetes_validate() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The grpcio release the corpus test's gRPC peers run on.
+const GRPCIO_VERSION: &str = "1.68.1";
+
+fn ensure_grpcio() -> anyhow::Result<()> {
+    let check = format!("import grpc; assert grpc.__version__ == '{GRPCIO_VERSION}'");
+    if ok(Command::new("python3").args(["-c", &check])) {
+        step("grpcio: present");
+        return Ok(());
+    }
+    step(&format!("installing grpcio {GRPCIO_VERSION} (pip)"));
+    pip_install(&format!("grpcio=={GRPCIO_VERSION}"))?;
+    if !ok(Command::new("python3").args(["-c", &check])) {
+        bail!("grpcio was installed but `python3 -c 'import grpc'` fails");
+    }
+    Ok(())
+}
+
+/// `pip install` into the `python3` on PATH (the one the tests run).
+fn pip_install(spec: &str) -> anyhow::Result<()> {
+    run(
+        Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            spec,
+        ]),
+        &format!("pip install {spec}"),
+    )
 }
 
 /// `cargo xtask fuzz` only (not part of the default setup): cargo-fuzz, built from crates.io.

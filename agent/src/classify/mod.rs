@@ -7,8 +7,10 @@
 //!
 //! * TLS (`tls`): parse the ClientHello/ServerHello with `tls-parser` and apply the client-auth
 //!   rules (TLS <= 1.2: the client's Certificate message is visible; TLS 1.3: the size of the
-//!   client's first encrypted record tells a Certificate from a bare Finished), inheriting the
-//!   outcome of resumed sessions from a [`ResumptionCache`];
+//!   client's first encrypted record tells a Certificate from a bare Finished, and the size of its
+//!   second tells whether record padding could explain the first — then `unknown`; only the
+//!   5-byte headers of those two records are read, see `tls` for exactly which bytes and when the
+//!   verdict is final), inheriting the outcome of resumed sessions from a [`ResumptionCache`];
 //! * plaintext (`plaintext`): the first client bytes are not a TLS record, with the sub-protocol
 //!   where recognisable; preambles that wrap TLS (PostgreSQL SSLRequest, MySQL SSL request) are
 //!   unwrapped first;
@@ -148,8 +150,15 @@ pub enum Evidence {
     ClientCertificateEmpty,
     /// TLS <= 1.2: the client's second flight starts with ClientKeyExchange (no Certificate).
     NoClientCertificate,
-    /// TLS 1.3: length of the client's first encrypted record (>= 128: a Certificate).
+    /// TLS 1.3: length of the client's first encrypted record (>= 128 and the second record
+    /// shows no padding that could explain it: a Certificate; 20..128: none).
     ClientFirstRecordLen(u16),
+    /// TLS 1.3: the client pads its records (RFC 8446 §5.4): the lengths of its first two
+    /// encrypted records share a block so large that the first could be a padded Finished.
+    ClientRecordsPadded(u16, u16),
+    /// TLS 1.3: the connection ended after a single large client record; without a second one
+    /// padding cannot be ruled out.
+    ClientFirstRecordAlone(u16),
     /// Resumed session; client authentication inherited from the full handshake with this server.
     ResumedFrom(SocketAddr),
     /// Resumed session whose full handshake was not seen.
@@ -188,6 +197,8 @@ impl Evidence {
             Evidence::ClientCertificateEmpty => "client_certificate_empty",
             Evidence::NoClientCertificate => "no_client_certificate",
             Evidence::ClientFirstRecordLen(_) => "client_first_record_len",
+            Evidence::ClientRecordsPadded(..) => "client_records_padded",
+            Evidence::ClientFirstRecordAlone(_) => "client_first_record_alone",
             Evidence::ResumedFrom(_) => "resumed_from",
             Evidence::ResumedUnknown => "resumed_unknown",
             Evidence::PlaintextFirstBytes => "plaintext_first_bytes",
@@ -209,6 +220,10 @@ impl fmt::Display for Evidence {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Evidence::ClientFirstRecordLen(len) => write!(f, "client_first_record_len={len}"),
+            Evidence::ClientRecordsPadded(first, second) => {
+                write!(f, "client_records_padded={first},{second}")
+            }
+            Evidence::ClientFirstRecordAlone(len) => write!(f, "client_first_record_alone={len}"),
             Evidence::ResumedFrom(addr) => write!(f, "resumed_from={addr}"),
             other => f.write_str(other.kind()),
         }

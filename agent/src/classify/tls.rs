@@ -8,6 +8,30 @@
 //!   either its Certificate (hundreds of bytes: OpenSSL sends 465 with DESIGN.md's certificate,
 //!   529-853 with the test PKI's) or only a Finished (53 bytes with SHA-256 suites, 69 with
 //!   SHA-384; an empty Certificate plus Finished stays under 100). 128 is the threshold.
+//! * TLS 1.3 record padding (RFC 8446 §5.4): a client may pad every record to a multiple of a
+//!   block (OpenSSL `-record_padding N`: inner plaintext plus its content-type byte rounded up to
+//!   a multiple of N, so each record is `k*N + 16`). A padded Finished is then as large as a
+//!   Certificate, so a first record of 128 or more proves nothing alone. The second client record
+//!   tells: with `a = first - 16`, `b = second - 16` and `g = gcd(a, b)`, a client padding to a
+//!   block that fits both records pads by less than `g`, so the first record holds at least
+//!   `a - g + 1` bytes of content. More than [`NO_CERT_CONTENT_MAX`] (61: an empty Certificate and
+//!   a SHA-384 Finished plus the content type) is a certificate: `mtls`. Otherwise the first
+//!   record may be a padded Finished: `unknown`, evidence `client_records_padded`. An unpadded
+//!   client's second record is its CertificateVerify, its Finished (53/69: `g` is 1, 37 or 53)
+//!   or application data, and `g` that large needs `b` to be a multiple of `a` (for a first
+//!   record of 138 or more), so unpadded stacks keep the first-record verdict. A client padding
+//!   by amounts that are not a block multiple (random padding) cannot be told from the sizes.
+//!
+//!   Bytes read, and when the verdict is final: only the 5-byte headers (type 23, length) of at
+//!   most the first two ApplicationData records the client sends after its ClientHello
+//!   (ChangeCipherSpec and, with early data offered, records captured before the ServerHello
+//!   skipped). Final after the first when it is under 128 bytes (`tls`, or `unknown` /
+//!   `handshake_alert` at 19 or less); otherwise final after the second (`mtls` or `unknown` /
+//!   `client_records_padded`). A connection that ends with only one record of 128 or more is
+//!   `unknown` / `client_first_record_alone`. Stacks that send Certificate, CertificateVerify and
+//!   Finished as separate records (OpenSSL, Node.js, Java, rustls) have both headers in the same
+//!   flight; a stack that packs the whole flight into one record has its second record in the
+//!   client's first application-data flight.
 //! * Resumption (TLS 1.2 session id echo or abbreviated server flight, TLS 1.3 accepted PSK): the
 //!   client certificate is not sent again, so the outcome is inherited from the last full handshake
 //!   between the same client and server ([`ResumptionCache`]).
@@ -40,6 +64,11 @@ use super::{ConnMeta, Evidence, ResumptionCache, Security, Verdict, mesh_of};
 pub(crate) const CERTIFICATE_RECORD_MIN: usize = 128;
 /// Largest TLS 1.3 record that is an encrypted alert rather than a handshake flight.
 const ENCRYPTED_ALERT_MAX: usize = 19;
+/// AEAD expansion of a TLS 1.3 record: the 16-byte tag of every suite in use.
+const AEAD_TAG: usize = 16;
+/// Most content (with the inner content-type byte) a TLS 1.3 client's first encrypted record can
+/// have without a certificate: an empty Certificate (8) and a SHA-384 Finished (4 + 48), plus 1.
+pub(crate) const NO_CERT_CONTENT_MAX: usize = 61;
 
 /// Server handshake message types that only a full TLS <= 1.2 handshake has.
 const HS_SERVER_KEY_EXCHANGE: u8 = 12;
@@ -387,6 +416,7 @@ impl Ctx<'_> {
             }
         }
         let skip_early = ch.early_data && !sv.hrr;
+        let mut first = None;
         for item in rest {
             match item {
                 Item::ChangeCipherSpec | Item::Handshake { .. } | Item::Encrypted { .. } => {}
@@ -394,16 +424,25 @@ impl Ctx<'_> {
                     if skip_early && self.before_server_hello(*offset, sv) {
                         continue;
                     }
-                    return Step::Final(first_record_verdict(base, *len));
+                    match first {
+                        None => match first_record_verdict(base.clone(), *len) {
+                            Some(v) => return Step::Final(v),
+                            None => first = Some(*len),
+                        },
+                        Some(f) => return Step::Final(two_records_verdict(base, f, *len)),
+                    }
                 }
-                Item::Alert { fatal: true } => {
+                Item::Alert { fatal: true } if first.is_none() => {
                     return Step::Final(with(base, Evidence::HandshakeAlert));
                 }
-                Item::Alert { fatal: false } => {}
+                Item::Alert { .. } => {}
                 Item::PartialHandshake { .. } => break,
             }
         }
-        self.incomplete(base, items.malformed)
+        match first {
+            Some(f) => Step::Pending(one_record_verdict(base, f)),
+            None => self.incomplete(base, items.malformed),
+        }
     }
 
     /// The client record at `offset` was captured before the end of the ServerHello.
@@ -512,7 +551,18 @@ impl Ctx<'_> {
     ) -> Step {
         let items = itemize(self.client_bytes(), false);
         let mut hrr = false;
+        let mut first = None;
         for item in items.items.iter().skip(1) {
+            if let Some(f) = first {
+                // TLS 1.3 only: the second encrypted record settles a large first one.
+                match item {
+                    Item::AppData { len, .. } => {
+                        return Step::Final(two_records_verdict(base, f, *len));
+                    }
+                    Item::Alert { .. } => continue,
+                    _ => break,
+                }
+            }
             if let Some(step) = self.tls12_rule(base.clone(), item) {
                 return step;
             }
@@ -537,7 +587,11 @@ impl Ctx<'_> {
                     // except after a HelloRetryRequest, which rejects it.
                     let no_early_data = !ch.early_data || hrr;
                     if ch.versions.contains(&TLS13) && !ch.psk && no_early_data {
-                        return Step::Final(first_record_verdict(base, *len));
+                        match first_record_verdict(base.clone(), *len) {
+                            Some(v) => return Step::Final(v),
+                            None => first = Some(*len),
+                        }
+                        continue;
                     }
                     break;
                 }
@@ -548,7 +602,10 @@ impl Ctx<'_> {
                 _ => break,
             }
         }
-        Step::Pending(base)
+        match first {
+            Some(f) => Step::Pending(one_record_verdict(base, f)),
+            None => Step::Pending(base),
+        }
     }
 }
 
@@ -563,21 +620,63 @@ fn looks_like_client_hello(body: &[u8]) -> bool {
     }
 }
 
-/// TLS 1.3 rule on the client's first encrypted record. The smallest records are encrypted
-/// alerts (2 bytes + content type + 16-byte tag = 19): the client gave up on the handshake (e.g.
-/// it rejected the server certificate). Any flight is larger: an empty Certificate alone is 25.
-/// (CCM_8 suites, with an 8-byte tag, would make an empty Certificate 17; nobody uses them.)
-fn first_record_verdict(v: Verdict, len: usize) -> Verdict {
+/// TLS 1.3 rule on the client's first encrypted record, when it decides alone. The smallest
+/// records are encrypted alerts (2 bytes + content type + 16-byte tag = 19): the client gave up on
+/// the handshake (e.g. it rejected the server certificate). Any flight is larger: an empty
+/// Certificate alone is 25. (CCM_8 suites, with an 8-byte tag, would make an empty Certificate 17;
+/// nobody uses them.) Under 128 there is no certificate, padded or not (padding only adds).
+/// None: 128 or more, which the second record must confirm (see the module doc on padding).
+fn first_record_verdict(v: Verdict, len: usize) -> Option<Verdict> {
     if len <= ENCRYPTED_ALERT_MAX {
-        return with(v, Evidence::HandshakeAlert);
+        return Some(with(v, Evidence::HandshakeAlert));
     }
-    let security = if len >= CERTIFICATE_RECORD_MIN {
-        Security::Mtls
+    (len < CERTIFICATE_RECORD_MIN)
+        .then(|| with_security(v, Security::Tls, Evidence::ClientFirstRecordLen(len16(len))))
+}
+
+/// TLS 1.3: a first record of 128 or more, judged with the second record's length.
+fn two_records_verdict(v: Verdict, first: usize, second: usize) -> Verdict {
+    if first_record_may_be_padding(first, second) {
+        with(
+            v,
+            Evidence::ClientRecordsPadded(len16(first), len16(second)),
+        )
     } else {
-        Security::Tls
-    };
-    let len = u16::try_from(len).unwrap_or(u16::MAX);
-    with_security(v, security, Evidence::ClientFirstRecordLen(len))
+        with_security(
+            v,
+            Security::Mtls,
+            Evidence::ClientFirstRecordLen(len16(first)),
+        )
+    }
+}
+
+/// TLS 1.3: the connection ended after one client record of 128 or more.
+fn one_record_verdict(v: Verdict, first: usize) -> Verdict {
+    with(v, Evidence::ClientFirstRecordAlone(len16(first)))
+}
+
+/// Could a client padding both records to a common block have sent no certificate in `first`?
+/// It pads each record by less than the block, and the block divides the gcd of both records'
+/// plaintext lengths, so `first` carries at least `a - g + 1` bytes of content.
+pub(crate) fn first_record_may_be_padding(first: usize, second: usize) -> bool {
+    if second <= AEAD_TAG {
+        // Not a record a TLS 1.3 stack can send: no block to share.
+        return false;
+    }
+    let a = first.saturating_sub(AEAD_TAG);
+    let g = gcd(a, second - AEAD_TAG);
+    a.saturating_sub(g) < NO_CERT_CONTENT_MAX
+}
+
+fn gcd(mut a: usize, mut b: usize) -> usize {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+fn len16(len: usize) -> u16 {
+    u16::try_from(len).unwrap_or(u16::MAX)
 }
 
 fn with(mut v: Verdict, evidence: Evidence) -> Verdict {

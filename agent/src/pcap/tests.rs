@@ -243,6 +243,7 @@ fn tls13_mtls() -> [Vec<u8>; 3] {
     server.extend(app(1500));
     let mut second = ccs();
     second.extend(app(465));
+    second.extend(app(53)); // Finished
     [hello, server, second]
 }
 

@@ -45,6 +45,8 @@ fn evidence_kinds_are_bounded_snake_case() {
         Evidence::HandshakeAlert,
         Evidence::ServerNotTls,
         Evidence::Malformed,
+        Evidence::ClientRecordsPadded(528, 528),
+        Evidence::ClientFirstRecordAlone(465),
     ];
     for e in &all {
         let k = e.kind();
@@ -55,6 +57,8 @@ fn evidence_kinds_are_bounded_snake_case() {
     assert_eq!(all[5].to_string(), "resumed_from=1.2.3.4:443");
     assert_eq!(all[5].kind(), "resumed_from");
     assert_eq!(Evidence::NoData.to_string(), "no_data");
+    assert_eq!(all[17].to_string(), "client_records_padded=528,528");
+    assert_eq!(all[18].to_string(), "client_first_record_alone=465");
 }
 
 fn ip(i: u8) -> IpAddr {

@@ -146,6 +146,7 @@ fn byte_trickle_is_bounded_work() {
     let mut client = handshake_records(&hello, 16_000);
     client.extend(ccs());
     client.extend(app(465));
+    client.extend(app(53));
     let mut server = record(22, &server_hello(&Sh::tls13()));
     server.extend(ccs());
     let segs = segmented(&[(S2C, server), (C2S, client)], 1);

@@ -14,6 +14,7 @@ fn tls_exchange_13(first_record: usize) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
     sh.extend(app(900));
     let mut flight = ccs();
     flight.extend(app(first_record));
+    flight.extend(app(53)); // Finished (after a CertificateVerify, when there is a certificate)
     (ch, sh, flight)
 }
 

@@ -153,7 +153,7 @@ fn hello_retry_request_uses_the_record_after_the_second_client_hello() {
             (S2C, server1.clone()),
             (C2S, client2.clone()),
             (S2C, sh13()),
-            (C2S, app(flight_len)),
+            (C2S, [app(flight_len), app(53)].concat()),
         ];
         // Scrambled too: after a HelloRetryRequest the answer does not depend on arrival order.
         let mut all = vec![flights(&list)];
@@ -278,4 +278,148 @@ fn handshake_incomplete_at_finish() {
     let hello = ch13(&[]);
     let o = classify(meta(443), &[(C2S, hello[..40].to_vec())]);
     assert_eq!(o.verdict.evidence, Evidence::HandshakeIncomplete);
+}
+
+/// The records a client padding to `block` sends for inner plaintexts (content plus type byte) of
+/// `contents` bytes, as OpenSSL's `-record_padding` does.
+fn padded(block: usize, contents: &[usize]) -> Vec<u8> {
+    let mut out = ccs();
+    for &c in contents {
+        out.extend(app(c.div_ceil(block) * block + 16));
+    }
+    out
+}
+
+/// Inner plaintexts of an OpenSSL TLS 1.3 client's flight and first request: Certificate (with the
+/// test PKI's chain), CertificateVerify (RSA-2048), Finished (SHA-256), an HTTP GET.
+const CERT: usize = 801;
+const CERT_VERIFY: usize = 265;
+const FINISHED: usize = 37;
+const EMPTY_CERT: usize = 9;
+const GET: usize = 80;
+
+fn padded_verdict(records: Vec<u8>) -> Outcome {
+    classify(
+        meta(443),
+        &[(C2S, ch13(&["h2"])), (S2C, sh13()), (C2S, records)],
+    )
+}
+
+#[test]
+fn padded_finished_is_unknown_not_mtls() {
+    for block in [128, 200, 256, 512, 1024, 4096] {
+        // Not requested: Finished then the request; requested, none: empty Certificate first.
+        for flight in [vec![FINISHED, GET], vec![EMPTY_CERT, FINISHED, GET]] {
+            let o = padded_verdict(padded(block, &flight));
+            assert!(o.decided_early, "block {block}");
+            assert_eq!(o.verdict.security, Security::Unknown, "block {block}");
+            assert_eq!(
+                o.verdict.evidence.kind(),
+                "client_records_padded",
+                "block {block}"
+            );
+            assert_eq!(o.verdict.tls_version, Some("1.3"));
+        }
+    }
+    let o = padded_verdict(padded(512, &[FINISHED, GET]));
+    assert_eq!(
+        o.verdict.evidence.to_string(),
+        "client_records_padded=528,528"
+    );
+}
+
+#[test]
+fn padding_too_small_to_matter_keeps_the_verdict() {
+    // Blocks up to 111 leave a padded Finished under 128: one-way TLS from the first record.
+    for block in [16, 32, 64, 100, 111] {
+        let o = padded_verdict(padded(block, &[FINISHED, GET]));
+        assert!(o.decided_early);
+        assert_eq!(o.verdict.security, Security::Tls, "block {block}");
+    }
+}
+
+#[test]
+fn padded_certificate_is_mtls_or_unknown_never_tls() {
+    for block in [16, 64, 128, 256, 512] {
+        let o = padded_verdict(padded(block, &[CERT, CERT_VERIFY, FINISHED]));
+        assert_eq!(o.verdict.security, Security::Mtls, "block {block}");
+        assert_eq!(o.verdict.evidence.kind(), "client_first_record_len");
+    }
+    // A block as large as the certificate: the sizes cannot tell it from a padded Finished.
+    for block in [1024, 4096] {
+        let o = padded_verdict(padded(block, &[CERT, CERT_VERIFY, FINISHED]));
+        assert_eq!(o.verdict.security, Security::Unknown, "block {block}");
+        assert_eq!(o.verdict.evidence.kind(), "client_records_padded");
+    }
+}
+
+/// Every block size and every content a certificate-less first record can have (an empty
+/// Certificate with a SHA-384 Finished at most): if the padded record reaches 128, whatever
+/// padded record follows, the rule says padding, never a certificate.
+#[test]
+fn no_block_size_makes_a_padded_finished_a_certificate() {
+    use crate::classify::tls::{CERTIFICATE_RECORD_MIN, first_record_may_be_padding};
+    for block in 1..=4096usize {
+        for content in 1..=61usize {
+            let first = content.div_ceil(block) * block + 16;
+            if first < CERTIFICATE_RECORD_MIN {
+                continue;
+            }
+            for blocks in 1..=8 {
+                assert!(
+                    first_record_may_be_padding(first, blocks * block + 16),
+                    "block {block} content {content} second {blocks} blocks"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn unpadded_stacks_keep_the_first_record_verdict() {
+    // OpenSSL-style separate records, and a stack packing its flight into one record followed
+    // by application data of any size.
+    for (first, second) in [(465, 281), (465, 53), (853, 69), (1034, 97), (2100, 40)] {
+        let mut records = ccs();
+        records.extend(app(first));
+        records.extend(app(second));
+        let o = padded_verdict(records);
+        assert!(o.decided_early);
+        assert_eq!(o.verdict.security, Security::Mtls, "{first},{second}");
+        assert_eq!(
+            o.verdict.evidence,
+            Evidence::ClientFirstRecordLen(u16::try_from(first).unwrap())
+        );
+    }
+}
+
+#[test]
+fn one_large_record_then_the_end_is_unknown() {
+    let mut records = ccs();
+    records.extend(app(528));
+    let o = padded_verdict(records);
+    assert!(!o.decided_early);
+    assert_eq!(o.verdict.security, Security::Unknown);
+    assert_eq!(
+        o.verdict.evidence.to_string(),
+        "client_first_record_alone=528"
+    );
+    // Only the second record's header is needed: its body may be cut off.
+    let mut records = ccs();
+    records.extend(app(528));
+    records.extend(&app(528)[..5]);
+    let o = padded_verdict(records);
+    assert!(o.decided_early);
+    assert_eq!(o.verdict.evidence.kind(), "client_records_padded");
+}
+
+#[test]
+fn padded_flight_without_server_direction_is_unknown() {
+    let o = classify(
+        meta(443),
+        &[(C2S, ch13(&[])), (C2S, padded(512, &[FINISHED, GET]))],
+    );
+    assert!(!o.decided_early);
+    assert_eq!(o.verdict.security, Security::Unknown);
+    assert_eq!(o.verdict.evidence.kind(), "client_records_padded");
 }
