@@ -37,6 +37,7 @@ pub mod kube_double;
 pub mod netns;
 pub mod pki;
 pub mod proc;
+pub mod rtnl;
 pub mod scenario;
 pub mod traffic;
 
@@ -47,7 +48,7 @@ pub use kube_double::{
     write_kubeconfig,
 };
 pub use netns::{
-    BRIDGE, IPV4_PREFIX_LEN, IPV6_PREFIX_LEN, NODE_IPV4, NODE_IPV6, Pod, PodSpec, Testbed,
+    BRIDGE, IPV4_PREFIX_LEN, IPV6_PREFIX_LEN, NODE_IPV4, NODE_IPV6, Pod, PodLink, PodSpec, Testbed,
     ensure_root, list_netns,
 };
 pub use pki::{CertPaths, Pki, San};

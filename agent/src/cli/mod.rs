@@ -94,15 +94,26 @@ pub struct ReaperArgs {
     pub prog_ids: Vec<u32>,
 }
 
-/// Host-side pod veth names of common CNIs: Calico, Cilium, Flannel/bridge, AWS VPC CNI, GKE, Azure.
+/// Host-side pod veth names of common CNIs (the selection with `--interface-auto=false`): Calico, Cilium, Flannel/bridge, AWS VPC CNI, GKE, Azure.
 pub const DEFAULT_INTERFACE_GLOBS: [&str; 6] = ["cali*", "lxc*", "veth*", "eni*", "gke*", "azv*"];
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Interface-name glob to watch (repeatable). Default: the pod veths of common CNIs
-    /// (cali*, lxc*, veth*, eni*, gke*, azv*).
+    /// Interface-name glob (repeatable). With --interface-auto (the default) it narrows the
+    /// pod-facing interfaces to those whose names match; with --interface-auto=false it alone
+    /// selects (default then: cali*, lxc*, veth*, eni*, gke*, azv*).
     #[arg(long = "interface", value_name = "GLOB")]
     pub interfaces: Vec<String>,
+    /// Watch every pod-facing interface, whatever its name: a veth or netkit whose peer is in
+    /// another network namespace (never uplinks, bridges, tunnels or node-local veth pairs).
+    /// `--interface-auto=false`: names matching --interface only.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub interface_auto: bool,
+    /// Kubernetes mode: name this node's pods whose addresses no watched interface has shown
+    /// once they have been known this long (log line and mtls_agent_pods_unseen).
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_window)]
+    pub pod_unseen_after: humantime::Duration,
     /// Inventory file (YAML) mapping addresses to namespaces and workloads. Exactly one of
     /// --inventory and --kubernetes is required.
     #[arg(long, value_name = "FILE")]

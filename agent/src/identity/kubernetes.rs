@@ -1078,6 +1078,18 @@ impl KubeStore {
         })
     }
 
+    /// Live pods of this node with their own addresses (not hostNetwork): `(namespace, pod,
+    /// addresses)`. For the coverage check (`identity::coverage`).
+    pub fn local_pods(
+        &self,
+    ) -> impl Iterator<Item = (&str, &str, impl Iterator<Item = IpAddr> + '_)> {
+        self.pods
+            .iter()
+            .map(|(_, p)| p)
+            .filter(|p| p.has(F_LOCAL) && p.has(F_LIVE) && !p.has(F_HOST_NETWORK))
+            .map(|p| (p.namespace(), &*p.name, p.ips()))
+    }
+
     /// The node that has `ip` as an InternalIP/ExternalIP (hostNetwork pods resolve here).
     pub fn node_of(&self, ip: IpAddr) -> Option<&str> {
         self.node_ips.get(&super::canonical(ip)).map(|n| &**n)

@@ -4,6 +4,7 @@
 //! Two sources: the static inventory file (`inventory.rs`) or the Kubernetes API
 //! (`kubernetes.rs`, the store, fed by `kubernetes_watch.rs`), which also knows the Istio
 //! PeerAuthentication mode of every workload and port and the namespaces' injection labels.
+pub mod coverage;
 pub mod inventory;
 pub mod kubernetes;
 pub mod kubernetes_watch;
