@@ -26,8 +26,8 @@ struct Attached {
     created_qdisc: bool,
     /// Attached through TCX (else clsact).
     tcx: bool,
-    /// Our place on [ingress, egress] at the last check.
-    order: [HookOrder; 2],
+    /// Our place on [ingress, egress] at the last check (`None`: not listed, going away).
+    order: [Option<HookOrder>; 2],
 }
 
 /// Outcome of one [`Attacher::sync`].
@@ -150,7 +150,15 @@ pub const CLSACT_PRIORITY: u16 = 1;
 const ORDER_RECHECK: Duration = Duration::from_secs(5);
 
 /// Our place in the chains of the hook `t` of an interface. `tcx`: we attached through TCX.
-fn hook_order(iface: &str, ifindex: u32, t: TcAttachType, tcx: bool, ours: u32) -> HookOrder {
+/// `None` when the kernel does not list our program there: the interface is going away (pods
+/// come and go), which is no order to warn about.
+fn hook_order(
+    iface: &str,
+    ifindex: u32,
+    t: TcAttachType,
+    tcx: bool,
+    ours: u32,
+) -> Option<HookOrder> {
     // A kernel without TCX, or an interface gone meanwhile: no TCX programs.
     let tcx_ids: Vec<u32> = SchedClassifier::query_tcx(iface, t)
         .map(|(_, progs)| progs.iter().map(|p| p.id()).collect())
@@ -164,32 +172,25 @@ fn hook_order(iface: &str, ifindex: u32, t: TcAttachType, tcx: bool, ours: u32) 
         + filters.iter().filter(|f| f.bpf_id != Some(ours)).count();
     let position = if tcx {
         // TCX runs before every clsact filter; within TCX, the kernel's order is the query's.
-        match tcx_ids.iter().position(|&id| id == ours) {
-            Some(0) => Position::First,
+        match tcx_ids.iter().position(|&id| id == ours)? {
+            0 => Position::First,
             _ => Position::Later,
         }
-    } else if !tcx_ids.is_empty() {
-        Position::Later
     } else {
-        let prio = filters
+        let p = filters
             .iter()
             .find(|f| f.bpf_id == Some(ours))
-            .map(tcnl::Filter::priority);
-        match prio {
-            None => Position::Later,
-            Some(p) => {
-                let others = filters.iter().filter(|f| f.bpf_id != Some(ours));
-                if others.clone().any(|f| f.priority() < p) {
-                    Position::Later
-                } else if others.clone().any(|f| f.priority() == p) {
-                    Position::Tied
-                } else {
-                    Position::First
-                }
-            }
+            .map(tcnl::Filter::priority)?;
+        let mut others = filters.iter().filter(|f| f.bpf_id != Some(ours));
+        if !tcx_ids.is_empty() || others.clone().any(|f| f.priority() < p) {
+            Position::Later
+        } else if others.any(|f| f.priority() == p) {
+            Position::Tied
+        } else {
+            Position::First
         }
     };
-    HookOrder { position, others }
+    Some(HookOrder { position, others })
 }
 
 pub struct Attacher {
@@ -233,6 +234,7 @@ impl Attacher {
         let mut out = ChainOrder::default();
         for a in self.attached.values() {
             for (h, o) in a.order.iter().enumerate() {
+                let Some(o) = o else { continue };
                 *out.positions.entry((HOOKS[h], o.position)).or_default() += 1;
                 if o.others > 0 {
                     *out.shared.entry(HOOKS[h]).or_default() += 1;
@@ -337,8 +339,8 @@ impl Attacher {
                     info!(interface = %iface.name, ifindex = iface.ifindex,
                         kind = iface.kind.as_deref().unwrap_or("device"),
                         hook = if a.tcx { "tcx" } else { "clsact" },
-                        ingress = a.order[0].position.as_str(), egress = a.order[1].position.as_str(),
-                        others = a.order[0].others + a.order[1].others, "attached");
+                        ingress = place(a.order[0]), egress = place(a.order[1]),
+                        others = a.order.iter().flatten().map(|o| o.others).sum::<usize>(), "attached");
                     log_order(&iface.name, a.tcx, &a.order);
                     self.attached.insert(iface.name.clone(), a);
                     report.attached.push(iface.name.clone());
@@ -506,8 +508,13 @@ pub struct ChainOrder {
     pub shared: BTreeMap<&'static str, usize>,
 }
 
+/// For logs: our position, or `unknown` while the interface goes away.
+fn place(o: Option<HookOrder>) -> &'static str {
+    o.map_or("unknown", |o| o.position.as_str())
+}
+
 /// [`hook_order`] for [ingress, egress]; `ids` are our programs' ids in that order.
-fn orders(iface: &str, ifindex: u32, tcx: bool, ids: [u32; 2]) -> [HookOrder; 2] {
+fn orders(iface: &str, ifindex: u32, tcx: bool, ids: [u32; 2]) -> [Option<HookOrder>; 2] {
     [
         hook_order(iface, ifindex, TcAttachType::Ingress, tcx, ids[0]),
         hook_order(iface, ifindex, TcAttachType::Egress, tcx, ids[1]),
@@ -515,8 +522,9 @@ fn orders(iface: &str, ifindex: u32, tcx: bool, ids: [u32; 2]) -> [HookOrder; 2]
 }
 
 /// One warning per hook where something runs before ours.
-fn log_order(iface: &str, tcx: bool, order: &[HookOrder; 2]) {
+fn log_order(iface: &str, tcx: bool, order: &[Option<HookOrder>; 2]) {
     for (h, o) in order.iter().enumerate() {
+        let Some(o) = o else { continue };
         if o.position != Position::First {
             warn!(interface = %iface, hook = HOOKS[h], attach = if tcx { "tcx" } else { "clsact" },
                 position = o.position.as_str(), others = o.others,

@@ -22,11 +22,14 @@ pub fn usage(msg: impl Into<String>) -> anyhow::Error {
 
 const RUN_EXAMPLES: &str = "\
 Examples:
-  # Watch Calico pod veths, identities from a file, metrics on :9477
-  mtls-agent run --interface 'cali*' --inventory inventory.yaml
+  # Watch every pod's interface (found by kind, any CNI), identities from a file, metrics on :9477
+  mtls-agent run --inventory inventory.yaml
 
-  # Several CNIs' interface names, another port
-  mtls-agent run --interface 'lxc*' --interface 'veth*' --inventory inv.yaml --listen 0.0.0.0:9100
+  # Only the pod interfaces named cali* or lxc*, another port
+  mtls-agent run --interface 'cali*' --interface 'lxc*' --inventory inv.yaml --listen 0.0.0.0:9100
+
+  # Names only, no discovery (any interface whose name matches)
+  mtls-agent run --interface-auto=false --interface 'vp*' --inventory inv.yaml
 
   # On Kubernetes (a DaemonSet): identities and PeerAuthentication modes from the API
   mtls-agent run --kubernetes --node-name \"$NODE_NAME\"";

@@ -225,7 +225,7 @@ async fn daemon(
     // Kubernetes mode: pods of this node never seen on a watched interface.
     let mut coverage = args
         .kubernetes
-        .then(|| Coverage::new((*args.pod_unseen_after).into()));
+        .then(|| Coverage::new(*args.pod_unseen_after));
 
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     // --- Recent connections (issue 3): a bounded ring for GET /api/v1/connections. ---
