@@ -94,15 +94,7 @@ fn parse_link(payload: &[u8]) -> Option<Interface> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn attr(ty: u16, data: &[u8]) -> Vec<u8> {
-        let mut a = Vec::new();
-        a.extend(((4 + data.len()) as u16).to_ne_bytes());
-        a.extend(ty.to_ne_bytes());
-        a.extend(data);
-        a.resize(super::super::tcnl::align4(a.len()), 0);
-        a
-    }
+    use crate::capture::tcnl::tests::attr;
 
     fn link(ty: u16, index: i32, attrs: &[Vec<u8>]) -> Vec<u8> {
         let mut p = vec![0u8, 0];

@@ -156,7 +156,7 @@ impl Socket {
     }
 }
 
-pub(super) fn align4(n: usize) -> usize {
+fn align4(n: usize) -> usize {
     (n + 3) & !3
 }
 
@@ -296,10 +296,11 @@ pub fn delete_clsact_if_empty(ifindex: u32) -> io::Result<bool> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn attr(ty: u16, data: &[u8]) -> Vec<u8> {
+    /// One netlink attribute, padded (for building test messages).
+    pub(in crate::capture) fn attr(ty: u16, data: &[u8]) -> Vec<u8> {
         let mut a = Vec::new();
         a.extend(((4 + data.len()) as u16).to_ne_bytes());
         a.extend(ty.to_ne_bytes());
