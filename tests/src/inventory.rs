@@ -20,6 +20,10 @@ pub struct Workload {
     pub addresses: Vec<String>,
     /// Whether its pods have an Istio sidecar.
     pub sidecar: bool,
+    /// Ports its sidecar does not capture (`exclude_inbound_ports`).
+    pub exclude_inbound_ports: Vec<u16>,
+    /// In Istio ambient mode (`ambient: true`).
+    pub ambient: bool,
 }
 
 impl Workload {
@@ -34,12 +38,27 @@ impl Workload {
                 .map(|a: IpAddr| a.to_string())
                 .collect(),
             sidecar: true,
+            exclude_inbound_ports: Vec::new(),
+            ambient: false,
         }
     }
 
     /// Marks the workload as running without a sidecar.
     pub fn without_sidecar(mut self) -> Self {
         self.sidecar = false;
+        self
+    }
+
+    /// Excludes `ports` from the sidecar's inbound capture.
+    pub fn exclude_inbound_ports(mut self, ports: &[u16]) -> Self {
+        self.exclude_inbound_ports = ports.to_vec();
+        self
+    }
+
+    /// Puts the workload in ambient mode (ztunnel, no sidecar).
+    pub fn ambient(mut self) -> Self {
+        self.sidecar = false;
+        self.ambient = true;
         self
     }
 }
@@ -57,6 +76,13 @@ pub fn inventory_yaml(workloads: &[Workload]) -> String {
             addrs.join(", "),
             w.sidecar
         );
+        if !w.exclude_inbound_ports.is_empty() {
+            let ports: Vec<String> = w.exclude_inbound_ports.iter().map(u16::to_string).collect();
+            let _ = writeln!(y, "    exclude_inbound_ports: [{}]", ports.join(", "));
+        }
+        if w.ambient {
+            y.push_str("    ambient: true\n");
+        }
     }
     y
 }
@@ -78,18 +104,23 @@ mod tests {
             name: "web".into(),
             addresses: vec!["198.18.0.2".into(), "2001:db8::2".into()],
             sidecar: true,
+            exclude_inbound_ports: Vec::new(),
+            ambient: false,
         };
         let legacy = Workload {
             namespace: "legacy".into(),
             name: "batch".into(),
             addresses: vec!["198.18.0.3".into()],
             sidecar: false,
+            exclude_inbound_ports: vec![9000, 9001],
+            ambient: true,
         };
         assert_eq!(
             inventory_yaml(&[w, legacy]),
             "workloads:\n  - namespace: shop\n    name: web\n    addresses: [\"198.18.0.2\", \
              \"2001:db8::2\"]\n    sidecar: true\n  - namespace: legacy\n    name: batch\n    \
-             addresses: [\"198.18.0.3\"]\n    sidecar: false\n"
+             addresses: [\"198.18.0.3\"]\n    sidecar: false\n    exclude_inbound_ports: [9000, \
+             9001]\n    ambient: true\n"
         );
     }
 }

@@ -1,15 +1,16 @@
-//! The reference node of the end-to-end tests: seven pods in four namespaces, real servers,
+//! The reference node of the end-to-end tests: eight pods in six namespaces, real servers,
 //! and a fixed set of connections whose exact counts and verdicts the agent must report. Shared by
 //! the inventory-mode test (`e2e.rs`) and the Kubernetes-mode test (`kubernetes_e2e.rs`, whose
 //! API fixtures describe these very pods), so both prove the same numbers.
 //!
 //! | namespace | workloads                  | inbound traffic                                       | verdict   |
 //! |-----------|----------------------------|-------------------------------------------------------|-----------|
-//! | payments  | api, reports, worker       | 3 × TLS 1.3 mTLS Istio ALPN (1 over IPv6), 2 × TLS 1.2 mTLS; 2 node probes (exempt) | ready |
-//! | shop      | web                        | 3 × plaintext HTTP from legacy/batch (1 over IPv6); 1 node probe | not_ready |
-//! | billing   | ledger                     | 2 × one-way TLS 1.3 from shop/web                      | not_ready |
+//! | payments  | api, reports, worker       | 3 × TLS 1.3 mTLS Istio ALPN (1 over IPv6), 2 × TLS 1.2 mTLS; 2 node probes to 15021 (exempt) | ready |
+//! | shop      | web                        | 3 × plaintext HTTP from legacy/batch (1 over IPv6); 1 plaintext from the node to 8080 (a blocker: a probe Istio did not rewrite) | not_ready |
+//! | billing   | ledger                     | 2 × one-way TLS 1.3 from shop/web; 1 plaintext from legacy/batch to 9000, excluded from inbound capture (exempt) | not_ready |
 //! | legacy    | batch (no sidecar)         | none                                                  | no_data   |
-//! | audit     | log                        | none                                                  | no_data   |
+//! | audit     | log (ambient)              | 1 plaintext from the node to 8080 (exempt: ambient lets the node's probes through) | no_data |
+//! | ops       | status                     | 1 plaintext from the node to 8080 (a blocker)         | not_ready |
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
@@ -17,7 +18,9 @@ use serde_json::{Value, json};
 
 use crate::{
     Agent, CertPaths, Pki, Pod, PodSpec, Proc, San, TlsClient, TlsServer, TlsVersion, Workload,
-    http_get, http_server, http_url, metric_value, netns::Testbed, openssl_client, openssl_server,
+    http_get, http_server, http_url, metric_value,
+    netns::{NODE_IPV4, Testbed},
+    openssl_client, openssl_server,
 };
 
 pub const ISTIO_ALPN: &str = "istio-peer-exchange,istio";
@@ -57,6 +60,24 @@ pub struct Checked {
     pub shop: Value,
 }
 
+impl Checked {
+    /// shop's blocker from the node (web:8080) says who it is (`description`, which depends on
+    /// what the mode knows of web's pod) and what to do (an advice containing every `advice`).
+    pub fn assert_shop_node_blocker(&self, description: &str, advice: &[&str]) {
+        let b = self.shop["blockers"]
+            .as_array()
+            .and_then(|a| a.iter().find(|b| b["client"]["kind"] == "node").cloned())
+            .unwrap_or(Value::Null);
+        assert_eq!(b["client"]["description"], description, "{b:#}");
+        assert!(
+            b["advice"]
+                .as_str()
+                .is_some_and(|a| advice.iter().all(|n| a.contains(n))),
+            "{b:#}"
+        );
+    }
+}
+
 pub struct ReferenceNode {
     // Servers first: they are stopped before the namespaces go away.
     _servers: Vec<Proc>,
@@ -69,6 +90,7 @@ pub struct ReferenceNode {
     pub batch: Pod,
     pub ledger: Pod,
     pub auditlog: Pod,
+    pub status: Pod,
     pub tb: Testbed,
 }
 
@@ -88,6 +110,7 @@ impl ReferenceNode {
             .add_pod(PodSpec::new("batch", "198.18.0.30".parse()?).ipv6("2001:db8::30".parse()?))?;
         let ledger = tb.add_pod(PodSpec::new("ledger", "198.18.0.40".parse()?))?;
         let auditlog = tb.add_pod(PodSpec::new("auditlog", "198.18.0.50".parse()?))?;
+        let status = tb.add_pod(PodSpec::new("status", "198.18.0.90".parse()?))?;
 
         let pki = Pki::new(tb.workdir().join("pki"))?;
         let api_cert = pki.issue("api", &[San::spiffe("payments", "api")])?;
@@ -117,17 +140,23 @@ impl ReferenceNode {
             &ledger.netns,
             &TlsServer::new(9443, &ledger_cert, pki.ca_cert()).tls_version(TlsVersion::Tls13),
         )?;
+        let _s6 = http_server(&tb, &ledger.netns, 9000, false)?;
+        let _s7 = http_server(&tb, &auditlog.netns, 8080, false)?;
+        let _s8 = http_server(&tb, &status.netns, 8080, false)?;
         for (ns, addr) in [
             (&api.netns, api.v4(8443)),
             (&reports.netns, reports.v4(8444)),
             (&api.netns, api.v4(15021)),
             (&web.netns, web.v4(8080)),
             (&ledger.netns, ledger.v4(9443)),
+            (&ledger.netns, ledger.v4(9000)),
+            (&auditlog.netns, auditlog.v4(8080)),
+            (&status.netns, status.v4(8080)),
         ] {
             tb.wait_tcp_listening(ns, addr, Duration::from_secs(10))?;
         }
         Ok(Self {
-            _servers: vec![_s1, _s2, _s3, _s4, _s5],
+            _servers: vec![_s1, _s2, _s3, _s4, _s5, _s6, _s7, _s8],
             pki,
             worker_cert,
             api,
@@ -137,6 +166,7 @@ impl ReferenceNode {
             batch,
             ledger,
             auditlog,
+            status,
             tb,
         })
     }
@@ -149,8 +179,9 @@ impl ReferenceNode {
             Workload::new("payments", "worker", &[&self.worker]),
             Workload::new("shop", "web", &[&self.web]),
             Workload::new("legacy", "batch", &[&self.batch]).without_sidecar(),
-            Workload::new("billing", "ledger", &[&self.ledger]),
-            Workload::new("audit", "log", &[&self.auditlog]),
+            Workload::new("billing", "ledger", &[&self.ledger]).exclude_inbound_ports(&[9000]),
+            Workload::new("audit", "log", &[&self.auditlog]).ambient(),
+            Workload::new("ops", "status", &[&self.status]),
         ]
     }
 
@@ -184,11 +215,16 @@ impl ReferenceNode {
             let s = openssl_client(tb, &worker.netns, &mtls12)?;
             assert!(s.protocol.contains("1.2"), "{}", s.protocol);
         }
-        // Exempt: the node probing api's health port (twice) and web's app port (once).
+        // Exempt: the node probing api's health port (twice), and audit/log's app port (ambient).
         for _ in 0..2 {
             http_get(tb, tb.node_netns(), &http_url(api.v4(15021)))?;
         }
+        http_get(tb, tb.node_netns(), &http_url(self.auditlog.v4(8080)))?;
+        // Blockers from the node: plaintext to web's and ops/status's app ports.
         http_get(tb, tb.node_netns(), &http_url(web.v4(8080)))?;
+        http_get(tb, tb.node_netns(), &http_url(self.status.v4(8080)))?;
+        // Exempt: a port ledger's sidecar does not capture.
+        http_get(tb, &batch.netns, &http_url(ledger.v4(9000)))?;
         // shop: plaintext HTTP from legacy/batch (no sidecar), 2 × IPv4 + 1 × IPv6.
         for addr in [web.v4(8080), web.v4(8080), web.v6(8080)] {
             http_get(tb, &batch.netns, &http_url(addr))?;
@@ -211,6 +247,7 @@ impl ReferenceNode {
         let tb = &self.tb;
         let m = agent.settle(tb, Duration::from_secs(15))?;
         let log = || agent.proc().stderr_tail();
+        let node_ip = NODE_IPV4.to_string();
 
         // Per workload and direction, every security class, exactly.
         let expect = [
@@ -218,10 +255,13 @@ impl ReferenceNode {
             ("payments", "api", "inbound", "plaintext", 2.0), // the exempt probes
             ("payments", "reports", "inbound", "mtls", 2.0),
             ("payments", "worker", "outbound", "mtls", 5.0),
-            ("shop", "web", "inbound", "plaintext", 4.0), // 3 from batch + 1 probe
+            ("shop", "web", "inbound", "plaintext", 4.0), // 3 from batch + 1 from the node
             ("shop", "web", "outbound", "tls", 2.0),
-            ("legacy", "batch", "outbound", "plaintext", 3.0),
+            ("legacy", "batch", "outbound", "plaintext", 4.0),
             ("billing", "ledger", "inbound", "tls", 2.0),
+            ("billing", "ledger", "inbound", "plaintext", 1.0), // to the excluded port
+            ("audit", "log", "inbound", "plaintext", 1.0),      // the node, ambient
+            ("ops", "status", "inbound", "plaintext", 1.0),     // the node
         ];
         for (ns, wl, dir, sec, want) in expect {
             assert_eq!(
@@ -238,6 +278,8 @@ impl ReferenceNode {
             ("shop", "web", "inbound"),
             ("legacy", "batch", "outbound"),
             ("billing", "ledger", "inbound"),
+            ("audit", "log", "inbound"),
+            ("ops", "status", "inbound"),
         ] {
             let total: f64 = ["mtls", "tls", "plaintext", "unknown"]
                 .iter()
@@ -272,10 +314,58 @@ impl ReferenceNode {
         assert_eq!(
             metric_value(
                 &m,
+                "mtls_agent_namespace_strict_ready",
+                &[("namespace", "ops")]
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            metric_value(
+                &m,
                 "mtls_agent_namespace_mtls_ratio",
                 &[("namespace", "payments")]
             ),
             Some(1.0)
+        );
+        // STRICT treatment, per workload: only the cases Istio does not enforce are exempt.
+        for (ns, wl, sec, strict, want) in [
+            ("payments", "api", "plaintext", "exempt", 2.0),
+            ("shop", "web", "plaintext", "blocking", 4.0),
+            ("billing", "ledger", "plaintext", "exempt", 1.0),
+            ("audit", "log", "plaintext", "exempt", 1.0),
+            ("ops", "status", "plaintext", "blocking", 1.0),
+        ] {
+            assert_eq!(
+                metric_value(
+                    &m,
+                    "mtls_agent_inbound_connections_total",
+                    &[
+                        ("namespace", ns),
+                        ("workload", wl),
+                        ("security", sec),
+                        ("strict", strict)
+                    ]
+                ),
+                Some(want),
+                "{ns}/{wl} {sec} {strict}\n{m}"
+            );
+        }
+        assert_eq!(
+            metric_value(
+                &m,
+                "mtls_agent_blocking_connections_total",
+                &[
+                    ("namespace", "ops"),
+                    ("workload", "status"),
+                    ("port", "8080"),
+                    ("client_namespace", "node"),
+                    ("client_workload", "node"),
+                    ("client_address", &node_ip),
+                    ("security", "plaintext")
+                ]
+            ),
+            Some(1.0),
+            "{m}"
         );
         assert_eq!(
             metric_value(
@@ -343,11 +433,24 @@ impl ReferenceNode {
         assert_eq!(shop["verdict"], "not_ready", "{shop:#}");
         assert_eq!(
             inbound(&shop),
-            json!({"mtls": 0, "tls": 0, "plaintext": 3, "unknown": 0, "exempt": 1})
+            json!({"mtls": 0, "tls": 0, "plaintext": 4, "unknown": 0, "exempt": 0})
         );
         assert_eq!(shop["mtls_ratio"], 0.0);
         let blockers = shop["blockers"].as_array().context("blockers")?;
-        assert_eq!(blockers.len(), 1, "{shop:#}");
+        assert_eq!(blockers.len(), 2, "{shop:#}");
+        // The node's request is a blocker of its own, named as the node (who exactly depends on
+        // what the mode knows: see the tests).
+        let node_blocker = &blockers[1];
+        assert_eq!(node_blocker["client"]["kind"], "node", "{shop:#}");
+        assert_eq!(node_blocker["client"]["address"], node_ip.as_str());
+        assert_eq!(node_blocker["client"]["namespace"], Value::Null);
+        assert_eq!(node_blocker["client"]["workload"], Value::Null);
+        assert_eq!(
+            node_blocker["server"],
+            json!({"workload": "web", "port": 8080})
+        );
+        assert_eq!(node_blocker["security"], "plaintext");
+        assert_eq!(node_blocker["connections"], 1);
         let b = &blockers[0];
         assert_eq!(b["client"]["namespace"], "legacy");
         assert_eq!(b["client"]["workload"], "batch");
@@ -358,13 +461,55 @@ impl ReferenceNode {
 
         let billing = agent.report_json(tb, "billing", None)?;
         assert_eq!(billing["verdict"], "not_ready");
+        assert_eq!(
+            inbound(&billing),
+            json!({"mtls": 0, "tls": 2, "plaintext": 0, "unknown": 0, "exempt": 1}),
+            "the excluded port is exempt: {billing:#}"
+        );
+        assert_eq!(billing["blockers"].as_array().map(Vec::len), Some(1));
         assert_eq!(billing["blockers"][0]["security"], "tls");
         assert_eq!(billing["blockers"][0]["client"]["workload"], "web");
         assert_eq!(billing["blockers"][0]["connections"], 2);
 
         let audit = agent.report_json(tb, "audit", None)?;
-        assert_eq!(audit["verdict"], "no_data");
+        assert_eq!(audit["verdict"], "no_data", "{audit:#}");
+        assert_eq!(
+            inbound(&audit),
+            json!({"mtls": 0, "tls": 0, "plaintext": 0, "unknown": 0, "exempt": 1}),
+            "ambient lets the node's probe through: {audit:#}"
+        );
         assert_eq!(audit["mtls_ratio"], Value::Null);
+        assert_eq!(audit["blockers"], json!([]));
+
+        // The node to an app port, and nothing else: not ready, because STRICT rejects it.
+        let ops = agent.report_json(tb, "ops", None)?;
+        assert_eq!(ops["verdict"], "not_ready", "{ops:#}");
+        assert_eq!(
+            inbound(&ops),
+            json!({"mtls": 0, "tls": 0, "plaintext": 1, "unknown": 0, "exempt": 0})
+        );
+        assert_eq!(
+            ops["blockers"],
+            json!([{
+                "client": {"namespace": null, "workload": null, "address": node_ip,
+                           "kind": "node", "description": "the node or a hostNetwork pod"},
+                "server": {"workload": "status", "port": 8080},
+                "security": "plaintext",
+                "connections": 1,
+                "last_seen": ops["blockers"][0]["last_seen"],
+                "evidence": ops["blockers"][0]["evidence"],
+                "mesh": "none",
+                "protocol": "http1",
+                "advice": "exclude port 8080 from inbound capture (traffic.sidecar.istio.io/excludeInboundPorts) or move the client into the mesh"
+            }]),
+            "{ops:#}"
+        );
+        let (status, table, _) = agent.report(tb, &["--namespace", "ops"])?;
+        assert!(status.success());
+        assert!(
+            table.contains("NOT READY") && table.contains("node: the node or a hostNetwork pod"),
+            "{table}"
+        );
         let legacy = agent.report_json(tb, "legacy", None)?;
         assert_eq!(legacy["verdict"], "no_data");
         assert_eq!(wl(&legacy, "batch")["sidecar"], false);

@@ -18,13 +18,18 @@ fn namespaces_get_exact_counts_and_verdicts() -> Result<()> {
     write_inventory(&inventory, &node.workloads())?;
     let agent = Agent::start(tb, &bin, &inventory, &["vp*"], &[], tb.pods().len())?;
     node.send_traffic()?;
-    node.check(&agent)?;
+    let checked = node.check(&agent)?;
+    // The inventory knows no pod spec: the node's request to web:8080 is from "the node or a
+    // hostNetwork pod".
+    checked.assert_shop_node_blocker("the node or a hostNetwork pod", &["exclude port 8080"]);
 
     // The table for people, and the exit codes of report.
     let (status, table, _) = agent.report(tb, &["--namespace", "shop"])?;
     assert!(status.success());
     assert!(
-        table.contains("NOT READY") && table.contains("legacy/batch"),
+        table.contains("NOT READY")
+            && table.contains("legacy/batch")
+            && table.contains("node: the node or a hostNetwork pod"),
         "{table}"
     );
     let (status, _, err) = agent.report(tb, &["--namespace", "nope"])?;

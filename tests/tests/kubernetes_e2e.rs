@@ -37,11 +37,33 @@ fn namespaces_get_exact_counts_and_verdicts_in_kubernetes_mode() -> Result<()> {
 
     // The same connections, counts and verdicts as in inventory mode.
     node.send_traffic()?;
+    let checked = node.check(&agent)?;
+    // web's pod spec has a readiness probe on 8080 and says rewriteAppHTTPProbers: "false": the
+    // node's request there is a kubelet probe Istio did not rewrite.
+    checked.assert_shop_node_blocker(
+        "kubelet probe (rewriting disabled)",
+        &["rewriteAppHTTPProbers", "15020"],
+    );
+    assert_eq!(
+        metric_value(
+            &checked.metrics,
+            "mtls_agent_blocking_connections_total",
+            &[
+                ("namespace", "shop"),
+                ("workload", "web"),
+                ("client_namespace", "node"),
+                ("client_workload", "kubelet-probe"),
+            ]
+        ),
+        Some(1.0),
+        "{}",
+        checked.metrics
+    );
     let Checked {
         metrics: m,
         payments,
         shop,
-    } = node.check(&agent)?;
+    } = checked;
     let legacy = agent.report_json(tb, "legacy", None)?;
 
     // The PeerAuthentication modes reach the report (namespace, workload, port).
@@ -63,7 +85,9 @@ fn namespaces_get_exact_counts_and_verdicts_in_kubernetes_mode() -> Result<()> {
     let (status, table, _) = agent.report(tb, &["--namespace", "shop"])?;
     assert!(status.success());
     assert!(
-        table.contains("NOT READY") && table.contains("legacy/batch"),
+        table.contains("NOT READY")
+            && table.contains("legacy/batch")
+            && table.contains("node: kubelet probe (rewriting disabled)"),
         "{table}"
     );
     let (status, _, err) = agent.report(tb, &["--namespace", "nope"])?;
@@ -98,6 +122,20 @@ fn namespaces_get_exact_counts_and_verdicts_in_kubernetes_mode() -> Result<()> {
     );
     assert_eq!(node_id["node"], true);
     assert_eq!(node_id["node_name"], "node-a");
+    // What decides the exemptions, per pod and port.
+    let ledger_9000 = agent.identity(tb, "ip=198.18.0.40&port=9000")?;
+    assert_eq!(
+        ledger_9000["inbound"],
+        json!({"excluded": true, "ambient": false, "unrewritten_probe": false}),
+        "{ledger_9000:#}"
+    );
+    let log_8080 = agent.identity(tb, "ip=198.18.0.50&port=8080")?;
+    assert_eq!(log_8080["inbound"]["ambient"], true, "{log_8080:#}");
+    let web_8080 = agent.identity(tb, "ip=198.18.0.20&port=8080")?;
+    assert_eq!(
+        web_8080["inbound"]["unrewritten_probe"], true,
+        "{web_8080:#}"
+    );
     let reports_port = agent.identity(tb, "namespace=payments&workload=reports&port=9090")?;
     assert_eq!(reports_port["mode"]["mode"], "DISABLE", "{reports_port:#}");
     assert_eq!(reports_port["mode"]["source"], "workload_port");

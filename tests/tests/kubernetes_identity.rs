@@ -122,7 +122,12 @@ async fn fixtures_resolve_identities_owner_chains_and_modes() -> Result<()> {
     assert_eq!(r.workload("198.18.0.120"), wl("shop", "web", true));
     assert_eq!(r.workload("198.18.0.30"), wl("legacy", "batch", false));
     assert_eq!(r.workload("198.18.0.40"), wl("billing", "ledger", true));
-    assert_eq!(r.workload("198.18.0.50"), wl("audit", "log", true));
+    assert_eq!(
+        r.workload("198.18.0.50"),
+        wl("audit", "log", false),
+        "ambient: no sidecar"
+    );
+    assert_eq!(r.workload("198.18.0.90"), wl("ops", "status", true));
     // The hostNetwork pod does not take the node's address.
     assert_eq!(r.workload("198.18.0.1"), None);
     {
@@ -195,6 +200,7 @@ async fn fixtures_resolve_identities_owner_chains_and_modes() -> Result<()> {
                 "billing/ledger",
                 "kube-system/kube-proxy",
                 "legacy/batch",
+                "ops/status",
                 "payments/api",
                 "payments/reports",
                 "payments/worker",
@@ -264,7 +270,7 @@ async fn fixtures_resolve_identities_owner_chains_and_modes() -> Result<()> {
     assert!(resolver.is_node(ip("198.18.0.1")));
     assert!(!resolver.is_node(ip("198.18.0.250")));
     assert!(resolver.namespaces().contains("istio-system"));
-    assert_eq!(resolver.workloads().len(), 8);
+    assert_eq!(resolver.workloads().len(), 9);
     assert_eq!(serde_json::to_value(Mode::Strict)?, json!("STRICT"));
     assert_eq!(
         serde_json::from_value::<Mode>(json!("permissive"))?,
@@ -601,7 +607,7 @@ async fn large_lists_come_in_pages() -> Result<()> {
     .await?;
     {
         let s = r.store.lock().unwrap();
-        assert_eq!(s.pod_count(), 1200 + 10, "every page applied");
+        assert_eq!(s.pod_count(), 1200 + 11, "every page applied");
         assert_eq!(
             s.lookup(ip("198.18.14.200")).map(|w| w.name.as_str()),
             Some("filler")

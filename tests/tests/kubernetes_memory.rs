@@ -11,6 +11,7 @@ use std::{
 
 use mtls_agent::identity::{
     KubeConfig, KubeStore, WorkloadKind,
+    inbound::InboundCapture,
     kubernetes::{PodSummary, Resource},
 };
 
@@ -131,6 +132,16 @@ fn synthetic(i: usize) -> PodSummary {
         sidecar: !i.is_multiple_of(10),
         ips,
         created: 1_790_000_000 + i as u32,
+        // One pod in ten excludes a port from its sidecar's inbound capture (an annotation
+        // the pods of a workload share).
+        inbound: if i % 10 == 5 {
+            InboundCapture {
+                exclude: Box::new([9000]),
+                ..InboundCapture::default()
+            }
+        } else {
+            InboundCapture::default()
+        },
     }
 }
 

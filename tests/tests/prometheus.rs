@@ -3,70 +3,20 @@
 //! `report --prometheus` must agree with `report --agent`. Needs root; fails, never skips.
 use std::{
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
-use mtls_agent_testbed::*;
+use mtls_agent_testbed::{prometheus::PROM, *};
 use serde_json::Value;
 
 const ISTIO_ALPN: &str = "istio-peer-exchange,istio";
-const PROM: &str = "127.0.0.1:9090";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .canonicalize()
         .unwrap()
-}
-
-/// Instant query through curl inside the node netns (Prometheus listens on its loopback).
-fn query(tb: &Testbed, q: &str) -> Result<Vec<Value>> {
-    let out = tb.output(
-        tb.node_netns(),
-        &[
-            "curl",
-            "-sS",
-            "--fail-with-body",
-            "--max-time",
-            "10",
-            "--noproxy",
-            "*",
-            "-G",
-            &format!("http://{PROM}/api/v1/query"),
-            "--data-urlencode",
-            &format!("query={q}"),
-        ],
-        None,
-        Duration::from_secs(15),
-    )?;
-    let body: Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("query {q}: {}", String::from_utf8_lossy(&out.stdout)))?;
-    if body["status"] != "success" {
-        bail!("query {q} failed: {body}");
-    }
-    Ok(body["data"]["result"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default())
-}
-
-fn wait_for(
-    tb: &Testbed,
-    what: &str,
-    timeout: Duration,
-    mut ok: impl FnMut() -> Result<bool>,
-) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if ok()? {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what} (node {})", tb.node_netns());
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 /// Every PromQL expression of a Grafana dashboard, with its variables filled in.
@@ -261,31 +211,14 @@ fn real_prometheus_agrees_with_the_agent_and_every_query_has_data() -> Result<()
     let agent = Agent::start(&tb, &bin, &inventory, &["vp*"], &[], tb.pods().len())?;
 
     // Prometheus with the project's rules (evaluated every second here instead of every 30 s).
-    let promdir = tb.scratch_dir("prometheus")?;
-    let rules = std::fs::read_to_string(repo().join("dashboards/prometheus/rules.yaml"))?
-        .replace("interval: 30s", "interval: 1s");
-    std::fs::write(promdir.join("rules.yaml"), rules)?;
-    std::fs::write(
-        promdir.join("prometheus.yml"),
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: mtls-agent\n    static_configs:\n      - targets: ['{}']\n",
-            promdir.join("rules.yaml").display(),
-            agent.url().trim_start_matches("http://")
-        ),
+    let prom = Prometheus::start(
+        &tb,
+        &[agent.url().trim_start_matches("http://").to_owned()],
+        Some(&repo().join("dashboards/prometheus/rules.yaml")),
     )?;
-    let _prom = tb.spawn(
-        tb.node_netns(),
-        &[
-            "prometheus",
-            &format!("--config.file={}", promdir.join("prometheus.yml").display()),
-            &format!("--storage.tsdb.path={}", promdir.join("data").display()),
-            &format!("--web.listen-address={PROM}"),
-            "--log.level=warn",
-        ],
-    )?;
-    tb.wait_tcp_listening(tb.node_netns(), PROM.parse()?, Duration::from_secs(30))?;
 
-    // Traffic: payments all Istio mTLS (+ exempt probes), shop plaintext from legacy/batch.
+    // Traffic: payments all Istio mTLS (+ exempt probes to 15021), shop plaintext from
+    // legacy/batch and one plaintext request from the node to its app port (a blocker).
     let mtls = TlsClient::new(api.v4(8443), pki.ca_cert())
         .cert(&worker_cert)
         .alpn(ISTIO_ALPN);
@@ -296,15 +229,17 @@ fn real_prometheus_agrees_with_the_agent_and_every_query_has_data() -> Result<()
     for _ in 0..2 {
         http_get(&tb, tb.node_netns(), &http_url(api.v4(15021)))?;
     }
+    http_get(&tb, tb.node_netns(), &http_url(web.v4(8080)))?;
     let m = agent.settle(&tb, Duration::from_secs(15))?;
     let total = metric_value(&m, "mtls_agent_inbound_connections_total", &[]).unwrap_or(0.0);
-    assert_eq!(total, 8.0, "{m}");
+    assert_eq!(total, 9.0, "{m}");
     // Prometheus has scraped the final counts, and the rules have been evaluated on them.
     wait_for(&tb, "the final scrape", Duration::from_secs(30), || {
-        Ok(query(&tb, "sum(mtls_agent_inbound_connections_total)")?
+        Ok(prom
+            .query(&tb, "sum(mtls_agent_inbound_connections_total)")?
             .first()
             .and_then(|s| s["value"][1].as_str())
-            == Some("8"))
+            == Some("9"))
     })?;
     // Rates need two samples of the (young) series: wait until every recording rule has both
     // judged namespaces.
@@ -314,7 +249,7 @@ fn real_prometheus_agrees_with_the_agent_and_every_query_has_data() -> Result<()
         "namespace:mtls_agent_blocking_connections:rate5m",
     ] {
         wait_for(&tb, rule, Duration::from_secs(30), || {
-            Ok(query(&tb, rule)?.len() == 2)
+            Ok(prom.query(&tb, rule)?.len() == 2)
         })?;
     }
 
@@ -322,7 +257,7 @@ fn real_prometheus_agrees_with_the_agent_and_every_query_has_data() -> Result<()
     promtool(&["check", "metrics"], Some(m.as_bytes()))?;
 
     // report --prometheus agrees with report --agent: verdicts, counts, blockers.
-    let prom_url = format!("http://{PROM}");
+    let prom_url = prom.url();
     for ns in ["payments", "shop", "legacy"] {
         let from_agent = agent.report_json(&tb, ns, None)?;
         let (status, out, err) = agent.report_with(
@@ -353,6 +288,9 @@ fn real_prometheus_agrees_with_the_agent_and_every_query_has_data() -> Result<()
                     serde_json::json!([
                         b["client"]["namespace"],
                         b["client"]["workload"],
+                        b["client"]["kind"],
+                        b["client"]["description"],
+                        b["advice"],
                         b["server"],
                         b["security"],
                         b["connections"]
@@ -361,6 +299,17 @@ fn real_prometheus_agrees_with_the_agent_and_every_query_has_data() -> Result<()
                 .collect()
         };
         assert_eq!(strip(&from_prom), strip(&from_agent), "{ns} blockers");
+        if ns == "shop" {
+            assert!(
+                from_prom["blockers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|b| b["client"]["kind"] == "node"
+                        && b["client"]["address"] == NODE_IPV4.to_string()),
+                "the node's blocker, named: {from_prom:#}"
+            );
+        }
         let wl = |r: &Value| -> Vec<Value> {
             r["workloads"]
                 .as_array()
@@ -410,7 +359,7 @@ fn real_prometheus_agrees_with_the_agent_and_every_query_has_data() -> Result<()
         "agent-health.json",
     ] {
         for expr in dashboard_exprs(&repo().join("dashboards/grafana").join(file), "shop")? {
-            let r = query(&tb, &expr)?;
+            let r = prom.query(&tb, &expr)?;
             assert!(
                 !r.is_empty(),
                 "{file}: no data for {expr}; rule states: {}",
@@ -427,7 +376,10 @@ fn real_prometheus_agrees_with_the_agent_and_every_query_has_data() -> Result<()
             .collect();
     assert_eq!(rules.len(), 4);
     for r in &rules {
-        assert!(!query(&tb, r)?.is_empty(), "recording rule {r} has no data");
+        assert!(
+            !prom.query(&tb, r)?.is_empty(),
+            "recording rule {r} has no data"
+        );
     }
     let text = std::fs::read_to_string(repo().join("dashboards/prometheus/rules.yaml"))?;
     for name in metric_names(&text) {
@@ -436,20 +388,20 @@ fn real_prometheus_agrees_with_the_agent_and_every_query_has_data() -> Result<()
         if name.starts_with("mtls_agent_kubernetes_") {
             continue;
         }
-        let r = query(&tb, &format!("count({{__name__=\"{name}\"}})"))?;
+        let r = prom.query(&tb, &format!("count({{__name__=\"{name}\"}})"))?;
         assert!(!r.is_empty(), "alert/rule series {name} does not exist");
     }
     // And an alert condition evaluates as expected on live data: nothing is down.
-    assert!(query(&tb, "up{job=\"mtls-agent\"} == 0")?.is_empty());
+    assert!(prom.query(&tb, "up{job=\"mtls-agent\"} == 0")?.is_empty());
     assert_eq!(
-        query(
+        prom.query(
             &tb,
             "namespace:mtls_agent_strict_ready:bool15m{namespace=\"payments\"}"
         )?[0]["value"][1],
         "1"
     );
     assert_eq!(
-        query(
+        prom.query(
             &tb,
             "namespace:mtls_agent_strict_ready:bool15m{namespace=\"shop\"}"
         )?[0]["value"][1],

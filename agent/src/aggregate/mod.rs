@@ -1,5 +1,6 @@
 //! aggregate: classified connections → per-namespace/workload counts, blockers and readiness
 //! (DESIGN.md "Readiness for STRICT"), kept in step with the Prometheus series.
+mod exemption;
 pub mod report;
 
 use std::{
@@ -10,12 +11,14 @@ use std::{
 };
 
 use crate::{
-    classify::{Mesh, Security, Verdict},
+    classify::{Mesh, Security, Sides, Verdict},
     export::metrics::Metrics,
     identity::{Resolver, Workload},
 };
+pub use exemption::Exemption;
 pub use report::{
-    Blocker, ClientRef, Inbound, PortReport, Readiness, Report, ServerRef, WorkloadReport,
+    Blocker, ClientKind, ClientRef, Inbound, NodeClient, PortReport, Readiness, Report, ServerRef,
+    WorkloadReport,
 };
 
 /// Istio's own ports, which STRICT leaves alone: 15020 (merged metrics), 15021 (health),
@@ -68,7 +71,14 @@ fn epoch_secs(t: SystemTime) -> u64 {
 #[derive(Debug, Clone)]
 pub struct ConnRecord {
     pub client: SocketAddr,
+    /// The address that served it (behind a DNAT: the pod's).
     pub server: SocketAddr,
+    /// The address the client dialled, where a DNAT rewrote it (a Service's ClusterIP:port).
+    pub dialled: Option<SocketAddr>,
+    /// The sides this record counts: the client's outbound, the server's inbound. Each side is
+    /// counted by the node that hosts it, once (flows.rs).
+    pub sides: Sides,
+    pub midstream: bool,
     pub verdict: Verdict,
     pub at: SystemTime,
 }
@@ -92,6 +102,8 @@ struct BlockerAcc {
     evidence: String,
     mesh: Mesh,
     protocol: Option<&'static str>,
+    /// Set when the client is the node's own address.
+    node: Option<NodeClient>,
 }
 
 /// What one workload received during one time bucket.
@@ -169,6 +181,7 @@ impl WorkloadStats {
                             a.evidence.clone_from(&acc.evidence);
                             a.mesh = acc.mesh;
                             a.protocol = acc.protocol;
+                            a.node = acc.node;
                         }
                     }
                     None => {
@@ -272,28 +285,43 @@ impl Aggregator {
         }
     }
 
-    /// Counts one classified connection for each side that is a known workload.
+    /// Counts the sides of one classified connection that `rec.sides` names (the sides this node
+    /// hosts), each for its workload when it is a known one.
     pub fn record(&mut self, rec: &ConnRecord) {
         let sec = rec.verdict.security;
         let client_wl = self.resolver.lookup(rec.client.ip()).cloned();
         let server_wl = self.resolver.lookup(rec.server.ip()).cloned();
-        self.metrics
-            .evidence
-            .with_label_values(&[sec.as_str(), rec.verdict.evidence.kind()])
-            .inc();
-        if let Some(c) = &client_wl {
+        // Per-connection series are counted once in the cluster: by the server's node when the
+        // server is a workload, else by the client's.
+        let per_connection = match (&server_wl, &client_wl) {
+            (Some(_), _) => rec.sides.server,
+            (None, Some(_)) => rec.sides.client,
+            (None, None) => rec.sides.server || rec.sides.client,
+        };
+        if per_connection {
             self.metrics
-                .connections
-                .with_label_values(&[&c.namespace, &c.name, "outbound", sec.as_str()])
+                .evidence
+                .with_label_values(&[sec.as_str(), rec.verdict.evidence.kind()])
                 .inc();
-        }
-        let Some(server) = server_wl else {
-            if client_wl.is_none() {
+            if server_wl.is_none() && client_wl.is_none() {
                 self.metrics
                     .unattributed
                     .with_label_values(&[sec.as_str()])
                     .inc();
             }
+        }
+        if rec.sides.client
+            && let Some(c) = &client_wl
+        {
+            self.metrics
+                .connections
+                .with_label_values(&[&c.namespace, &c.name, "outbound", sec.as_str()])
+                .inc();
+        }
+        if !rec.sides.server {
+            return;
+        }
+        let Some(server) = server_wl else {
             return;
         };
         self.metrics
@@ -301,8 +329,13 @@ impl Aggregator {
             .with_label_values(&[&server.namespace, &server.name, "inbound", sec.as_str()])
             .inc();
 
-        let exempt = self.cfg.exempt_ports.contains(&rec.server.port())
-            || self.resolver.is_node(rec.client.ip());
+        let exempt = exemption::exemption(
+            &self.cfg.exempt_ports,
+            &self.resolver,
+            rec.client,
+            rec.server,
+        )
+        .is_some();
         let compliant =
             sec == Security::Mtls && (rec.verdict.mesh == Mesh::Istio || self.cfg.generic_mesh);
         self.metrics
@@ -346,6 +379,12 @@ impl Aggregator {
                     key.client_workload = None;
                     key.client_address = None;
                 }
+                let node = client_wl
+                    .is_none()
+                    .then(|| exemption::node_client(&self.resolver, rec.client, rec.server))
+                    .flatten();
+                // A folded entry has no client to name.
+                let addressed = key.client_address.is_some();
                 let acc = bucket.blockers.entry(key).or_insert(BlockerAcc {
                     connections: 0,
                     last_seen: rec.at,
@@ -353,6 +392,7 @@ impl Aggregator {
                     evidence: String::new(),
                     mesh: rec.verdict.mesh,
                     protocol: None,
+                    node: None,
                 });
                 acc.connections += 1;
                 acc.last_seen = acc.last_seen.max(rec.at);
@@ -360,12 +400,18 @@ impl Aggregator {
                 acc.evidence = rec.verdict.evidence.to_string();
                 acc.mesh = rec.verdict.mesh;
                 acc.protocol = rec.verdict.protocol.map(|p| p.as_str());
+                acc.node = node.filter(|_| addressed);
 
                 // Unknown clients are told apart by address; every distinct label set counts
-                // against the per-server cap.
-                let labels = match &client_wl {
-                    Some(c) => (c.namespace.clone(), c.name.clone(), String::new()),
-                    None => (
+                // against the per-server cap. The node's address is named as such.
+                let labels = match (&client_wl, node) {
+                    (Some(c), _) => (c.namespace.clone(), c.name.clone(), String::new()),
+                    (None, Some(n)) => (
+                        "node".to_owned(),
+                        n.label().to_owned(),
+                        rec.client.ip().to_string(),
+                    ),
+                    (None, None) => (
                         "unknown".to_owned(),
                         "unknown".to_owned(),
                         rec.client.ip().to_string(),
@@ -402,20 +448,24 @@ impl Aggregator {
         self.update_namespace_gauges(&server.namespace, SystemTime::now());
     }
 
-    /// An ended connection: its bytes for both sides, and whether the server rejected it (reset
-    /// or closed right after the client's first bytes, as a STRICT sidecar does).
-    pub fn record_end(
+    /// Payload bytes of a connection, for the sides this node hosts.
+    pub fn record_bytes(
         &mut self,
         client: SocketAddr,
         server: SocketAddr,
         security: Security,
         bytes: u64,
-        rejected: bool,
-        at: SystemTime,
+        sides: Sides,
     ) {
-        for (ip, dir) in [(client.ip(), "outbound"), (server.ip(), "inbound")] {
-            if bytes == 0 {
-                break;
+        if bytes == 0 {
+            return;
+        }
+        for (ip, dir, here) in [
+            (client.ip(), "outbound", sides.client),
+            (server.ip(), "inbound", sides.server),
+        ] {
+            if !here {
+                continue;
             }
             if let Some(w) = self.resolver.lookup(ip) {
                 self.metrics
@@ -423,6 +473,26 @@ impl Aggregator {
                     .with_label_values(&[&w.namespace, &w.name, dir, security.as_str()])
                     .inc_by(bytes);
             }
+        }
+    }
+
+    /// An ended connection: its bytes for the sides this node hosts, and whether the server
+    /// rejected it (reset or closed right after the client's first bytes, as a STRICT sidecar
+    /// does).
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_end(
+        &mut self,
+        client: SocketAddr,
+        server: SocketAddr,
+        security: Security,
+        bytes: u64,
+        rejected: bool,
+        sides: Sides,
+        at: SystemTime,
+    ) {
+        self.record_bytes(client, server, security, bytes, sides);
+        if !rejected || !sides.server {
+            return;
         }
         if !rejected {
             return;
@@ -598,12 +668,19 @@ impl Aggregator {
                 ports,
             });
             for (k, acc) in t.blockers {
+                let address = acc.last_address.to_string();
                 blockers.push(Blocker {
-                    client: ClientRef {
-                        namespace: k.client_namespace.clone(),
-                        workload: k.client_workload.clone(),
-                        address: acc.last_address.to_string(),
+                    client: match acc.node {
+                        Some(n) => ClientRef::node(address, n),
+                        None => ClientRef {
+                            namespace: k.client_namespace.clone(),
+                            workload: k.client_workload.clone(),
+                            address,
+                            kind: None,
+                            description: None,
+                        },
                     },
+                    advice: acc.node.map(|n| n.advice(k.port)),
                     server: ServerRef {
                         workload: k.server_workload.clone(),
                         port: k.port,
@@ -668,6 +745,9 @@ mod tests {
         ConnRecord {
             client: client.parse().unwrap(),
             server: server.parse().unwrap(),
+            dialled: None,
+            sides: Sides::BOTH,
+            midstream: false,
             verdict,
             at,
         }
@@ -698,7 +778,7 @@ mod tests {
             Security::Plaintext,
             Mesh::None,
             now,
-        )); // node probe
+        )); // the node to an app port: a blocker, named as the node
         a.record(&rec(
             "198.18.0.30:40000",
             "198.18.0.21:15021",
@@ -734,20 +814,37 @@ mod tests {
             Inbound {
                 mtls: 2,
                 tls: 1,
-                plaintext: 3,
+                plaintext: 4,
                 unknown: 0,
-                exempt: 2
+                exempt: 1
             }
         );
         assert_eq!(r.compliant, 1);
-        assert_eq!(r.mtls_ratio, Some(1.0 / 6.0));
-        assert_eq!(r.blockers.len(), 3);
+        assert_eq!(r.mtls_ratio, Some(1.0 / 7.0));
+        assert_eq!(r.blockers.len(), 4);
         assert_eq!(r.blockers[0].connections, 3);
         assert_eq!(r.blockers[0].client.workload.as_deref(), Some("batch"));
+        let node = r
+            .blockers
+            .iter()
+            .find(|b| b.client.kind == Some(ClientKind::Node))
+            .unwrap();
+        assert_eq!(node.client.address, "198.18.0.1");
+        assert!(node.client.workload.is_none() && node.client.namespace.is_none());
+        assert_eq!(
+            node.client.description.as_deref(),
+            Some("the node or a hostNetwork pod")
+        );
+        assert!(node.advice.as_ref().unwrap().contains("port 8080"));
+        let text = a.metrics.render();
+        assert!(
+            text.contains("mtls_agent_blocking_connections_total{client_address=\"198.18.0.1\",client_namespace=\"node\",client_workload=\"node\",namespace=\"shop\",port=\"8080\",security=\"plaintext\",workload=\"web\"} 1"),
+            "{text}"
+        );
         let unknown = r
             .blockers
             .iter()
-            .find(|b| b.client.workload.is_none())
+            .find(|b| b.client.workload.is_none() && b.client.kind.is_none())
             .unwrap();
         assert_eq!(unknown.client.address, "203.0.113.9");
         assert_eq!(unknown.security, "tls");
@@ -757,8 +854,8 @@ mod tests {
                 .any(|b| b.security == "mtls" && b.client.workload.as_deref() == Some("a"))
         );
         let web = a.report_window("shop", Some("web"), None, at(20)).unwrap();
-        assert_eq!(web.inbound.plaintext, 3);
-        assert_eq!(web.inbound.exempt, 1);
+        assert_eq!(web.inbound.plaintext, 4);
+        assert_eq!(web.inbound.exempt, 0);
         assert_eq!(web.workloads.len(), 1);
         let legacy = a.report_window("legacy", None, None, at(20)).unwrap();
         assert_eq!(legacy.verdict, Readiness::NoData);

@@ -50,6 +50,78 @@ pub struct ClientRef {
     pub namespace: Option<String>,
     pub workload: Option<String>,
     pub address: String,
+    /// `node` when the client is the node's own address; absent for every other client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<ClientKind>,
+    /// Who that is, in words (for the node: a kubelet probe Istio did not rewrite, or the node
+    /// or a hostNetwork pod).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+impl ClientRef {
+    /// A client at the node's address.
+    pub fn node(address: String, who: NodeClient) -> Self {
+        Self {
+            namespace: None,
+            workload: None,
+            address,
+            kind: Some(ClientKind::Node),
+            description: Some(who.description().to_owned()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientKind {
+    /// The node's own address: the kubelet, or a hostNetwork pod.
+    Node,
+}
+
+/// Which client at the node's address sent a blocking connection. Under STRICT both break:
+/// the kubelet has no Istio certificate, and Istio only spares its probes by rewriting them to
+/// the sidecar agent on 15020.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NodeClient {
+    /// The pod spec has an HTTP/TCP/gRPC probe on the port and Istio did not rewrite it.
+    KubeletProbe,
+    /// Anything else from the node's address.
+    NodeOrHostNetwork,
+}
+
+impl NodeClient {
+    pub fn description(self) -> &'static str {
+        match self {
+            Self::KubeletProbe => "kubelet probe (rewriting disabled)",
+            Self::NodeOrHostNetwork => "the node or a hostNetwork pod",
+        }
+    }
+
+    /// What to do about it, for a connection to `port`.
+    pub fn advice(self, port: u16) -> String {
+        match self {
+            Self::KubeletProbe => "enable Istio's probe rewriting (remove sidecar.istio.io/rewriteAppHTTPProbers: \"false\", or turn it on mesh-wide): the kubelet then probes the sidecar agent on 15020".to_owned(),
+            Self::NodeOrHostNetwork => format!(
+                "exclude port {port} from inbound capture (traffic.sidecar.istio.io/excludeInboundPorts) or move the client into the mesh"
+            ),
+        }
+    }
+
+    /// Value of `client_workload` on the blocking counter (with `client_namespace="node"`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::KubeletProbe => "kubelet-probe",
+            Self::NodeOrHostNetwork => "node",
+        }
+    }
+
+    pub fn from_label(label: &str) -> Self {
+        match label {
+            "kubelet-probe" => Self::KubeletProbe,
+            _ => Self::NodeOrHostNetwork,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +147,10 @@ pub struct Blocker {
     /// Plaintext sub-protocol, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
+    /// What to do, where the agent knows better than the generic advice (clients at the node's
+    /// address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advice: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -213,6 +289,8 @@ mod tests {
                     namespace: None,
                     workload: None,
                     address: "198.18.0.9".into(),
+                    kind: None,
+                    description: None,
                 },
                 server: ServerRef {
                     workload: "web".into(),
@@ -224,6 +302,7 @@ mod tests {
                 evidence: "plaintext_first_bytes".into(),
                 mesh: "none".into(),
                 protocol: Some("http1".into()),
+                advice: None,
             }],
             workloads: vec![],
         };
@@ -232,7 +311,26 @@ mod tests {
         assert_eq!(v["inbound"]["plaintext"], 2);
         assert!(v["blockers"][0]["client"]["namespace"].is_null());
         assert_eq!(v["blockers"][0]["server"]["port"], 8080);
+        assert!(v["blockers"][0]["client"].get("kind").is_none());
+        assert!(v["blockers"][0].get("advice").is_none());
         let back: Report = serde_json::from_value(v).unwrap();
         assert_eq!(back, r);
+        // A client at the node's address: the contract fields, plus who it is.
+        let mut r = r;
+        r.blockers[0].client = ClientRef::node("198.18.0.1".into(), NodeClient::KubeletProbe);
+        r.blockers[0].advice = Some(NodeClient::KubeletProbe.advice(8080));
+        let v = serde_json::to_value(&r).unwrap();
+        let c = &v["blockers"][0]["client"];
+        assert!(c["namespace"].is_null() && c["workload"].is_null());
+        assert_eq!(c["address"], "198.18.0.1");
+        assert_eq!(c["kind"], "node");
+        assert_eq!(c["description"], "kubelet probe (rewriting disabled)");
+        assert!(
+            v["blockers"][0]["advice"]
+                .as_str()
+                .unwrap()
+                .contains("rewriteAppHTTPProbers")
+        );
+        assert_eq!(serde_json::from_value::<Report>(v).unwrap(), r);
     }
 }

@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use super::usage;
 use crate::aggregate::{
-    Blocker, ClientRef, Inbound, Report, ServerRef, WorkloadReport,
+    Blocker, ClientRef, Inbound, NodeClient, Report, ServerRef, WorkloadReport,
     report::{ratio, readiness, sort_blockers},
 };
 
@@ -227,15 +227,26 @@ impl Prometheus {
             let key: Vec<String> = by.split(", ").map(|k| label(s, k)).collect();
             let last = seen.get(&key).copied().unwrap_or(0.0);
             let known = |v: String| (!v.is_empty() && v != "unknown").then_some(v);
+            let port = label(s, "port").parse().unwrap_or(0);
+            let address = label(s, "client_address");
+            // The node's address: `client_namespace="node"` (a workload never has an address).
+            let node = (label(s, "client_namespace") == "node" && !address.is_empty())
+                .then(|| NodeClient::from_label(&label(s, "client_workload")));
             blockers.push(Blocker {
-                client: ClientRef {
-                    namespace: known(label(s, "client_namespace")),
-                    workload: known(label(s, "client_workload")),
-                    address: label(s, "client_address"),
+                client: match node {
+                    Some(n) => ClientRef::node(address, n),
+                    None => ClientRef {
+                        namespace: known(label(s, "client_namespace")),
+                        workload: known(label(s, "client_workload")),
+                        address,
+                        kind: None,
+                        description: None,
+                    },
                 },
+                advice: node.map(|n| n.advice(port)),
                 server: ServerRef {
                     workload: label(s, "workload"),
-                    port: label(s, "port").parse().unwrap_or(0),
+                    port,
                 },
                 security: label(s, "security"),
                 connections: n,

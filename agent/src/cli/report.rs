@@ -8,7 +8,7 @@ use owo_colors::{OwoColorize as _, Stream};
 
 use super::{Output, ReportArgs, prometheus::Prometheus, usage};
 use crate::{
-    aggregate::{Blocker, Readiness, Report},
+    aggregate::{Blocker, ClientKind, NodeClient, Readiness, Report},
     export::http::{ApiError, NamespaceSummary},
 };
 
@@ -225,14 +225,24 @@ fn verdict_text(v: Readiness) -> String {
 }
 
 fn client_name(b: &Blocker) -> String {
-    match (&b.client.namespace, &b.client.workload) {
-        (Some(ns), Some(w)) => format!("{ns}/{w}"),
+    match (&b.client.namespace, &b.client.workload, &b.client.kind) {
+        (Some(ns), Some(w), _) => format!("{ns}/{w}"),
+        (_, _, Some(ClientKind::Node)) => format!(
+            "node: {}",
+            b.client
+                .description
+                .as_deref()
+                .unwrap_or(NodeClient::NodeOrHostNetwork.description())
+        ),
         _ => "(unknown)".into(),
     }
 }
 
-/// What to do about one blocker, in words.
+/// What to do about one blocker, in words: the agent's advice where it has one.
 pub fn advice(b: &Blocker, report: &Report) -> String {
+    if let Some(a) = &b.advice {
+        return a.clone();
+    }
     let client = client_name(b);
     let client_has_no_sidecar = b.client.namespace.as_deref() == Some(report.namespace.as_str())
         && report
@@ -274,7 +284,7 @@ pub fn render_table(r: &Report) -> String {
     );
     let judged = r.inbound.mtls + r.inbound.tls + r.inbound.plaintext + r.inbound.unknown;
     s += &format!(
-        "mTLS ratio {} — {} of {} judged inbound connections are Istio mTLS; {} exempt (probes, Istio ports)\n",
+        "mTLS ratio {} — {} of {} judged inbound connections are Istio mTLS; {} exempt (Istio ports, ports not captured, ambient probes)\n",
         pct(r.mtls_ratio),
         r.compliant,
         judged,
@@ -420,6 +430,8 @@ mod tests {
                     namespace: Some("legacy".into()),
                     workload: Some("batch".into()),
                     address: "198.18.0.4".into(),
+                    kind: None,
+                    description: None,
                 },
                 server: ServerRef {
                     workload: "web".into(),
@@ -431,6 +443,7 @@ mod tests {
                 evidence: "plaintext_first_bytes".into(),
                 mesh: "none".into(),
                 protocol: Some("http1".into()),
+                advice: None,
             }],
             workloads: vec![WorkloadReport {
                 name: "web".into(),
@@ -470,5 +483,18 @@ mod tests {
         );
         assert!(t.contains("rejected: 2 inbound"), "{t}");
         assert!(t.contains("8080 (STRICT)"), "{t}");
+    }
+
+    #[test]
+    fn table_names_the_node_and_its_advice() {
+        let mut r = sample();
+        let mut b = r.blockers[0].clone();
+        b.client = ClientRef::node("198.18.0.1".into(), NodeClient::NodeOrHostNetwork);
+        b.advice = Some(NodeClient::NodeOrHostNetwork.advice(8080));
+        r.blockers.push(b);
+        let t = render_table(&r);
+        assert!(t.contains("node: the node or a hostNetwork pod"), "{t}");
+        assert!(t.contains("excludeInboundPorts"), "{t}");
+        assert!(t.contains("inject a sidecar into legacy/batch"), "{t}");
     }
 }

@@ -184,6 +184,8 @@ async fn identity(State(s): State<AppState>, Query(q): Query<IdentityQuery>) -> 
             "node_name": kube.and_then(|k| k.node_of(ip)),
             "mode": mode,
             "injection": namespace.as_deref().and_then(|ns| r.injection(ns)),
+            // What decides an exemption on that port (capture, ambient, unrewritten probe).
+            "inbound": q.port.map(|p| r.inbound_port(std::net::SocketAddr::new(ip, p))),
         }))
         .into_response();
     }

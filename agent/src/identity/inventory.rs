@@ -23,9 +23,12 @@ pub enum InventoryError {
 struct RawInventory {
     #[serde(default)]
     workloads: Vec<RawWorkload>,
-    /// Extra addresses of the node itself (probe sources); the agent also detects its own.
+    /// Extra addresses of the node itself; the agent also detects its own.
     #[serde(default)]
     node_addresses: Vec<String>,
+    /// Namespaces in Istio ambient mode (every workload in them is `ambient: true`).
+    #[serde(default)]
+    ambient_namespaces: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -34,12 +37,15 @@ struct RawWorkload {
     namespace: String,
     name: String,
     addresses: Vec<String>,
-    #[serde(default = "yes")]
-    sidecar: bool,
-}
-
-fn yes() -> bool {
-    true
+    /// Default: true, except in ambient mode (ambient pods have no sidecar).
+    #[serde(default)]
+    sidecar: Option<bool>,
+    /// Ports the sidecar does not capture (`traffic.sidecar.istio.io/excludeInboundPorts`).
+    #[serde(default)]
+    exclude_inbound_ports: Vec<u16>,
+    /// Istio ambient mode (ztunnel): the node's own connections (kubelet probes) pass.
+    #[serde(default)]
+    ambient: bool,
 }
 
 /// One workload of the inventory.
@@ -49,6 +55,10 @@ pub struct WorkloadSpec {
     pub name: String,
     pub networks: Vec<IpNet>,
     pub sidecar: bool,
+    /// Inbound ports STRICT does not see (not captured by the sidecar), sorted.
+    pub exclude_inbound_ports: Vec<u16>,
+    /// In ambient mode, by its own flag or its namespace's.
+    pub ambient: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -95,6 +105,13 @@ impl Inventory {
         } else {
             serde_yaml::from_str(text).map_err(|e| one_line(&e.to_string()))?
         };
+        for (j, ns) in raw.ambient_namespaces.iter().enumerate() {
+            if !valid_name(ns) {
+                return Err(format!(
+                    "ambient_namespaces[{j}]: {ns:?} is not a valid Kubernetes name"
+                ));
+            }
+        }
         let mut workloads = Vec::with_capacity(raw.workloads.len());
         let mut seen = std::collections::HashSet::new();
         for (i, w) in raw.workloads.into_iter().enumerate() {
@@ -127,11 +144,29 @@ impl Inventory {
                 })?;
                 networks.push(net.trunc());
             }
+            let mut exclude_inbound_ports = w.exclude_inbound_ports;
+            if exclude_inbound_ports.contains(&0) {
+                return Err(format!("{at}.exclude_inbound_ports: 0 is not a port"));
+            }
+            exclude_inbound_ports.sort_unstable();
+            exclude_inbound_ports.dedup();
+            // As Istio decides: a workload with a sidecar is not in ambient mode, also in an
+            // ambient namespace; asking for both on one workload is a contradiction.
+            if w.ambient && w.sidecar == Some(true) {
+                return Err(format!(
+                    "{at}: ambient: true and sidecar: true (an ambient workload has no sidecar)"
+                ));
+            }
+            let in_ambient_ns = raw.ambient_namespaces.contains(&w.namespace);
+            let sidecar = w.sidecar.unwrap_or(!(w.ambient || in_ambient_ns));
+            let ambient = w.ambient || (in_ambient_ns && !sidecar);
             workloads.push(WorkloadSpec {
                 namespace: w.namespace,
                 name: w.name,
                 networks,
-                sidecar: w.sidecar,
+                sidecar,
+                exclude_inbound_ports,
+                ambient,
             });
         }
         let mut node_networks = Vec::new();
@@ -183,7 +218,24 @@ node_addresses: ["198.18.0.1"]
         );
         assert!(!inv.workloads[1].sidecar);
         assert!(inv.workloads[2].sidecar, "sidecar defaults to true");
+        assert!(inv.workloads.iter().all(|w| !w.ambient));
         assert_eq!(inv.node_networks.len(), 1);
+    }
+
+    #[test]
+    fn ambient_workloads_have_no_sidecar() {
+        let inv = Inventory::parse(
+            "workloads:\n  - {namespace: a, name: x, addresses: [198.18.1.1], ambient: true}\n  - {namespace: z, name: y, addresses: [198.18.1.2]}\n  - {namespace: z, name: s, addresses: [198.18.1.3], sidecar: true}\nambient_namespaces: [z]\n",
+        )
+        .unwrap();
+        let w = |i: usize| (inv.workloads[i].ambient, inv.workloads[i].sidecar);
+        assert_eq!(w(0), (true, false));
+        assert_eq!(w(1), (true, false), "the namespace's mode");
+        assert_eq!(
+            w(2),
+            (false, true),
+            "a sidecar takes precedence, as in Istio"
+        );
     }
 
     #[test]
@@ -211,6 +263,22 @@ node_addresses: ["198.18.0.1"]
             (
                 "workloads:\n  - {namespace: a, name: b, addresses: [198.18.0.9]}\n  - {namespace: a, name: b, addresses: [198.18.0.8]}\n",
                 "listed twice",
+            ),
+            (
+                "workloads:\n  - {namespace: a, name: b, addresses: [198.18.0.9], exclude_inbound_ports: [70000]}\n",
+                "exclude_inbound_ports",
+            ),
+            (
+                "workloads:\n  - {namespace: a, name: b, addresses: [198.18.0.9], exclude_inbound_ports: [0]}\n",
+                "workloads[0].exclude_inbound_ports: 0 is not a port",
+            ),
+            (
+                "ambient_namespaces: [Bad]\nworkloads: []\n",
+                "ambient_namespaces[0]",
+            ),
+            (
+                "workloads:\n  - {namespace: a, name: b, addresses: [198.18.0.9], ambient: true, sidecar: true}\n",
+                "workloads[0]: ambient: true and sidecar: true",
             ),
         ];
         for (text, want) in cases {

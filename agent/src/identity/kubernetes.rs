@@ -22,7 +22,10 @@ use hashbrown::HashTable;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use serde::{Deserialize, Serialize};
 
-use super::Workload;
+use super::{
+    Workload,
+    inbound::{self, InboundCapture, InboundPort},
+};
 
 /// Default SPIFFE trust domain (`--trust-domain`).
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -408,6 +411,8 @@ pub struct PodSummary {
     pub sidecar: bool,
     pub ips: Vec<IpAddr>,
     pub created: u32,
+    /// Inbound capture annotations and unrewritten probe ports (see `inbound.rs`).
+    pub inbound: InboundCapture,
 }
 
 impl PodSummary {
@@ -469,6 +474,7 @@ impl PodSummary {
                 .as_ref()
                 .map(|t| t.0.as_second().clamp(0, u32::MAX as i64) as u32)
                 .unwrap_or(0),
+            inbound: InboundCapture::from_pod(pod),
         })
     }
 }
@@ -540,6 +546,10 @@ pub struct KubeStore {
     /// Addresses of every node → node name.
     node_ips: HashMap<IpAddr, Arc<str>>,
     policies: HashMap<Arc<str>, Vec<PolicyRec>>,
+    /// Slab index → the pod's inbound capture, only for pods that have one other than the
+    /// default (few do), so the common pod costs nothing here; values shared.
+    inbound: HashMap<u32, Arc<InboundCapture>>,
+    inbound_sets: HashSet<Arc<InboundCapture>>,
     epochs: [u32; 4],
     synced: [bool; 4],
 }
@@ -562,6 +572,8 @@ impl KubeStore {
             nodes: HashMap::new(),
             node_ips: HashMap::new(),
             policies: HashMap::new(),
+            inbound: HashMap::new(),
+            inbound_sets: HashSet::new(),
             epochs: [1; 4],
             synced: [false; 4],
         }
@@ -634,6 +646,7 @@ impl KubeStore {
                 self.label_sets.retain(|s| Arc::strong_count(s) > 1);
                 self.workload_arcs.retain(|w| Arc::strong_count(w) > 1);
                 self.strings.retain(|s| Arc::strong_count(s) > 1);
+                self.inbound_sets.retain(|s| Arc::strong_count(s) > 1);
             }
             Resource::Namespaces => self.namespaces.retain(|_, n| n.epoch == epoch),
             Resource::Nodes => {
@@ -762,6 +775,17 @@ impl KubeStore {
             flags,
         };
         let idx = self.pods.insert(rec);
+        if !s.inbound.is_default() {
+            let shared = match self.inbound_sets.get(&s.inbound) {
+                Some(a) => a.clone(),
+                None => {
+                    let a = Arc::new(s.inbound.clone());
+                    self.inbound_sets.insert(a.clone());
+                    a
+                }
+            };
+            self.inbound.insert(idx, shared);
+        }
         let h = self.pod_hash(&s.namespace, &s.name);
         let pods = &self.pods;
         let hasher = &self.hasher;
@@ -805,6 +829,7 @@ impl KubeStore {
         let Some(rec) = self.pods.take(idx) else {
             return;
         };
+        self.inbound.remove(&idx);
         let h = self.pod_hash(rec.namespace(), &rec.name);
         if let Ok(e) = self.by_name.find_entry(h, |&i| i == idx) {
             e.remove();
@@ -1090,6 +1115,28 @@ impl KubeStore {
             .map(|p| (p.namespace(), &*p.name, p.ips()))
     }
 
+    /// How the pod behind `ip` treats inbound `port`: capture annotations, ambient mode (pod
+    /// label, else namespace label; not with a sidecar), unrewritten probes. `None`: not a pod.
+    pub fn inbound_port(&self, ip: IpAddr, port: u16) -> Option<InboundPort> {
+        let idx = self.ips.get(&super::canonical(ip))?;
+        let p = self.pods.get(idx)?;
+        let capture = self.inbound.get(&idx);
+        let pod_mode = p
+            .labels
+            .binary_search_by(|(k, _)| (**k).cmp(inbound::DATAPLANE_MODE))
+            .ok()
+            .map(|i| &*p.labels[i].1);
+        let ns_mode = self
+            .namespaces
+            .get(p.namespace())
+            .and_then(|n| n.injection.dataplane_mode.as_deref());
+        Some(InboundPort {
+            excluded: capture.is_some_and(|c| !c.captures(port)),
+            ambient: inbound::ambient(p.has(F_SIDECAR), pod_mode, ns_mode),
+            unrewritten_probe: capture.is_some_and(|c| c.probe_on(port)),
+        })
+    }
+
     /// The node that has `ip` as an InternalIP/ExternalIP (hostNetwork pods resolve here).
     pub fn node_of(&self, ip: IpAddr) -> Option<&str> {
         self.node_ips.get(&super::canonical(ip)).map(|n| &**n)
@@ -1362,6 +1409,7 @@ mod tests {
             sidecar: true,
             ips: vec!["10.1.0.1".parse().unwrap()],
             created: 1,
+            inbound: InboundCapture::default(),
         });
         let at = |s: &KubeStore, port| {
             s.effective_mode_for_ip("10.1.0.1".parse().unwrap(), port)

@@ -1,19 +1,26 @@
-//! identity: who an address is — namespace, workload, sidecar — and which addresses are the node
-//! itself (kubelet probes). Lookups happen once per connection, not per packet.
+//! identity: who an address is — namespace, workload, sidecar — which addresses are the node
+//! itself, and how a server pod's Istio data plane treats an inbound port (`inbound.rs`). Lookups
+//! happen once per connection, not per packet.
 //!
 //! Two sources: the static inventory file (`inventory.rs`) or the Kubernetes API
 //! (`kubernetes.rs`, the store, fed by `kubernetes_watch.rs`), which also knows the Istio
 //! PeerAuthentication mode of every workload and port and the namespaces' injection labels.
 pub mod coverage;
+pub mod inbound;
 pub mod inventory;
 pub mod kubernetes;
 pub mod kubernetes_watch;
 pub mod node;
 
-use std::{net::IpAddr, sync::Arc};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use ipnet::IpNet;
 
+pub use inbound::InboundPort;
 pub use inventory::{Inventory, InventoryError};
 pub use kubernetes::{
     EffectiveMode, Injection, InjectionState, KubeConfig, KubeStore, Mode, ModeSource, PodIdentity,
@@ -35,6 +42,8 @@ pub struct Resolver {
     entries: Vec<(IpNet, Arc<Workload>)>,
     workloads: Vec<Arc<Workload>>,
     node: Vec<IpNet>,
+    /// Inventory mode: workloads with excluded inbound ports or in ambient mode.
+    inbound: HashMap<Arc<Workload>, (Box<[u16]>, bool)>,
     /// Kubernetes mode: the API's pods, namespaces, nodes and PeerAuthentications.
     kube: Option<Box<KubeStore>>,
 }
@@ -43,12 +52,19 @@ impl Resolver {
     pub fn from_inventory(inv: &Inventory) -> Self {
         let mut entries = Vec::new();
         let mut workloads = Vec::new();
+        let mut inbound = HashMap::new();
         for w in &inv.workloads {
             let wl = Arc::new(Workload {
                 namespace: w.namespace.clone(),
                 name: w.name.clone(),
                 sidecar: w.sidecar,
             });
+            if !w.exclude_inbound_ports.is_empty() || w.ambient {
+                inbound.insert(
+                    wl.clone(),
+                    (w.exclude_inbound_ports.clone().into(), w.ambient),
+                );
+            }
             for net in &w.networks {
                 entries.push((*net, wl.clone()));
             }
@@ -59,6 +75,7 @@ impl Resolver {
             entries,
             workloads,
             node: inv.node_networks.clone(),
+            inbound,
             kube: None,
         }
     }
@@ -164,10 +181,33 @@ impl Resolver {
         self.node = nets;
     }
 
+    /// Whether `ip` is this node (its addresses, or the source ambient gives its probes).
     pub fn is_node(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
-        self.node.iter().any(|n| n.contains(&ip))
+        ip == inbound::AMBIENT_PROBE_SOURCE
+            || self.node.iter().any(|n| n.contains(&ip))
             || self.kube.as_ref().is_some_and(|k| k.is_local_node(ip))
+    }
+
+    /// How the server behind `server` treats its inbound port (Kubernetes: the pod's
+    /// annotations, labels and spec; inventory: `exclude_inbound_ports` and `ambient`).
+    /// The default (everything captured, sidecar mode) for unknown servers.
+    pub fn inbound_port(&self, server: SocketAddr) -> InboundPort {
+        if let Some(p) = self
+            .kube
+            .as_ref()
+            .and_then(|k| k.inbound_port(server.ip(), server.port()))
+        {
+            return p;
+        }
+        match self.lookup(server.ip()).and_then(|w| self.inbound.get(w)) {
+            Some((excluded, ambient)) => InboundPort {
+                excluded: excluded.contains(&server.port()),
+                ambient: *ambient,
+                unrewritten_probe: false,
+            },
+            None => InboundPort::default(),
+        }
     }
 }
 
@@ -209,6 +249,25 @@ mod tests {
         assert!(r.lookup("203.0.113.1".parse().unwrap()).is_none());
         assert!(r.is_node("198.18.0.1".parse().unwrap()));
         assert!(!r.is_node("198.18.0.2".parse().unwrap()));
+        assert!(
+            r.is_node("169.254.7.127".parse().unwrap()),
+            "ambient's probe source"
+        );
         assert_eq!(r.namespaces().into_iter().collect::<Vec<_>>(), ["a", "b"]);
+    }
+
+    #[test]
+    fn inventory_exclusions_and_ambient() {
+        let inv = Inventory::parse(
+            "workloads:\n  - {namespace: a, name: x, addresses: [198.18.1.1], exclude_inbound_ports: [9000]}\n  - {namespace: a, name: y, addresses: [198.18.1.2], ambient: true}\n  - {namespace: b, name: z, addresses: [198.18.1.3]}\nambient_namespaces: [b]\n",
+        )
+        .unwrap();
+        let r = Resolver::from_inventory(&inv);
+        let at = |s: &str| r.inbound_port(s.parse().unwrap());
+        assert!(at("198.18.1.1:9000").excluded && !at("198.18.1.1:9000").ambient);
+        assert!(!at("198.18.1.1:8080").excluded);
+        assert!(at("198.18.1.2:8080").ambient && !at("198.18.1.2:8080").excluded);
+        assert!(at("198.18.1.3:8080").ambient, "namespace-wide");
+        assert_eq!(at("203.0.113.1:80"), InboundPort::default());
     }
 }

@@ -1,5 +1,6 @@
 //! The node's own addresses, read from the agent's network namespace: connections from these are
-//! the node talking to its pods (kubelet probes), which STRICT does not affect.
+//! the node talking to its pods (kubelet probes, hostNetwork pods). STRICT judges them like any
+//! client (ambient mode aside), so the report names them as the node.
 use std::net::IpAddr;
 
 use ipnet::IpNet;
