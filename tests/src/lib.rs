@@ -38,6 +38,7 @@ pub mod netns;
 pub mod pki;
 pub mod proc;
 pub mod prometheus;
+pub mod rtnl;
 pub mod scenario;
 pub mod traffic;
 
@@ -48,7 +49,7 @@ pub use kube_double::{
     write_kubeconfig,
 };
 pub use netns::{
-    BRIDGE, IPV4_PREFIX_LEN, IPV6_PREFIX_LEN, NODE_IPV4, NODE_IPV6, Pod, PodSpec, Testbed,
+    BRIDGE, IPV4_PREFIX_LEN, IPV6_PREFIX_LEN, NODE_IPV4, NODE_IPV6, Pod, PodLink, PodSpec, Testbed,
     ensure_root, list_netns,
 };
 pub use pki::{CertPaths, Pki, San};

@@ -55,6 +55,23 @@ pub struct PodSpec {
     /// Turn off TSO/GSO/GRO on the pod's eth0 (and GRO on the host-side veth), so that a large
     /// first flight (a post-quantum ClientHello) crosses the veth as several segments.
     pub disable_offloads: bool,
+    /// The host-side interface's name (default `vp<name>`): CNIs name them in their own ways,
+    /// e.g. OVN-Kubernetes after the first 15 characters of the container id.
+    pub host_if: Option<String>,
+    /// What joins the pod to the node.
+    pub link: PodLink,
+}
+
+/// The device pair between a pod and the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PodLink {
+    /// A veth pair, as most CNIs make.
+    #[default]
+    Veth,
+    /// A netkit pair (Cilium's alternative, kernel 6.7+), created through rtnetlink: in L2 mode
+    /// (Ethernet headers, a bridge port like a veth) or in L3 mode (no Ethernet header; not
+    /// bridged, so the pod has no connectivity: for discovery tests only).
+    Netkit { l2: bool },
 }
 
 impl PodSpec {
@@ -66,7 +83,21 @@ impl PodSpec {
             ipv6: None,
             mtu: None,
             disable_offloads: false,
+            host_if: None,
+            link: PodLink::Veth,
         }
+    }
+
+    /// Names the host-side interface (at most 15 characters).
+    pub fn host_if(mut self, name: &str) -> Self {
+        self.host_if = Some(name.to_owned());
+        self
+    }
+
+    /// Joins the pod with a netkit pair instead of a veth pair.
+    pub fn netkit(mut self, l2: bool) -> Self {
+        self.link = PodLink::Netkit { l2 };
+        self
     }
 
     /// Makes the pod dual-stack.
@@ -408,9 +439,19 @@ impl Testbed {
     /// (if configured) IPv6.
     pub fn add_pod(&mut self, spec: PodSpec) -> Result<Pod> {
         self.check_spec(&spec)?;
+        if let Some(h) = &spec.host_if {
+            ensure!(
+                !h.is_empty() && h.len() <= 15 && !self.pods.iter().any(|p| &p.host_if == h),
+                "pod {}: host interface name {h:?} must be 1-15 characters and unused",
+                spec.name
+            );
+        }
         let pod = Pod {
             netns: format!("{}-{}", self.prefix, spec.name),
-            host_if: self.host_if_name(&spec.name),
+            host_if: spec
+                .host_if
+                .clone()
+                .unwrap_or_else(|| self.host_if_name(&spec.name)),
             pod_if: "eth0".into(),
             name: spec.name.clone(),
             ipv4: spec.ipv4,
@@ -418,13 +459,13 @@ impl Testbed {
             mtu: spec.mtu,
             offloads_disabled: spec.disable_offloads,
         };
-        self.setup_pod(&pod)
+        self.setup_pod(&pod, spec.link)
             .with_context(|| format!("creating pod {}", pod.name))?;
         self.pods.push(pod.clone());
         Ok(pod)
     }
 
-    fn setup_pod(&mut self, pod: &Pod) -> Result<()> {
+    fn setup_pod(&mut self, pod: &Pod, link: PodLink) -> Result<()> {
         let (ns, node, hif) = (
             pod.netns.as_str(),
             self.node_ns.clone(),
@@ -433,11 +474,21 @@ impl Testbed {
         self.create_netns(ns)?;
         sysctls(ns, &NO_DAD)?;
         let mtu = pod.mtu.map(|m| format!(" mtu {m}")).unwrap_or_default();
-        let mut cmds = vec![
-            "link set lo up".to_string(),
-            format!("link add eth0{mtu} type veth peer name {hif} netns {node}"),
-            format!("addr add {}/{IPV4_PREFIX_LEN} dev eth0", pod.ipv4),
-        ];
+        let mut cmds = vec!["link set lo up".to_string()];
+        match link {
+            PodLink::Veth => {
+                cmds.push(format!(
+                    "link add eth0{mtu} type veth peer name {hif} netns {node}"
+                ));
+            }
+            PodLink::Netkit { l2 } => {
+                crate::rtnl::netkit_add(&node, hif, ns, l2)?;
+                if !mtu.is_empty() {
+                    cmds.push(format!("link set eth0{mtu}"));
+                }
+            }
+        }
+        cmds.push(format!("addr add {}/{IPV4_PREFIX_LEN} dev eth0", pod.ipv4));
         if let Some(v6) = pod.ipv6 {
             cmds.push(format!("addr add {v6}/{IPV6_PREFIX_LEN} dev eth0 nodad"));
         }
@@ -447,6 +498,10 @@ impl Testbed {
             cmds.push(format!("route add default via {NODE_IPV6} dev eth0"));
         }
         ip_batch(Some(ns), &cmds)?;
+        if link == (PodLink::Netkit { l2: false }) {
+            // No Ethernet header: not a bridge port. Up, and that is all.
+            return ip_batch(Some(&node), &[format!("link set {hif} up")]);
+        }
         ip_batch(Some(&node), &[format!("link set {hif} master {BRIDGE} up")])?;
         if pod.offloads_disabled {
             proc::run_in(

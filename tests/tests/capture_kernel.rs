@@ -82,7 +82,9 @@ impl Kernel {
             .build()?;
         let _guard = rt.enter();
         let mut capture = Capture::load(&CaptureConfig {
+            // Nothing is attached: the programs only run through BPF_PROG_TEST_RUN.
             interfaces: vec![],
+            interface_auto: false,
             flow_table_size: 1024,
             max_segments: mtls_agent_common::DEFAULT_MAX_SEGMENTS,
             capture_bytes: mtls_agent_common::DEFAULT_CAPTURE_BYTES,

@@ -1,6 +1,10 @@
-//! Attaching the TC programs to every interface whose name matches the configured globs, and
-//! detaching what we attached (only that) when interfaces go away or the agent stops.
-use std::collections::BTreeMap;
+//! Attaching the TC programs to every pod-facing interface (and/or those whose names match the
+//! configured globs), first in each hook's chain, and detaching what we attached (only that) when
+//! interfaces go away or the agent stops.
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
 use aya::programs::{
     LinkOrder, SchedClassifier, TcAttachType,
@@ -9,6 +13,7 @@ use aya::programs::{
 use mtls_agent_common::names;
 use tracing::{debug, info, warn};
 
+pub use super::links::{Interface, list_interfaces};
 use super::{TcMode, reaper::Reaper, tcnl};
 
 /// One interface we attached to.
@@ -19,6 +24,10 @@ struct Attached {
     egress: SchedClassifierLinkId,
     /// We created the interface's clsact qdisc (legacy path): remove it again when done.
     created_qdisc: bool,
+    /// Attached through TCX (else clsact).
+    tcx: bool,
+    /// Our place on [ingress, egress] at the last check (`None`: not listed, going away).
+    order: [Option<HookOrder>; 2],
 }
 
 /// Outcome of one [`Attacher::sync`].
@@ -29,6 +38,8 @@ pub struct SyncReport {
     pub failed: Vec<(String, String)>,
     /// Matching interfaces left for the next call (see [`Attacher::sync`]'s `limit`).
     pub pending: usize,
+    /// Selected interfaces the programs cannot read, by reason (all of them, not only new ones).
+    pub unsupported: BTreeMap<&'static str, usize>,
 }
 
 /// At most this many interfaces are attached per [`Attacher::sync`] call. Each TCX attach ends
@@ -36,29 +47,6 @@ pub struct SyncReport {
 /// attaches cannot overlap), so a burst of new pods is taken in slices: the daemon loop reads
 /// the ring buffer between them instead of stalling for the whole burst.
 pub const ATTACH_SLICE: usize = 8;
-
-/// A network interface present on the node.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Interface {
-    pub name: String,
-    pub ifindex: u32,
-}
-
-/// Lists the interfaces of this network namespace from sysfs.
-pub fn list_interfaces() -> std::io::Result<Vec<Interface>> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/sys/class/net")? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Ok(idx) = std::fs::read_to_string(entry.path().join("ifindex")) else {
-            continue; // vanished meanwhile
-        };
-        if let Ok(ifindex) = idx.trim().parse() {
-            out.push(Interface { name, ifindex });
-        }
-    }
-    Ok(out)
-}
 
 /// Interface-name globs, e.g. `cali*`, `vp*`.
 #[derive(Debug, Clone)]
@@ -77,10 +65,136 @@ impl Globs {
     pub fn matches(&self, name: &str) -> bool {
         self.0.iter().any(|p| p.matches(name))
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Which interfaces to watch (`--interface`, `--interface-auto`).
+#[derive(Debug, Clone)]
+pub struct Selection {
+    /// Every pod-facing interface (veth/netkit with its peer in another netns), whatever its
+    /// name; `globs`, when given, narrow it.
+    pub auto: bool,
+    /// Interface-name globs: a filter on top of `auto`, or the whole rule without it.
+    pub globs: Globs,
+}
+
+/// What [`Selection::judge`] says about one interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Watch,
+    /// Selected, but the programs cannot read it (the reason, for logs and metrics).
+    Unsupported(&'static str),
+    Ignore,
+}
+
+/// `mtls_agent_interfaces_unsupported{reason}`: a pod-facing interface without Ethernet headers
+/// (netkit in L3 mode, Cilium's default for netkit): the TC programs parse from an Ethernet
+/// header, so they are not attached there.
+pub const NO_ETHERNET: &str = "no_ethernet_header";
+
+impl Selection {
+    pub fn judge(&self, i: &Interface) -> Verdict {
+        let by_name = self.globs.is_empty() || self.globs.matches(&i.name);
+        let selected = if self.auto {
+            i.pod_facing() && by_name
+        } else {
+            !self.globs.is_empty() && self.globs.matches(&i.name)
+        };
+        match (selected, i.ethernet) {
+            (false, _) => Verdict::Ignore,
+            (true, true) => Verdict::Watch,
+            // Only said of interfaces the user can expect us on: pod-facing or named by a glob.
+            (true, false) => Verdict::Unsupported(NO_ETHERNET),
+        }
+    }
+}
+
+/// Where our program runs in one hook's chain of an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Position {
+    /// Before every other program: what they do (redirects) cannot hide packets from us.
+    First,
+    /// Sharing our clsact priority with another filter: the kernel's order between the two is
+    /// not ours to rely on.
+    Tied,
+    /// After another program, which may end packets (`TC_ACT_REDIRECT`) before we see them.
+    Later,
+}
+
+impl Position {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Position::First => "first",
+            Position::Tied => "tied",
+            Position::Later => "later",
+        }
+    }
+}
+
+/// Our place on one hook of one interface, and how many other programs share the hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HookOrder {
+    pub position: Position,
+    pub others: usize,
+}
+
+/// Our clsact priority: the lowest number, run before every other filter that does not also
+/// hold it (TCX programs, when present, run before all clsact filters).
+pub const CLSACT_PRIORITY: u16 = 1;
+
+/// How often the order of our programs is checked again (another product may attach in front
+/// of us later, e.g. a CNI agent restarting).
+const ORDER_RECHECK: Duration = Duration::from_secs(5);
+
+/// Our place in the chains of the hook `t` of an interface. `tcx`: we attached through TCX.
+/// `None` when the kernel does not list our program there: the interface is going away (pods
+/// come and go), which is no order to warn about.
+fn hook_order(
+    iface: &str,
+    ifindex: u32,
+    t: TcAttachType,
+    tcx: bool,
+    ours: u32,
+) -> Option<HookOrder> {
+    // A kernel without TCX, or an interface gone meanwhile: no TCX programs.
+    let tcx_ids: Vec<u32> = SchedClassifier::query_tcx(iface, t)
+        .map(|(_, progs)| progs.iter().map(|p| p.id()).collect())
+        .unwrap_or_default();
+    let hook = match t {
+        TcAttachType::Ingress => tcnl::Hook::Ingress,
+        _ => tcnl::Hook::Egress,
+    };
+    let filters = tcnl::filters(ifindex, hook).unwrap_or_default();
+    let others = tcx_ids.iter().filter(|&&id| id != ours).count()
+        + filters.iter().filter(|f| f.bpf_id != Some(ours)).count();
+    let position = if tcx {
+        // TCX runs before every clsact filter; within TCX, the kernel's order is the query's.
+        match tcx_ids.iter().position(|&id| id == ours)? {
+            0 => Position::First,
+            _ => Position::Later,
+        }
+    } else {
+        let p = filters
+            .iter()
+            .find(|f| f.bpf_id == Some(ours))
+            .map(tcnl::Filter::priority)?;
+        let mut others = filters.iter().filter(|f| f.bpf_id != Some(ours));
+        if !tcx_ids.is_empty() || others.clone().any(|f| f.priority() < p) {
+            Position::Later
+        } else if others.any(|f| f.priority() == p) {
+            Position::Tied
+        } else {
+            Position::First
+        }
+    };
+    Some(HookOrder { position, others })
 }
 
 pub struct Attacher {
-    globs: Globs,
+    selection: Selection,
     attached: BTreeMap<String, Attached>,
     /// TCX was refused once (old kernel), or `--tc-mode clsact`: use clsact from then on.
     legacy: bool,
@@ -93,12 +207,15 @@ pub struct Attacher {
     reaper_failed: bool,
     /// Interfaces (name, ifindex) whose last attach attempt failed.
     failed: std::collections::BTreeSet<(String, u32)>,
+    /// Unsupported interfaces (name, ifindex) already logged.
+    said_unsupported: std::collections::BTreeSet<(String, u32)>,
+    last_order_check: Instant,
 }
 
 impl Attacher {
-    pub fn new(globs: Globs, mode: TcMode, prog_ids: Vec<u32>) -> Self {
+    pub fn new(selection: Selection, mode: TcMode, prog_ids: Vec<u32>) -> Self {
         Self {
-            globs,
+            selection,
             attached: BTreeMap::new(),
             legacy: mode == TcMode::Clsact,
             mode,
@@ -106,6 +223,41 @@ impl Attacher {
             reaper: None,
             reaper_failed: false,
             failed: Default::default(),
+            said_unsupported: Default::default(),
+            last_order_check: Instant::now(),
+        }
+    }
+
+    /// Our place in each hook's chain: (hook, position) -> interfaces, and per hook the number of
+    /// interfaces where other programs share it.
+    pub fn chain_order(&self) -> ChainOrder {
+        let mut out = ChainOrder::default();
+        for a in self.attached.values() {
+            for (h, o) in a.order.iter().enumerate() {
+                let Some(o) = o else { continue };
+                *out.positions.entry((HOOKS[h], o.position)).or_default() += 1;
+                if o.others > 0 {
+                    *out.shared.entry(HOOKS[h]).or_default() += 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// Checks our place again on every attached interface (at most every few seconds) and
+    /// says so when it changed.
+    fn recheck_order(&mut self) {
+        if self.last_order_check.elapsed() < ORDER_RECHECK {
+            return;
+        }
+        self.last_order_check = Instant::now();
+        let ids = [self.prog_ids[0], self.prog_ids[1]];
+        for (name, a) in &mut self.attached {
+            let now = orders(name, a.ifindex, a.tcx, ids);
+            if now != a.order {
+                log_order(name, a.tcx, &now);
+                a.order = now;
+            }
         }
     }
 
@@ -150,11 +302,28 @@ impl Attacher {
                 report.detached.push(name);
             }
         }
+        self.recheck_order();
         let mut tried = 0;
+        let mut wanted = Vec::new();
+        for i in present {
+            match self.selection.judge(i) {
+                Verdict::Watch => wanted.push(i),
+                Verdict::Ignore => {}
+                Verdict::Unsupported(reason) => {
+                    *report.unsupported.entry(reason).or_default() += 1;
+                    if self.said_unsupported.insert((i.name.clone(), i.ifindex)) {
+                        warn!(interface = %i.name, kind = i.kind.as_deref().unwrap_or("device"), reason,
+                            "pod interface not watched: its packets have no Ethernet header, which the TC programs parse (use netkit in L2 mode)");
+                    }
+                }
+            }
+        }
+        self.said_unsupported
+            .retain(|(n, idx)| present.iter().any(|i| &i.name == n && i.ifindex == *idx));
         // Interfaces whose last attach failed go last, so they cannot starve new ones.
-        let (retry, fresh): (Vec<&Interface>, Vec<&Interface>) = present
-            .iter()
-            .filter(|i| !self.attached.contains_key(&i.name) && self.globs.matches(&i.name))
+        let (retry, fresh): (Vec<&Interface>, Vec<&Interface>) = wanted
+            .into_iter()
+            .filter(|i| !self.attached.contains_key(&i.name))
             .partition(|i| self.failed.contains(&(i.name.clone(), i.ifindex)));
         self.failed
             .retain(|(n, idx)| present.iter().any(|i| &i.name == n && i.ifindex == *idx));
@@ -167,7 +336,12 @@ impl Attacher {
             match self.attach_one(ingress, egress, iface) {
                 Ok(a) => {
                     self.failed.remove(&(iface.name.clone(), iface.ifindex));
-                    info!(interface = %iface.name, ifindex = iface.ifindex, "attached");
+                    info!(interface = %iface.name, ifindex = iface.ifindex,
+                        kind = iface.kind.as_deref().unwrap_or("device"),
+                        hook = if a.tcx { "tcx" } else { "clsact" },
+                        ingress = place(a.order[0]), egress = place(a.order[1]),
+                        others = a.order.iter().flatten().map(|o| o.others).sum::<usize>(), "attached");
+                    log_order(&iface.name, a.tcx, &a.order);
                     self.attached.insert(iface.name.clone(), a);
                     report.attached.push(iface.name.clone());
                 }
@@ -197,7 +371,7 @@ impl Attacher {
                 p.attach_with_options(
                     &iface.name,
                     t,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    TcAttachOptions::TcxOrder(LinkOrder::first()),
                 )
             };
             match tcx(ingress, TcAttachType::Ingress) {
@@ -208,6 +382,8 @@ impl Attacher {
                             ingress: i,
                             egress: e,
                             created_qdisc: false,
+                            tcx: true,
+                            order: orders(&iface.name, iface.ifindex, true, self.ids()),
                         });
                     }
                     Err(err) => {
@@ -236,12 +412,38 @@ impl Attacher {
             Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => false,
             Err(e) => return Err(format!("adding clsact qdisc: {e}")),
         };
+        for (hook, t) in [
+            (tcnl::Hook::Ingress, "ingress"),
+            (tcnl::Hook::Egress, "egress"),
+        ] {
+            let held: Vec<String> = tcnl::filters(iface.ifindex, hook)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|f| f.priority() == CLSACT_PRIORITY)
+                .map(|f| f.bpf_name.unwrap_or(f.kind))
+                .collect();
+            if !held.is_empty() {
+                warn!(interface = %iface.name, hook = t, priority = CLSACT_PRIORITY, other = ?held,
+                    "another clsact filter already holds the first priority: which of the two runs first is up to the kernel, and a filter that redirects before ours hides packets from it (use TCX, kernel 6.6+)");
+            }
+        }
         let nl = |p: &mut SchedClassifier, t| {
-            p.attach_with_options(
-                &iface.name,
-                t,
-                TcAttachOptions::Netlink(NlOptions::default()),
-            )
+            let first = NlOptions {
+                priority: CLSACT_PRIORITY,
+                ..NlOptions::default()
+            };
+            p.attach_with_options(&iface.name, t, TcAttachOptions::Netlink(first))
+                .or_else(|err| {
+                    // A filter of another kind or protocol at that priority: the kernel refuses
+                    // to share it. Take the next free one and say so.
+                    warn!(interface = %iface.name, error = %err,
+                        "the first clsact priority is taken by another kind of filter: attaching after it");
+                    p.attach_with_options(
+                        &iface.name,
+                        t,
+                        TcAttachOptions::Netlink(NlOptions::default()),
+                    )
+                })
         };
         let i = nl(ingress, TcAttachType::Ingress).map_err(|e| format!("clsact ingress: {e}"))?;
         let e = match nl(egress, TcAttachType::Egress) {
@@ -259,7 +461,13 @@ impl Attacher {
             ingress: i,
             egress: e,
             created_qdisc,
+            tcx: false,
+            order: orders(&iface.name, iface.ifindex, false, self.ids()),
         })
+    }
+
+    fn ids(&self) -> [u32; 2] {
+        [self.prog_ids[0], self.prog_ids[1]]
     }
 
     /// Detaches everything we attached; removes clsact qdiscs we created.
@@ -286,6 +494,42 @@ impl Attacher {
         }
         // Closes its pipe: it sweeps once (finding nothing of ours) and exits.
         self.reaper = None;
+    }
+}
+
+const HOOKS: [&str; 2] = ["ingress", "egress"];
+
+/// Counts of our places in the chains (see [`Attacher::chain_order`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ChainOrder {
+    /// (hook, position) -> interfaces.
+    pub positions: BTreeMap<(&'static str, Position), usize>,
+    /// hook -> interfaces where other programs are on that hook too.
+    pub shared: BTreeMap<&'static str, usize>,
+}
+
+/// For logs: our position, or `unknown` while the interface goes away.
+fn place(o: Option<HookOrder>) -> &'static str {
+    o.map_or("unknown", |o| o.position.as_str())
+}
+
+/// [`hook_order`] for [ingress, egress]; `ids` are our programs' ids in that order.
+fn orders(iface: &str, ifindex: u32, tcx: bool, ids: [u32; 2]) -> [Option<HookOrder>; 2] {
+    [
+        hook_order(iface, ifindex, TcAttachType::Ingress, tcx, ids[0]),
+        hook_order(iface, ifindex, TcAttachType::Egress, tcx, ids[1]),
+    ]
+}
+
+/// One warning per hook where something runs before ours.
+fn log_order(iface: &str, tcx: bool, order: &[Option<HookOrder>; 2]) {
+    for (h, o) in order.iter().enumerate() {
+        let Some(o) = o else { continue };
+        if o.position != Position::First {
+            warn!(interface = %iface, hook = HOOKS[h], attach = if tcx { "tcx" } else { "clsact" },
+                position = o.position.as_str(), others = o.others,
+                "another program runs before ours on this hook: packets it redirects or drops are not seen");
+        }
     }
 }
 
@@ -344,14 +588,50 @@ mod tests {
         assert!(!g.matches("vpwebx"));
     }
 
-    #[test]
-    fn bad_glob_is_an_error() {
-        assert!(Globs::new(&["cali[".into()]).is_err());
+    fn iface(name: &str, kind: Option<&str>, peer_elsewhere: bool, ethernet: bool) -> Interface {
+        Interface {
+            name: name.into(),
+            ifindex: 5,
+            kind: kind.map(Into::into),
+            peer_elsewhere,
+            ethernet,
+        }
     }
 
     #[test]
-    fn lists_loopback() {
-        let all = list_interfaces().unwrap();
-        assert!(all.iter().any(|i| i.name == "lo" && i.ifindex == 1));
+    fn auto_selection_is_by_kind_and_globs_narrow_it() {
+        let ovn = iface("3f2a9c1b0d4e5f6", Some("veth"), true, true);
+        let cali = iface("cali12ab", Some("veth"), true, true);
+        let local = iface("cali-host", Some("veth"), false, true);
+        let bridge = iface("cali-br", Some("bridge"), false, true);
+        let netkit_l3 = iface("lxc9", Some("netkit"), true, false);
+        let auto = Selection {
+            auto: true,
+            globs: Globs::new(&[]).unwrap(),
+        };
+        assert_eq!(auto.judge(&ovn), Verdict::Watch);
+        assert_eq!(auto.judge(&cali), Verdict::Watch);
+        assert_eq!(auto.judge(&local), Verdict::Ignore);
+        assert_eq!(auto.judge(&bridge), Verdict::Ignore);
+        assert_eq!(auto.judge(&netkit_l3), Verdict::Unsupported(NO_ETHERNET));
+        let narrowed = Selection {
+            auto: true,
+            globs: Globs::new(&["cali*".into()]).unwrap(),
+        };
+        assert_eq!(narrowed.judge(&ovn), Verdict::Ignore);
+        assert_eq!(narrowed.judge(&cali), Verdict::Watch);
+        assert_eq!(narrowed.judge(&local), Verdict::Ignore);
+        let globs_only = Selection {
+            auto: false,
+            globs: Globs::new(&["cali*".into()]).unwrap(),
+        };
+        assert_eq!(globs_only.judge(&ovn), Verdict::Ignore);
+        assert_eq!(globs_only.judge(&local), Verdict::Watch);
+        assert_eq!(globs_only.judge(&bridge), Verdict::Watch);
+    }
+
+    #[test]
+    fn bad_glob_is_an_error() {
+        assert!(Globs::new(&["cali[".into()]).is_err());
     }
 }

@@ -4,6 +4,7 @@
 pub mod attach;
 pub mod events;
 pub mod gc;
+pub mod links;
 pub mod netlink;
 pub mod reaper;
 pub mod tcnl;
@@ -16,7 +17,7 @@ use aya::{
 use mtls_agent_common::{CHUNK_BYTES, FlowKey, FlowState, MAX_CHUNKS_PER_SEGMENT, names, stats};
 use tracing::{debug, warn};
 
-pub use attach::{Globs, Interface, SyncReport, list_interfaces};
+pub use attach::{ChainOrder, Globs, Interface, Position, Selection, SyncReport, list_interfaces};
 
 /// How the TC programs are attached (`--tc-mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -49,7 +50,10 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Kernel-side settings, chosen at load time.
 #[derive(Debug, Clone)]
 pub struct CaptureConfig {
+    /// Interface-name globs (`--interface`): narrow `interface_auto`, or the whole rule without it.
     pub interfaces: Vec<String>,
+    /// Watch every pod-facing interface (`--interface-auto`, see [`Selection`]).
+    pub interface_auto: bool,
     pub flow_table_size: u32,
     pub max_segments: u32,
     pub capture_bytes: u32,
@@ -131,7 +135,14 @@ impl Capture {
         }
         Ok(Self {
             ebpf,
-            attacher: attach::Attacher::new(globs, cfg.tc_mode, prog_ids),
+            attacher: attach::Attacher::new(
+                Selection {
+                    auto: cfg.interface_auto,
+                    globs,
+                },
+                cfg.tc_mode,
+                prog_ids,
+            ),
         })
     }
 
@@ -163,6 +174,11 @@ impl Capture {
         let present = list_interfaces()?;
         let (i, e) = programs(&mut self.ebpf);
         Ok(self.attacher.sync(i, e, &present))
+    }
+
+    /// Our place in the TC chains of the attached interfaces.
+    pub fn chain_order(&self) -> ChainOrder {
+        self.attacher.chain_order()
     }
 
     pub fn attached_count(&self) -> usize {

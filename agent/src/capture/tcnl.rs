@@ -55,11 +55,18 @@ pub struct Filter {
     pub bpf_name: Option<String>,
 }
 
+impl Filter {
+    /// The filter's priority (lower runs first).
+    pub fn priority(&self) -> u16 {
+        (self.info >> 16) as u16
+    }
+}
+
 /// A blocking NETLINK_ROUTE socket with a receive timeout, so a request never hangs.
-struct Socket(OwnedFd);
+pub(super) struct Socket(OwnedFd);
 
 impl Socket {
-    fn open() -> io::Result<Self> {
+    pub(super) fn open() -> io::Result<Self> {
         // SAFETY: socket(2)/setsockopt(2) with checked results; the fd is owned right away.
         unsafe {
             let fd = libc::socket(
@@ -89,7 +96,7 @@ impl Socket {
         }
     }
 
-    fn send(&self, msg: &[u8]) -> io::Result<()> {
+    pub(super) fn send(&self, msg: &[u8]) -> io::Result<()> {
         // SAFETY: sending a byte buffer of the given length to the kernel (nl_pid 0).
         let n = unsafe {
             let mut addr: libc::sockaddr_nl = std::mem::zeroed();
@@ -111,7 +118,7 @@ impl Socket {
 
     /// Receives messages until `NLMSG_DONE` or an `NLMSG_ERROR` (an ack when its code is 0),
     /// handing every other message's (type, payload) to `each`.
-    fn recv_until_done(&self, mut each: impl FnMut(u16, &[u8])) -> io::Result<()> {
+    pub(super) fn recv_until_done(&self, mut each: impl FnMut(u16, &[u8])) -> io::Result<()> {
         let mut buf = vec![0u8; 65536];
         loop {
             // SAFETY: receiving into a buffer of the given length.
@@ -170,7 +177,7 @@ fn request(ty: u16, flags: u16, ifindex: u32, handle: u32, parent: u32, info: u3
 }
 
 /// Iterates the (type, payload) of the netlink attributes in `buf`; stops at a malformed one.
-fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+pub(super) fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     std::iter::from_fn(move || {
         if buf.len() < 4 {
             return None;
@@ -186,7 +193,7 @@ fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     })
 }
 
-fn c_string(data: &[u8]) -> String {
+pub(super) fn c_string(data: &[u8]) -> String {
     let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
     String::from_utf8_lossy(&data[..end]).into_owned()
 }
@@ -289,10 +296,11 @@ pub fn delete_clsact_if_empty(ifindex: u32) -> io::Result<bool> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn attr(ty: u16, data: &[u8]) -> Vec<u8> {
+    /// One netlink attribute, padded (for building test messages).
+    pub(in crate::capture) fn attr(ty: u16, data: &[u8]) -> Vec<u8> {
         let mut a = Vec::new();
         a.extend(((4 + data.len()) as u16).to_ne_bytes());
         a.extend(ty.to_ne_bytes());

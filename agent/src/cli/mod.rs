@@ -26,11 +26,14 @@ pub fn usage(msg: impl Into<String>) -> anyhow::Error {
 
 const RUN_EXAMPLES: &str = "\
 Examples:
-  # Watch Calico pod veths, identities from a file, metrics on :9477
-  mtls-agent run --interface 'cali*' --inventory inventory.yaml
+  # Watch every pod's interface (found by kind, any CNI), identities from a file, metrics on :9477
+  mtls-agent run --inventory inventory.yaml
 
-  # Several CNIs' interface names, another port
-  mtls-agent run --interface 'lxc*' --interface 'veth*' --inventory inv.yaml --listen 0.0.0.0:9100
+  # Only the pod interfaces named cali* or lxc*, another port
+  mtls-agent run --interface 'cali*' --interface 'lxc*' --inventory inv.yaml --listen 0.0.0.0:9100
+
+  # Names only, no discovery (any interface whose name matches)
+  mtls-agent run --interface-auto=false --interface 'vp*' --inventory inv.yaml
 
   # On Kubernetes (a DaemonSet): identities and PeerAuthentication modes from the API
   mtls-agent run --kubernetes --node-name \"$NODE_NAME\"";
@@ -116,15 +119,26 @@ pub struct ReaperArgs {
     pub prog_ids: Vec<u32>,
 }
 
-/// Host-side pod veth names of common CNIs: Calico, Cilium, Flannel/bridge, AWS VPC CNI, GKE, Azure.
+/// Host-side pod veth names of common CNIs (the selection with `--interface-auto=false`): Calico, Cilium, Flannel/bridge, AWS VPC CNI, GKE, Azure.
 pub const DEFAULT_INTERFACE_GLOBS: [&str; 6] = ["cali*", "lxc*", "veth*", "eni*", "gke*", "azv*"];
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Interface-name glob to watch (repeatable). Default: the pod veths of common CNIs
-    /// (cali*, lxc*, veth*, eni*, gke*, azv*).
+    /// Interface-name glob (repeatable). With --interface-auto (the default) it narrows the
+    /// pod-facing interfaces to those whose names match; with --interface-auto=false it alone
+    /// selects (default then: cali*, lxc*, veth*, eni*, gke*, azv*).
     #[arg(long = "interface", value_name = "GLOB")]
     pub interfaces: Vec<String>,
+    /// Watch every pod-facing interface, whatever its name: a veth or netkit whose peer is in
+    /// another network namespace (never uplinks, bridges, tunnels or node-local veth pairs).
+    /// `--interface-auto=false`: names matching --interface only.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub interface_auto: bool,
+    /// Kubernetes mode: name this node's pods whose addresses no watched interface has shown
+    /// once they have been known this long (log line and mtls_agent_pods_unseen).
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_window)]
+    pub pod_unseen_after: humantime::Duration,
     /// Inventory file (YAML) mapping addresses to namespaces and workloads. Exactly one of
     /// --inventory and --kubernetes is required.
     #[arg(long, value_name = "FILE")]

@@ -22,6 +22,7 @@ use crate::{
     flows::{Output, Tracker, TrackerConfig},
     identity::{
         Inventory, KubeConfig, KubeStore, Resolver,
+        coverage::Coverage,
         kubernetes_watch::{self, KubeWatch},
         node,
     },
@@ -65,7 +66,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     // --- end Kubernetes mode ---
-    let interfaces: Vec<String> = if args.interfaces.is_empty() {
+    // Globs narrow the pod-facing interfaces; without auto discovery they alone select.
+    let interfaces: Vec<String> = if args.interfaces.is_empty() && !args.interface_auto {
         DEFAULT_INTERFACE_GLOBS
             .iter()
             .map(|s| s.to_string())
@@ -177,6 +179,7 @@ async fn daemon(
 
     let mut capture = Capture::load(&CaptureConfig {
         interfaces: interfaces.clone(),
+        interface_auto: args.interface_auto,
         flow_table_size: args.flow_table_size,
         max_segments: args.max_segments,
         capture_bytes: args.capture_bytes,
@@ -213,10 +216,16 @@ async fn daemon(
     }
     info!(
         listen = %args.listen,
+        interface_auto = args.interface_auto,
         interfaces = ?interfaces,
         attached = capture.attached_count(),
+        chain = %chain_summary(&capture.chain_order()),
         "mtls-agent running"
     );
+    // Kubernetes mode: pods of this node never seen on a watched interface.
+    let mut coverage = args
+        .kubernetes
+        .then(|| Coverage::new(*args.pod_unseen_after));
 
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     // --- Recent connections (issue 3): a bounded ring for GET /api/v1/connections. ---
@@ -288,7 +297,7 @@ async fn daemon(
                     guard.clear_ready();
                 }
                 drop(guard);
-                apply(&aggregator, &recent, &mut out);
+                apply(&aggregator, &recent, &mut coverage, &mut out);
                 // Let records pile up a little before the next wake-up. The kernel wakes the
                 // reader only for the first record after it caught up, so this bounds wake-ups
                 // (each costs a self-IPI in the kernel and a scheduler round trip here) to a few
@@ -325,11 +334,19 @@ async fn daemon(
                     tracker.on_event(&ev, Instant::now(), SystemTime::now(), &mut out);
                 }
                 tracker.sweep(Instant::now(), SystemTime::now(), &mut out);
-                apply(&aggregator, &recent, &mut out);
+                apply(&aggregator, &recent, &mut coverage, &mut out);
                 if args.kubernetes
                     && let Some(t) = oldest_kubernetes_sync(&metrics)
                 {
                     metrics.identity_last_sync.set(t);
+                }
+                if let Some(c) = &mut coverage
+                    && c.due(Instant::now())
+                {
+                    let agg = aggregator.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(store) = agg.resolver().kube() {
+                        metrics.pods_unseen.set(c.check(store, Instant::now()).len() as i64);
+                    }
                 }
                 if last_expire.elapsed() >= Duration::from_secs(1) {
                     aggregator.lock().unwrap_or_else(|p| p.into_inner()).expire(SystemTime::now());
@@ -364,7 +381,7 @@ async fn daemon(
     metrics.interfaces_attached.set(0);
     info!(interfaces = attached, "detached");
     tracker.drain(Instant::now(), SystemTime::now(), &mut out);
-    apply(&aggregator, &recent, &mut out);
+    apply(&aggregator, &recent, &mut coverage, &mut out);
     let _ = stop_http.send(());
     match tokio::time::timeout(Duration::from_secs(2), server).await {
         Ok(Ok(Err(e))) => warn!(error = %e, "HTTP server ended with an error"),
@@ -401,6 +418,13 @@ fn sync_interfaces(capture: &mut Capture, metrics: &Metrics, gc: &capture::gc::G
             if !r.failed.is_empty() {
                 metrics.attach_failures.inc_by(r.failed.len() as u64);
             }
+            metrics.interfaces_unsupported.reset();
+            for (reason, n) in &r.unsupported {
+                metrics
+                    .interfaces_unsupported
+                    .with_label_values(&[reason])
+                    .set(*n as i64);
+            }
             r.pending
         }
         Err(e) => {
@@ -411,11 +435,60 @@ fn sync_interfaces(capture: &mut Capture, metrics: &Metrics, gc: &capture::gc::G
     metrics
         .interfaces_attached
         .set(capture.attached_count() as i64);
+    let order = capture.chain_order();
+    for hook in ["ingress", "egress"] {
+        for pos in [
+            capture::Position::First,
+            capture::Position::Tied,
+            capture::Position::Later,
+        ] {
+            let n = order.positions.get(&(hook, pos)).copied().unwrap_or(0);
+            metrics
+                .tc_chain_position
+                .with_label_values(&[hook, pos.as_str()])
+                .set(n as i64);
+        }
+        let shared = order.shared.get(hook).copied().unwrap_or(0);
+        metrics
+            .tc_chain_shared
+            .with_label_values(&[hook])
+            .set(shared as i64);
+    }
     *gc.attached.lock().unwrap_or_else(|p| p.into_inner()) = capture.attached_ifindexes();
     pending
 }
 
-fn apply(aggregator: &Mutex<Aggregator>, recent: &Mutex<RecentConnections>, out: &mut Vec<Output>) {
+/// "ingress: 3 first, egress: 3 first": our place in the chains, for the start-up line.
+fn chain_summary(o: &capture::ChainOrder) -> String {
+    ["ingress", "egress"]
+        .iter()
+        .map(|h| {
+            let places: Vec<String> = o
+                .positions
+                .iter()
+                .filter(|((hook, _), _)| hook == h)
+                .map(|((_, p), n)| format!("{n} {}", p.as_str()))
+                .collect();
+            let shared = o.shared.get(h).copied().unwrap_or(0);
+            format!(
+                "{h}: {} ({shared} shared)",
+                if places.is_empty() {
+                    "none".into()
+                } else {
+                    places.join(", ")
+                }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn apply(
+    aggregator: &Mutex<Aggregator>,
+    recent: &Mutex<RecentConnections>,
+    coverage: &mut Option<Coverage>,
+    out: &mut Vec<Output>,
+) {
     if out.is_empty() {
         return;
     }
@@ -423,7 +496,13 @@ fn apply(aggregator: &Mutex<Aggregator>, recent: &Mutex<RecentConnections>, out:
     let mut recent = recent.lock().unwrap_or_else(|p| p.into_inner());
     for o in out.drain(..) {
         match o {
-            Output::Classified(rec) => agg.record(&rec),
+            Output::Classified(rec) => {
+                if let Some(c) = coverage.as_mut() {
+                    c.saw(rec.client.ip());
+                    c.saw(rec.server.ip());
+                }
+                agg.record(&rec)
+            }
             Output::Recent(rec) => recent.push_live(
                 rec.client,
                 rec.server,

@@ -49,6 +49,14 @@ pub struct Metrics {
     pub flows_tracked: IntGauge,
     pub interfaces_attached: IntGauge,
     pub attach_failures: IntCounter,
+    /// Selected interfaces the TC programs cannot read, by reason (capture/attach.rs).
+    pub interfaces_unsupported: IntGaugeVec,
+    /// Attached interfaces by our place in each hook's chain (first|tied|later).
+    pub tc_chain_position: IntGaugeVec,
+    /// Attached interfaces where other programs are on the same hook.
+    pub tc_chain_shared: IntGaugeVec,
+    /// Kubernetes mode: pods of this node never seen on a watched interface (identity/coverage.rs).
+    pub pods_unseen: IntGauge,
     pub build_info: IntGaugeVec,
     pub uptime: Gauge,
     /// Kubernetes mode (identity/kubernetes_watch.rs): failed list/watch calls per resource.
@@ -73,6 +81,12 @@ fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
 
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("static metric definition");
+    r.register(Box::new(g.clone())).expect("unique metric name");
+    g
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition");
     r.register(Box::new(g.clone())).expect("unique metric name");
     g
 }
@@ -250,6 +264,29 @@ impl Metrics {
             "mtls_agent_interfaces_attached",
             "Interfaces the TC programs are attached to.",
         );
+        let interfaces_unsupported = gauge_vec(
+            &r,
+            "mtls_agent_interfaces_unsupported",
+            "Pod-facing interfaces not watched because the TC programs cannot read them, by reason.",
+            &["reason"],
+        );
+        let tc_chain_position = gauge_vec(
+            &r,
+            "mtls_agent_tc_chain_position",
+            "Attached interfaces by the place of the agent's program in the hook's chain.",
+            &["hook", "position"],
+        );
+        let tc_chain_shared = gauge_vec(
+            &r,
+            "mtls_agent_tc_chain_shared",
+            "Attached interfaces where other TC programs are on the same hook.",
+            &["hook"],
+        );
+        let pods_unseen = gauge(
+            &r,
+            "mtls_agent_pods_unseen",
+            "Kubernetes mode: pods of this node whose addresses no watched interface has shown.",
+        );
         let attach_failures = counter(
             &r,
             "mtls_agent_attach_failures_total",
@@ -333,6 +370,10 @@ impl Metrics {
             flows_tracked,
             interfaces_attached,
             attach_failures,
+            interfaces_unsupported,
+            tc_chain_position,
+            tc_chain_shared,
+            pods_unseen,
             build_info,
             uptime,
             kubernetes_api_errors,

@@ -1015,6 +1015,18 @@ impl KubeStore {
         })
     }
 
+    /// Live pods of this node with their own addresses (not hostNetwork): `(namespace, pod,
+    /// addresses)`. For the coverage check (`identity::coverage`).
+    pub fn local_pods(
+        &self,
+    ) -> impl Iterator<Item = (&str, &str, impl Iterator<Item = IpAddr> + '_)> {
+        self.pods
+            .iter()
+            .map(|(_, p)| p)
+            .filter(|p| p.has(F_LOCAL) && p.has(F_LIVE) && !p.has(F_HOST_NETWORK))
+            .map(|p| (p.namespace(), &*p.name, p.ips()))
+    }
+
     /// How the pod behind `ip` treats inbound `port`: capture annotations, ambient mode (pod
     /// label, else namespace label; not with a sidecar), unrewritten probes. `None`: not a pod.
     pub fn inbound_port(&self, ip: IpAddr, port: u16) -> Option<InboundPort> {

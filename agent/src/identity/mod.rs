@@ -5,6 +5,7 @@
 //! Two sources: the static inventory file (`inventory.rs`) or the Kubernetes API
 //! (`kubernetes.rs`, the store, fed by `kubernetes_watch.rs`), which also knows the Istio
 //! PeerAuthentication mode of every workload and port and the namespaces' injection labels.
+pub mod coverage;
 pub mod inbound;
 pub mod inventory;
 pub mod kubernetes;
