@@ -142,62 +142,6 @@ fn default_flags_find_pod_interfaces_of_any_name_and_nothing_else() -> Result<()
     tb.destroy()
 }
 
-/// Not run by default: this test machine's kernel (6.18, built without CONFIG_NETKIT) cannot
-/// create netkit devices (`RTM_NEWLINK` answers EOPNOTSUPP). Run it with `--run-ignored` on a
-/// kernel that has netkit. The selection rule for netkit (L2 watched, L3 named) is unit-tested
-/// in agent/src/capture/attach.rs and links.rs.
-#[test]
-#[ignore = "needs a kernel with CONFIG_NETKIT (this test machine's has none)"]
-fn netkit_pods_are_watched_in_l2_mode_and_named_in_l3_mode() -> Result<()> {
-    ensure_root()?;
-    let bin = agent_bin()?;
-    let mut tb = Testbed::new("mtnetkit")?;
-    let web = tb.add_pod(
-        PodSpec::new("web", "198.18.0.10".parse()?)
-            .host_if("lxc5e0b1c2d3e4f")
-            .netkit(true),
-    )?;
-    let batch = tb.add_pod(PodSpec::new("batch", "198.18.0.20".parse()?))?;
-    let l3 = tb.add_pod(
-        PodSpec::new("routed", "198.18.0.30".parse()?)
-            .host_if("lxc9a8b7c6d5e4f")
-            .netkit(false),
-    )?;
-    let inv = tb.workdir().join("inventory.yaml");
-    write_inventory(
-        &inv,
-        &[
-            Workload::new("shop", "web", &[&web]),
-            Workload::new("legacy", "batch", &[&batch]).without_sidecar(),
-        ],
-    )?;
-    let _http = http_server(&tb, &web.netns, 8080, false)?;
-    let agent = Agent::start(&tb, &bin, &inv, &[], &[], 2)?;
-    assert!(ours(&tb, &web.host_if)?, "netkit (L2) not attached");
-    assert!(untouched(&tb, &l3.host_if)?);
-    http_get(&tb, &batch.netns, &http_url(web.v4(8080)))?;
-    let m = wait_plaintext(&tb, &agent, 1.0)?;
-    assert_eq!(conns(&m, "shop", "web", "inbound", "plaintext"), 1.0, "{m}");
-    // The L3 netkit pod: one log line and a metric say why it is not watched.
-    assert_eq!(
-        metric_value(
-            &m,
-            "mtls_agent_interfaces_unsupported",
-            &[("reason", "no_ethernet_header")]
-        ),
-        Some(1.0),
-        "{m}"
-    );
-    let log = agent.proc().stderr();
-    let said: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("pod interface not watched") && l.contains(&l3.host_if))
-        .collect();
-    assert_eq!(said.len(), 1, "{log}");
-    assert!(said[0].contains("kind=netkit"), "{}", said[0]);
-    assert!(agent.stop()?.success());
-    tb.destroy()
-}
 
 #[test]
 fn kubernetes_mode_names_pods_never_seen_on_a_watched_interface() -> Result<()> {
