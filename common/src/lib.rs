@@ -274,7 +274,7 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<DirState>(), 32);
         assert_eq!(size_of::<FlowState>(), 96);
-        assert_eq!(size_of::<EventHeader>(), 88);
-        assert_eq!(size_of::<DataEvent>(), 88 + CHUNK_BYTES);
+        assert_eq!(size_of::<EventHeader>(), 96);
+        assert_eq!(size_of::<DataEvent>(), 96 + CHUNK_BYTES);
     }
 }

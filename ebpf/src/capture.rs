@@ -47,8 +47,6 @@ const WALK_PER_PACKET: usize = 8;
 /// A first client ApplicationData record at least this long may carry a certificate (a Finished
 /// is 53 or 69 bytes); the classifier's `CERTIFICATE_RECORD_MIN`.
 const CERTIFICATE_RECORD_MIN: u32 = 128;
-/// A first encrypted client record copied whole only up to this length.
-const WHOLE_RECORD_MAX: u32 = 4096;
 /// TLS records are at most 2^14 + 2048 bytes.
 const MAX_RECORD_LEN: u32 = 16384 + 2048;
 /// A clear handshake record after this direction's first one (a TLS <= 1.2 flight).
@@ -299,8 +297,10 @@ fn appdata(ds: &mut DirState, h: u32, len: u32, peer_hello: bool) {
     }
     let n = ((ds.tls >> TLS_APPDATA_SHIFT) & 3) + 1;
     ds.tls = (ds.tls & 0x0f) | ((n & 3) << TLS_APPDATA_SHIFT);
-    if n == 1 && (CERTIFICATE_RECORD_MIN..=WHOLE_RECORD_MAX).contains(&len) {
-        // Long enough for a certificate: whole, and the next header.
+    if n == 1 && len >= CERTIFICATE_RECORD_MIN {
+        // Long enough for a certificate, or a Finished padded to look like one: whole (the
+        // classifier reads records in order), and the next header, whose length tells them
+        // apart. Within the window: a record past it ends as `client_first_record_alone`.
         want(ds, h + 5 + len);
     } else {
         want(ds, h + 5);
