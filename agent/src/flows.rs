@@ -2,10 +2,14 @@
 //! classifier. Sits between `capture` and `classify`:
 //!
 //! - a same-node connection crosses two pod veths, so every segment arrives twice; events of all
-//!   interfaces meet under one [`ConnKey`] (4-tuple + client ISN) and the classifier's reassembly
-//!   drops the duplicates;
-//! - a connection is counted exactly once, when its verdict becomes final (long-lived connections
-//!   are not held back until they close) or, if it never does, when it ends;
+//!   interfaces meet under one [`ConnKey`] (the client's endpoint and ISN, which a kube-proxy DNAT
+//!   leaves alone: a call to a Service is one connection, seen as `client → ClusterIP:port` on the
+//!   client's veth and `client → pod:port` on the server's) and the classifier's reassembly drops
+//!   the duplicates;
+//! - each side of a connection is counted only by the node that hosts it: an interface's hook
+//!   tells which endpoint lives behind it (capture's `local` flags), and a side is counted once,
+//!   as soon as the verdict is final and that side was seen local (long-lived connections are not
+//!   held back until they close) or, without a verdict, when the connection ends;
 //! - it ends when every interface that saw it reported the close, or after a short grace period
 //!   (a late close from the other interface lands on a tombstone, not on a new connection).
 use std::{
@@ -17,7 +21,7 @@ use std::{
 use crate::{
     aggregate::ConnRecord,
     capture::events::{Event, EventMeta, FlowId, Opener},
-    classify::{ConnClassifier, ConnMeta, Direction, ResumptionCache, Security, Verdict},
+    classify::{ConnClassifier, ConnMeta, Direction, ResumptionCache, Security, Sides, Verdict},
 };
 
 #[derive(Debug, Clone)]
@@ -34,6 +38,9 @@ pub struct TrackerConfig {
     pub max_connections: usize,
     /// Recent full handshakes remembered for resumed sessions.
     pub resumption_capacity: usize,
+    /// After a verdict, how long the recent-connections entry waits for the connection's other
+    /// interface (the server's address behind a DNAT) before it is written as it is.
+    pub sides_grace: Duration,
 }
 
 impl Default for TrackerConfig {
@@ -45,24 +52,56 @@ impl Default for TrackerConfig {
             tombstone: Duration::from_secs(30),
             max_connections: 262_144,
             resumption_capacity: 65_536,
+            sides_grace: Duration::from_millis(250),
         }
     }
 }
 
-/// One connection: its 4-tuple and the client's initial sequence number (a reused 4-tuple is a
-/// new connection with a new ISN).
+/// One connection, as every interface that carries it names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ConnKey {
-    pub flow: FlowId,
-    pub client_isn: Option<u32>,
+pub enum ConnKey {
+    /// The handshake was seen (a SYN, or a SYN-ACK whose acknowledgement names the client's
+    /// ISN): the client's address, port and ISN. They survive a DNAT of the server's address, and
+    /// a reused 4-tuple gets a new ISN.
+    Opened { client: SocketAddr, isn: u32 },
+    /// Picked up mid-stream: the 4-tuple is all there is.
+    Midstream(FlowId),
+}
+
+impl ConnKey {
+    pub fn of(meta: &EventMeta) -> ConnKey {
+        match (meta.opener, meta.client_isn()) {
+            (Opener::Lo, Some(isn)) => ConnKey::Opened {
+                client: meta.flow.lo,
+                isn,
+            },
+            (Opener::Hi, Some(isn)) => ConnKey::Opened {
+                client: meta.flow.hi,
+                isn,
+            },
+            _ => ConnKey::Midstream(meta.flow),
+        }
+    }
 }
 
 /// What the tracker hands to `aggregate`.
 #[derive(Debug, Clone)]
 pub enum Output {
-    /// A connection got its verdict (once per connection).
+    /// A connection got its verdict: counted for the sides in `rec.sides` (each side once).
     Classified(ConnRecord),
-    /// A counted connection ended; its bytes on the wire, both directions.
+    /// A connection's record for `GET /api/v1/connections`, once per connection, with every
+    /// address this node saw for it.
+    Recent(ConnRecord),
+    /// Payload bytes of a counted connection (both directions) since the last report: a
+    /// long-lived connection reports them every 64 MiB of a direction, not only at its end.
+    Bytes {
+        client: SocketAddr,
+        server: SocketAddr,
+        security: Security,
+        bytes: u64,
+        sides: Sides,
+    },
+    /// A counted connection ended; its payload bytes not reported yet, both directions.
     Ended {
         client: SocketAddr,
         server: SocketAddr,
@@ -71,6 +110,8 @@ pub enum Output {
         /// The server sent nothing and the connection ended right after the client's first bytes:
         /// what a sidecar in STRICT does to plaintext (and any non-Istio client).
         rejected: bool,
+        /// The sides this node hosts: bytes and rejections are counted for these only.
+        sides: Sides,
     },
 }
 
@@ -81,16 +122,32 @@ struct Conn {
     /// Dropped once the verdict is final: a decided connection costs a few dozen bytes.
     classifier: Option<Box<ConnClassifier>>,
     client: SocketAddr,
+    /// The address that served the connection (the pod's, from the server's interface when this
+    /// node hosts it).
     server: SocketAddr,
-    client_is_lo: bool,
-    ifaces: Vec<u32>,
-    closed_ifaces: Vec<u32>,
+    /// The address the client dialled when a DNAT rewrote it (a Service's ClusterIP:port).
+    dialled: Option<SocketAddr>,
+    /// The 4-tuples this connection was seen under (two behind a DNAT), and those whose close
+    /// was reported: one flow-table entry each.
+    views: Vec<FlowId>,
+    closed_views: Vec<FlowId>,
+    /// Payload bytes, client → server and server → client (maximum over views), and how many
+    /// of them were reported already.
     bytes: [u64; 2],
-    /// Set when counted.
+    bytes_reported: u64,
+    /// The sides this node hosts, as the hooks told.
+    local: Sides,
+    /// Sides already counted.
+    counted: Sides,
+    /// The final verdict, kept while a side may still be counted or the recent entry written.
+    verdict: Option<Box<Verdict>>,
+    /// Set when the verdict was reached.
     security: Option<Security>,
+    /// When the verdict was reached, until the recent-connections entry is written.
+    recent_due: Option<(Instant, SystemTime)>,
     /// Some data event arrived.
     saw_data: bool,
-    /// The kernel reported payload segments we never received (ring buffer overflow).
+    /// The kernel could not hand over some of this connection's events (ring buffer full).
     lost_data: bool,
     /// The server answered the SYN: a connection, not a refused attempt.
     established: bool,
@@ -99,8 +156,17 @@ struct Conn {
     closed_ns: Option<u64>,
     /// The server sent payload.
     server_data: bool,
+    midstream: bool,
     last_activity: Instant,
     closing_since: Option<Instant>,
+}
+
+impl Conn {
+    /// Whether the client is the `lo` endpoint of this event's 4-tuple (interfaces on the two
+    /// sides of a DNAT order their 4-tuples differently).
+    fn client_is_lo(&self, meta: &EventMeta) -> bool {
+        meta.flow.lo == self.client
+    }
 }
 
 pub struct Tracker {
@@ -150,18 +216,18 @@ impl Tracker {
         wall: SystemTime,
         out: &mut Vec<Output>,
     ) {
-        let meta = match ev {
-            Event::Data { meta, .. } | Event::Closed { meta } => meta,
-        };
-        let key = ConnKey {
-            flow: meta.flow,
-            client_isn: meta.client_isn(),
-        };
+        let meta = ev.meta();
+        let key = ConnKey::of(meta);
         let Some(conn) = conn_entry(&mut self.conns, &self.tombstones, &self.cfg, key, meta, now)
         else {
             return;
         };
-        if on_conn_event(conn, ev, now, wall, &mut self.cache, out) {
+        let ended = on_conn_event(conn, ev, now, wall, &mut self.cache);
+        count_sides(conn, out);
+        if matches!(ev, Event::Bytes { .. }) {
+            report_bytes(conn, out);
+        }
+        if ended {
             self.finish(key, now, wall, out);
         }
     }
@@ -174,8 +240,9 @@ impl Tracker {
         };
         self.tombstones.insert(key, now);
         if conn.security.is_none() {
-            // A SYN answered by RST (nothing listening) is not a connection.
-            if !conn.established && !conn.saw_data {
+            // A SYN answered by RST (nothing listening) is not a connection; one whose events
+            // were lost may have been one, and is counted as such.
+            if !conn.established && !conn.saw_data && !conn.lost_data {
                 return;
             }
             let Some(mut c) = conn.classifier.take() else {
@@ -183,41 +250,50 @@ impl Tracker {
             };
             let mut v = c.finish(&mut self.cache);
             if conn.lost_data && v.security == Security::Unknown {
-                v.evidence = crate::classify::Evidence::HandshakeIncomplete;
+                v.evidence = crate::classify::Evidence::EventsLost;
             }
-            count(&mut conn, v, wall, out);
+            decide(&mut conn, v, wall);
+            count_sides(&mut conn, out);
         }
+        write_recent(&mut conn, out);
         if let Some(security) = conn.security {
             let rejected = !conn.server_data
                 && match (conn.first_client_data_ns, conn.closed_ns) {
                     (Some(first), Some(closed)) => closed.saturating_sub(first) <= REJECT_WITHIN_NS,
                     _ => false,
                 };
+            let total = conn.bytes[0] + conn.bytes[1];
             out.push(Output::Ended {
                 client: conn.client,
                 server: conn.server,
                 security,
-                bytes: conn.bytes[0] + conn.bytes[1],
+                bytes: total.saturating_sub(conn.bytes_reported),
                 rejected,
+                sides: conn.local,
             });
         }
     }
 
-    /// Ends connections whose close grace, or idle time, ran out; forgets old tombstones.
+    /// Ends connections whose close grace, or idle time, ran out; writes recent entries whose
+    /// wait for another interface is over; forgets old tombstones.
     pub fn sweep(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<Output>) {
         let cfg = &self.cfg;
-        let due: Vec<ConnKey> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| {
-                let idle = now.saturating_duration_since(c.last_activity);
-                c.closing_since
-                    .is_some_and(|t| now.saturating_duration_since(t) >= cfg.close_grace)
-                    || (c.security.is_none() && idle >= cfg.idle_undecided)
-                    || idle >= cfg.idle_decided
-            })
-            .map(|(k, _)| *k)
-            .collect();
+        let mut due = Vec::new();
+        for (k, c) in self.conns.iter_mut() {
+            let idle = now.saturating_duration_since(c.last_activity);
+            if c.closing_since
+                .is_some_and(|t| now.saturating_duration_since(t) >= cfg.close_grace)
+                || (c.security.is_none() && idle >= cfg.idle_undecided)
+                || idle >= cfg.idle_decided
+            {
+                due.push(*k);
+            } else if c
+                .recent_due
+                .is_some_and(|(t, _)| now.saturating_duration_since(t) >= cfg.sides_grace)
+            {
+                write_recent(c, out);
+            }
+        }
         for key in due {
             self.finish(key, now, wall, out);
         }
@@ -263,28 +339,35 @@ fn conn_entry<'a>(
             (meta.flow.hi, meta.flow.lo)
         };
         let (ci, si) = if client_is_lo { (0, 1) } else { (1, 0) };
+        let midstream = meta.opener == Opener::Unknown;
         let cmeta = ConnMeta {
             client,
             server,
             client_isn: meta.isn[ci],
             server_isn: meta.isn[si],
-            midstream: meta.opener == Opener::Unknown,
+            midstream,
         };
         Conn {
             classifier: Some(Box::new(ConnClassifier::new(cmeta))),
             client,
             server,
-            client_is_lo,
-            ifaces: Vec::with_capacity(2),
-            closed_ifaces: Vec::new(),
+            dialled: None,
+            views: Vec::with_capacity(1),
+            closed_views: Vec::new(),
             bytes: [0; 2],
+            bytes_reported: 0,
+            local: Sides::default(),
+            counted: Sides::default(),
+            verdict: None,
             security: None,
+            recent_due: None,
             saw_data: false,
             lost_data: false,
             established: false,
             first_client_data_ns: None,
             closed_ns: None,
             server_data: false,
+            midstream,
             last_activity: now,
             closing_since: None,
         }
@@ -298,20 +381,34 @@ fn on_conn_event(
     now: Instant,
     wall: SystemTime,
     cache: &mut ResumptionCache,
-    out: &mut Vec<Output>,
 ) -> bool {
-    let meta = match ev {
-        Event::Data { meta, .. } | Event::Closed { meta } => meta,
-    };
+    let meta = ev.meta();
     conn.last_activity = now;
-    if !conn.ifaces.contains(&meta.ifindex) {
-        conn.ifaces.push(meta.ifindex);
+    if !conn.views.contains(&meta.flow) {
+        conn.views.push(meta.flow);
     }
-    for d in 0..2 {
-        conn.bytes[d] = conn.bytes[d].max(meta.bytes[d]);
+    conn.lost_data |= meta.lost;
+    let client_is_lo = conn.client_is_lo(meta);
+    let (ci, si) = if client_is_lo { (0, 1) } else { (1, 0) };
+    let server_here = if client_is_lo {
+        meta.flow.hi
+    } else {
+        meta.flow.lo
+    };
+    if server_here != conn.server {
+        if meta.local[si] {
+            // The server's own interface names the address that really served it.
+            conn.dialled.get_or_insert(conn.server);
+            conn.server = server_here;
+        } else {
+            conn.dialled.get_or_insert(server_here);
+        }
     }
-    let server_side = if conn.client_is_lo { 1 } else { 0 };
-    conn.established |= meta.isn[server_side].is_some() || meta.opener == Opener::Unknown;
+    conn.local.client |= meta.local[ci];
+    conn.local.server |= meta.local[si];
+    conn.bytes[0] = conn.bytes[0].max(meta.bytes[ci]);
+    conn.bytes[1] = conn.bytes[1].max(meta.bytes[si]);
+    conn.established |= meta.isn[si].is_some() || meta.opener == Opener::Unknown;
     match ev {
         Event::Data {
             lo_to_hi,
@@ -321,7 +418,8 @@ fn on_conn_event(
             ..
         } => {
             conn.saw_data = true;
-            if *lo_to_hi == conn.client_is_lo {
+            let to_server = *lo_to_hi == client_is_lo;
+            if to_server {
                 conn.first_client_data_ns.get_or_insert(meta.ts_ns);
             } else {
                 conn.server_data = true;
@@ -329,7 +427,7 @@ fn on_conn_event(
             if conn.security.is_none()
                 && let Some(c) = conn.classifier.as_mut()
             {
-                let dir = if *lo_to_hi == conn.client_is_lo {
+                let dir = if to_server {
                     Direction::ToServer
                 } else {
                     Direction::ToClient
@@ -337,34 +435,91 @@ fn on_conn_event(
                 if c.on_segment(dir, *seq, payload, *wire_len, cache)
                     && let Some(v) = c.verdict().cloned()
                 {
-                    count(conn, v, wall, out);
+                    decide(conn, v, wall);
                 }
             }
             false
         }
+        Event::Bytes { .. } => false,
         Event::Closed { meta } => {
-            if !conn.saw_data && meta.segments.iter().any(|&s| s > 0) {
-                conn.lost_data = true;
-            }
             conn.closed_ns.get_or_insert(meta.ts_ns);
-            if !conn.closed_ifaces.contains(&meta.ifindex) {
-                conn.closed_ifaces.push(meta.ifindex);
+            if !conn.closed_views.contains(&meta.flow) {
+                conn.closed_views.push(meta.flow);
             }
             conn.closing_since.get_or_insert(now);
-            conn.ifaces.iter().all(|i| conn.closed_ifaces.contains(i))
+            conn.views.iter().all(|v| conn.closed_views.contains(v))
         }
     }
 }
 
-fn count(conn: &mut Conn, verdict: Verdict, wall: SystemTime, out: &mut Vec<Output>) {
+/// Reports the payload bytes of a counted connection not reported yet.
+fn report_bytes(conn: &mut Conn, out: &mut Vec<Output>) {
+    let Some(security) = conn.security else {
+        return;
+    };
+    let total = conn.bytes[0] + conn.bytes[1];
+    if total > conn.bytes_reported {
+        out.push(Output::Bytes {
+            client: conn.client,
+            server: conn.server,
+            security,
+            bytes: total - conn.bytes_reported,
+            sides: conn.local,
+        });
+        conn.bytes_reported = total;
+    }
+}
+
+/// The verdict is final: drop the classifier, keep the verdict for the sides still to count.
+fn decide(conn: &mut Conn, verdict: Verdict, wall: SystemTime) {
     conn.security = Some(verdict.security);
     conn.classifier = None;
-    out.push(Output::Classified(ConnRecord {
+    conn.verdict = Some(Box::new(verdict));
+    conn.recent_due = Some((Instant::now(), wall));
+}
+
+/// Counts the sides this node hosts that are not counted yet, once the verdict is known.
+fn count_sides(conn: &mut Conn, out: &mut Vec<Output>) {
+    let Some(v) = conn.verdict.as_deref() else {
+        return;
+    };
+    let sides = Sides {
+        client: conn.local.client && !conn.counted.client,
+        server: conn.local.server && !conn.counted.server,
+    };
+    if !sides.any() {
+        return;
+    }
+    conn.counted.client |= sides.client;
+    conn.counted.server |= sides.server;
+    let at = conn.recent_due.map_or_else(SystemTime::now, |(_, w)| w);
+    out.push(Output::Classified(record(conn, v, sides, at)));
+    if conn.counted == Sides::BOTH {
+        write_recent(conn, out);
+    }
+}
+
+/// Writes the connection's recent-connections entry (once), and lets the verdict go when no
+/// side can be counted any more.
+fn write_recent(conn: &mut Conn, out: &mut Vec<Output>) {
+    if let (Some((_, at)), Some(v)) = (conn.recent_due.take(), conn.verdict.as_deref()) {
+        out.push(Output::Recent(record(conn, v, conn.local, at)));
+    }
+    if conn.counted == Sides::BOTH {
+        conn.verdict = None;
+    }
+}
+
+fn record(conn: &Conn, v: &Verdict, sides: Sides, at: SystemTime) -> ConnRecord {
+    ConnRecord {
         client: conn.client,
         server: conn.server,
-        verdict,
-        at: wall,
-    }));
+        dialled: conn.dialled,
+        sides,
+        midstream: conn.midstream,
+        verdict: v.clone(),
+        at,
+    }
 }
 
 #[cfg(test)]
@@ -389,10 +544,12 @@ mod tests {
             opener: Opener::Hi,
             isn: [server_isn, Some(client_isn)],
             ts_ns: ts,
-            packets: [3, 3],
             bytes: [500, 400],
-            segments: [0, 1],
+            events: [0, 1],
             rst: false,
+            lost: false,
+            // The server is `lo`: interface 7 is the client's veth, every other the server's.
+            local: [ifindex != 7, ifindex == 7],
         }
     }
 
@@ -431,11 +588,29 @@ mod tests {
                 &mut out,
             );
         }
+        // One record per side: the client's veth counts the outbound side, the server's the
+        // inbound side; one entry for the recent-connections list.
         let recs = classified(&out);
-        assert_eq!(recs.len(), 1, "{out:?}");
+        assert_eq!(recs.len(), 2, "{out:?}");
+        assert_eq!(
+            recs[0].sides,
+            Sides {
+                client: true,
+                server: false
+            }
+        );
+        assert_eq!(
+            recs[1].sides,
+            Sides {
+                client: false,
+                server: true
+            }
+        );
         assert_eq!(recs[0].verdict.security, Security::Plaintext);
         assert_eq!(recs[0].client, CLIENT.parse().unwrap());
         assert_eq!(recs[0].server, SERVER.parse().unwrap());
+        assert_eq!(recent(&out).len(), 1);
+        assert_eq!(recent(&out)[0].sides, Sides::BOTH);
         // The server's answer, also seen on both interfaces.
         for ifindex in [7, 9] {
             t.on_event(
@@ -450,18 +625,9 @@ mod tests {
                 &mut out,
             );
         }
-        assert_eq!(classified(&out).len(), 1);
+        assert_eq!(classified(&out).len(), 2);
         out.clear();
-        // The first interface closes: the connection waits for the second (grace).
-        t.on_event(
-            &Event::Closed {
-                meta: meta(7, 1000, Some(5000), 2),
-            },
-            now,
-            wall,
-            &mut out,
-        );
-        assert!(out.is_empty());
+        // One flow-table entry for both veths: one close ends it, both sides.
         t.on_event(
             &Event::Closed {
                 meta: meta(9, 1000, Some(5000), 2),
@@ -478,6 +644,7 @@ mod tests {
                     security: Security::Plaintext,
                     bytes: 900,
                     rejected: false,
+                    sides: Sides::BOTH,
                     ..
                 }]
             ),
@@ -505,13 +672,218 @@ mod tests {
         assert_eq!(classified(&out).len(), 1);
     }
 
+    fn recent(out: &[Output]) -> Vec<&ConnRecord> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Recent(r) => Some(r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn ended_sides(out: &[Output]) -> Vec<Sides> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Ended { sides, .. } => Some(*sides),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Runs a whole plaintext exchange seen on one interface only, whose hook saw `local`
+    /// (`[lo, hi]`; the server is `lo`), and returns what the tracker produced.
+    fn one_interface(local: [bool; 2], opener: Opener) -> Vec<Output> {
+        let mut t = Tracker::new(TrackerConfig::default());
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let mut out = Vec::new();
+        let m = |ts| EventMeta {
+            local,
+            opener,
+            isn: if opener == Opener::Unknown {
+                [None, None]
+            } else {
+                [Some(5000), Some(1000)]
+            },
+            ..meta(3, 1000, Some(5000), ts)
+        };
+        t.on_event(&data(m(1), true, 1001, GET), now, wall, &mut out);
+        t.on_event(&Event::Closed { meta: m(2) }, now, wall, &mut out);
+        t.sweep(now + Duration::from_secs(2), wall, &mut out);
+        out
+    }
+
+    #[test]
+    fn ingress_from_the_client_pod_counts_the_client_side_only() {
+        // The client's veth: its ingress hook saw the client's packets (sender local).
+        let out = one_interface([false, true], Opener::Hi);
+        let recs = classified(&out);
+        assert_eq!(recs.len(), 1, "{out:?}");
+        assert_eq!(
+            recs[0].sides,
+            Sides {
+                client: true,
+                server: false
+            }
+        );
+        assert_eq!(
+            ended_sides(&out),
+            [Sides {
+                client: true,
+                server: false
+            }]
+        );
+        assert_eq!(recent(&out).len(), 1);
+    }
+
+    #[test]
+    fn egress_towards_the_server_pod_counts_the_server_side_only() {
+        // The server's veth: its egress hook saw the client's packets (receiver local).
+        let out = one_interface([true, false], Opener::Hi);
+        let recs = classified(&out);
+        assert_eq!(recs.len(), 1, "{out:?}");
+        assert_eq!(
+            recs[0].sides,
+            Sides {
+                client: false,
+                server: true
+            }
+        );
+        assert_eq!(
+            ended_sides(&out),
+            [Sides {
+                client: false,
+                server: true
+            }]
+        );
+    }
+
+    #[test]
+    fn a_midstream_connection_is_attributed_by_its_hook_never_both() {
+        for local in [[true, false], [false, true]] {
+            let out = one_interface(local, Opener::Unknown);
+            let recs = classified(&out);
+            assert_eq!(recs.len(), 1, "{out:?}");
+            assert_ne!(recs[0].sides, Sides::BOTH);
+            assert!(recs[0].sides.any());
+            assert!(recs[0].midstream);
+        }
+        // No hook evidence at all: counted for neither side.
+        let out = one_interface([false, false], Opener::Hi);
+        assert!(classified(&out).is_empty(), "{out:?}");
+    }
+
+    #[test]
+    fn a_call_through_a_dnat_is_one_connection_with_both_addresses() {
+        let mut t = Tracker::new(TrackerConfig::default());
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let mut out = Vec::new();
+        let vip: SocketAddr = "198.18.21.80:80".parse().unwrap();
+        let client: SocketAddr = CLIENT.parse().unwrap();
+        // The client's veth sees client → ClusterIP:80 (client is `lo` there: 198.18.0.30 <
+        // 198.18.21.80); the server's veth sees client → pod:8080 (the server is `lo`).
+        let on_client_veth = |ts| EventMeta {
+            flow: FlowId {
+                lo: client,
+                hi: vip,
+            },
+            opener: Opener::Lo,
+            isn: [Some(1000), Some(5000)],
+            local: [true, false],
+            ..meta(7, 1000, Some(5000), ts)
+        };
+        let on_server_veth = |ts| EventMeta {
+            local: [true, false],
+            ..meta(9, 1000, Some(5000), ts)
+        };
+        let get = |m: EventMeta, client_is_lo: bool| Event::Data {
+            meta: m,
+            lo_to_hi: client_is_lo,
+            seq: 1001,
+            wire_len: GET.len() as u32,
+            payload: GET,
+        };
+        t.on_event(&get(on_client_veth(1), true), now, wall, &mut out);
+        t.on_event(&get(on_server_veth(1), false), now, wall, &mut out);
+        assert_eq!(t.len(), 1, "one connection");
+        let recs = classified(&out);
+        assert_eq!(recs.len(), 2, "{out:?}");
+        assert_eq!(
+            recs[0].sides,
+            Sides {
+                client: true,
+                server: false
+            }
+        );
+        assert_eq!(
+            recs[1].sides,
+            Sides {
+                client: false,
+                server: true
+            }
+        );
+        // The inbound side is counted for the pod that served it.
+        assert_eq!(recs[1].server, SERVER.parse().unwrap());
+        assert_eq!(recs[1].dialled, Some(vip));
+        let rec = recent(&out);
+        assert_eq!(rec.len(), 1, "{out:?}");
+        assert_eq!(rec[0].server, SERVER.parse().unwrap());
+        assert_eq!(rec[0].dialled, Some(vip));
+        assert_eq!(rec[0].sides, Sides::BOTH);
+        // Both interfaces close: one end, both sides.
+        out.clear();
+        t.on_event(
+            &Event::Closed {
+                meta: on_client_veth(2),
+            },
+            now,
+            wall,
+            &mut out,
+        );
+        t.on_event(
+            &Event::Closed {
+                meta: on_server_veth(2),
+            },
+            now,
+            wall,
+            &mut out,
+        );
+        assert_eq!(ended_sides(&out), [Sides::BOTH]);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn the_recent_entry_waits_briefly_for_the_other_interface() {
+        let mut t = Tracker::new(TrackerConfig::default());
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let mut out = Vec::new();
+        // Cross-node: only the client's veth is on this node.
+        let m = EventMeta {
+            local: [false, true],
+            ..meta(7, 1000, Some(5000), 1)
+        };
+        t.on_event(&data(m, true, 1001, GET), now, wall, &mut out);
+        assert_eq!(classified(&out).len(), 1);
+        assert!(recent(&out).is_empty());
+        t.sweep(now + Duration::from_millis(100), wall, &mut out);
+        assert!(recent(&out).is_empty());
+        t.sweep(now + Duration::from_secs(1), wall, &mut out);
+        assert_eq!(recent(&out).len(), 1);
+        assert_eq!(
+            recent(&out)[0].sides,
+            Sides {
+                client: true,
+                server: false
+            }
+        );
+    }
+
     #[test]
     fn refused_connections_are_not_connections() {
         let mut t = Tracker::new(TrackerConfig::default());
         let mut out = Vec::new();
         // SYN answered by RST: no server ISN, no data.
         let mut m = meta(7, 1000, None, 1);
-        m.segments = [0, 0];
+        m.events = [0, 0];
         m.rst = true;
         t.on_event(
             &Event::Closed { meta: m },
@@ -527,7 +899,7 @@ mod tests {
         let mut t = Tracker::new(TrackerConfig::default());
         let mut out = Vec::new();
         let mut m = meta(7, 1000, Some(5000), 1);
-        m.segments = [0, 0];
+        m.events = [0, 0];
         t.on_event(
             &Event::Closed { meta: m },
             Instant::now(),
@@ -544,8 +916,9 @@ mod tests {
     fn lost_handshake_events_make_unknown_not_plaintext() {
         let mut t = Tracker::new(TrackerConfig::default());
         let mut out = Vec::new();
-        // The kernel reported segments, but none of their events reached us.
-        let m = meta(7, 1000, Some(5000), 1);
+        // The kernel could not hand over the connection's events (ring buffer full).
+        let mut m = meta(7, 1000, Some(5000), 1);
+        m.lost = true;
         t.on_event(
             &Event::Closed { meta: m },
             Instant::now(),
@@ -557,7 +930,7 @@ mod tests {
         assert_eq!(recs[0].verdict.security, Security::Unknown);
         assert_eq!(
             recs[0].verdict.evidence,
-            crate::classify::Evidence::HandshakeIncomplete
+            crate::classify::Evidence::EventsLost
         );
     }
 
@@ -632,29 +1005,47 @@ mod tests {
         let now = Instant::now();
         let wall = SystemTime::now();
         let mut out = Vec::new();
-        // Seen on two interfaces, closed on one only: ended after the grace period.
-        for i in [7, 9] {
-            t.on_event(
-                &data(meta(i, 1000, Some(5000), 1), true, 1001, GET),
-                now,
-                wall,
-                &mut out,
-            );
-        }
-        t.on_event(
-            &Event::Closed {
-                meta: meta(7, 1000, Some(5000), 2),
+        // Seen under two 4-tuples (a DNAT: two flow-table entries), closed under one only:
+        // ended after the grace period.
+        let vip: SocketAddr = "198.18.21.80:80".parse().unwrap();
+        let client: SocketAddr = CLIENT.parse().unwrap();
+        let dialled = |ts| EventMeta {
+            flow: FlowId {
+                lo: client,
+                hi: vip,
             },
+            opener: Opener::Lo,
+            isn: [Some(1000), Some(5000)],
+            ..meta(7, 1000, Some(5000), ts)
+        };
+        t.on_event(
+            &data(meta(9, 1000, Some(5000), 1), true, 1001, GET),
             now,
             wall,
             &mut out,
         );
+        let get = Event::Data {
+            meta: dialled(1),
+            lo_to_hi: true,
+            seq: 1001,
+            wire_len: GET.len() as u32,
+            payload: GET,
+        };
+        t.on_event(&get, now, wall, &mut out);
+        assert_eq!(t.len(), 1);
+        t.on_event(&Event::Closed { meta: dialled(2) }, now, wall, &mut out);
         out.clear();
         t.sweep(now + Duration::from_millis(50), wall, &mut out);
         assert_eq!(t.len(), 1);
         t.sweep(now + Duration::from_millis(150), wall, &mut out);
         assert!(t.is_empty());
-        assert!(matches!(out.as_slice(), [Output::Ended { .. }]));
+        assert_eq!(
+            out.iter()
+                .filter(|o| matches!(o, Output::Ended { .. }))
+                .count(),
+            1,
+            "{out:?}"
+        );
         // Undecided and idle: counted as it is (a TLS record header alone decides nothing).
         out.clear();
         t.on_event(

@@ -6,19 +6,24 @@
 //! them in one crate.
 #![no_std]
 
-/// Bytes of payload carried by one data event. A segment with more payload than this is reported as
-/// several consecutive events (chunks), up to [`MAX_CHUNKS_PER_SEGMENT`].
-pub const CHUNK_BYTES: usize = 1024;
+/// Most payload bytes one data event carries. A segment with more wanted bytes than this is
+/// reported as consecutive events (at most [`MAX_CHUNKS_PER_SEGMENT`]). Events are sized to their
+/// payload: a 16-byte segment takes a 16-byte event body, not this.
+pub const CHUNK_BYTES: usize = 4096;
 
-/// Upper bound on the chunks one segment may produce, so that a GSO-sized skb carrying a whole
-/// post-quantum ClientHello (1.2–2 KB) or a TLS 1.2 server flight with a certificate chain is
-/// captured whole. The agent chooses the effective limit (global `CAPTURE_BYTES`) up to this.
-pub const MAX_CHUNKS_PER_SEGMENT: u32 = 8;
+/// Upper bound on the events one segment may produce: 16 KiB, a whole post-quantum ClientHello
+/// or a TLS 1.2 server flight with its certificate chain in one GSO-sized skb.
+pub const MAX_CHUNKS_PER_SEGMENT: u32 = 4;
 
-/// Default number of payload-carrying segments reported per direction of a flow.
-pub const DEFAULT_MAX_SEGMENTS: u32 = 6;
+/// Stream bytes of a direction the program may copy from: the classifier's reassembly window.
+/// Nothing at a larger stream offset is ever copied.
+pub const CAPTURE_WINDOW: u32 = 16 * 1024;
 
-/// Default bytes captured from one segment.
+/// Default bound on data events per direction of a connection (`--max-segments`): the rules
+/// copy a handful of segments; this bounds what loss, reordering or a hostile peer can cost.
+pub const DEFAULT_MAX_SEGMENTS: u32 = 24;
+
+/// Default bytes copied from the first segment of a plaintext direction (`--capture-bytes`).
 pub const DEFAULT_CAPTURE_BYTES: u32 = 4096;
 
 /// Default size of the kernel flow table (LRU hash).
@@ -31,6 +36,7 @@ pub mod names {
     pub const STATS: &str = "STATS";
     pub const PROG_INGRESS: &str = "mtls_ingress";
     pub const PROG_EGRESS: &str = "mtls_egress";
+    pub const SCRATCH: &str = "SCRATCH";
     pub const GLOBAL_MAX_SEGMENTS: &str = "MAX_SEGMENTS";
     pub const GLOBAL_CAPTURE_BYTES: &str = "CAPTURE_BYTES";
 }
@@ -39,12 +45,12 @@ pub mod names {
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 
-/// Key of the kernel flow table.
+/// Key of the kernel flow table: one entry per connection on this node.
 ///
 /// Both directions of a connection meet in one entry: endpoint `lo` is the smaller of the two
-/// (address, port) pairs, `hi` the larger. `ifindex` is part of the key on purpose: a same-node
-/// connection passes two pod veths, and keeping one entry per interface lets every interface count
-/// each packet exactly once; the agent merges the interfaces of one connection.
+/// (address, port) pairs, `hi` the larger. There is no interface in the key: a same-node
+/// connection crosses two pod veths, and both hooks use one entry, so each byte is copied once
+/// (the capture budget is in stream offsets, which both veths share).
 ///
 /// Addresses are stored as 16 bytes in network order; IPv4 uses the IPv4-mapped IPv6 form
 /// (`::ffff:a.b.c.d`) so that one layout serves both families.
@@ -56,7 +62,6 @@ pub struct FlowKey {
     /// Ports in host byte order.
     pub port_lo: u16,
     pub port_hi: u16,
-    pub ifindex: u32,
     pub family: u8,
     pub _pad: [u8; 3],
 }
@@ -77,6 +82,74 @@ pub const FLOW_RST: u8 = 1 << 2;
 pub const FLOW_CLOSED_SENT: u8 = 1 << 3;
 pub const FLOW_ISN_LO: u8 = 1 << 4;
 pub const FLOW_ISN_HI: u8 = 1 << 5;
+/// The endpoint that lives behind an interface that carried this connection: on a pod's
+/// host-side veth the ingress hook sees packets *from* the pod (their sender is local) and the
+/// egress hook packets *to* it (their receiver is local). Exact from any packet, SYN or not, and
+/// what lets each node count only its own side of a connection (docs/metrics.md, "counted once
+/// per side"). Both bits are set for a connection between two pods of this node.
+pub const FLOW_LOCAL_LO: u8 = 1 << 6;
+pub const FLOW_LOCAL_HI: u8 = 1 << 7;
+
+/// Bits of [`FlowState::flags2`].
+/// An event of this connection could not be written (ring buffer full): its capture is
+/// incomplete, and the agent says `events_lost` instead of guessing.
+pub const FLOW2_LOST: u8 = 1 << 0;
+
+/// Capture modes of one direction ([`DirState::mode`]).
+/// Nothing seen yet at stream offset 0: the first segment decides between TLS and the rest.
+/// Segments that arrive before it (reordering, loss before the hook) are copied provisionally.
+pub const CAP_FIRST: u8 = 0;
+/// Not TLS at offset 0 (plaintext, or a prelude such as PostgreSQL's SSLRequest): the first
+/// segment was copied; of the next few, only one that starts a TLS handshake record (an upgrade
+/// to TLS) is copied, and the direction switches to [`CAP_TLS`] there.
+pub const CAP_WATCH: u8 = 1;
+/// TLS: the program walks record headers and copies what the verdict rules read (handshake
+/// records whole, ChangeCipherSpec, the client's first encrypted records), then stops.
+pub const CAP_TLS: u8 = 2;
+/// The walk lost its place (a header across segments, reordering): copy the window's bytes.
+pub const CAP_BULK: u8 = 3;
+/// Picked up mid-stream (no SYN seen): the first few segments are copied as they come.
+pub const CAP_MID: u8 = 4;
+/// Nothing more is copied from this direction.
+pub const CAP_DONE: u8 = 5;
+
+/// Bits of [`DirState::tls`].
+/// The walk is over: `lim` is final.
+pub const TLS_WALKED: u8 = 1 << 0;
+/// This direction sent ChangeCipherSpec.
+pub const TLS_CCS: u8 = 1 << 1;
+/// This direction sent its first handshake record (the server: its ServerHello).
+pub const TLS_HELLO: u8 = 1 << 2;
+/// ApplicationData records of the client counted so far, in bits 4..6.
+pub const TLS_APPDATA_SHIFT: u8 = 4;
+
+/// Capture state of one direction of a connection. Offsets are relative to the direction's
+/// first payload byte (ISN + 1; for a mid-stream connection, the first byte seen).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirState {
+    /// `CAP_*`.
+    pub mode: u8,
+    /// Data events sent for this direction (saturating).
+    pub events: u8,
+    /// Payload segments seen while in [`CAP_WATCH`].
+    pub watched: u8,
+    /// `TLS_*` bits.
+    pub tls: u8,
+    /// Offset of the next TLS record header to read.
+    pub hdr: u32,
+    /// Bytes below this offset are wanted.
+    pub lim: u32,
+    /// Bytes below this offset, from the first wanted one, were copied without a gap.
+    pub done_to: u32,
+    /// One range copied ahead of `done_to` (a segment that arrived early).
+    pub ooo_start: u32,
+    pub ooo_end: u32,
+    /// End offset of the highest payload byte seen: payload bytes of this direction, modulo
+    /// 2^32 (`wraps` counts the wraps).
+    pub hi: u32,
+    pub wraps: u32,
+}
 
 /// Value of the kernel flow table. Array fields are indexed by canonical direction
 /// ([`DIR_LO_TO_HI`], [`DIR_HI_TO_LO`]).
@@ -85,23 +158,30 @@ pub const FLOW_ISN_HI: u8 = 1 << 5;
 pub struct FlowState {
     pub first_seen_ns: u64,
     pub last_seen_ns: u64,
-    pub packets: [u64; 2],
-    pub bytes: [u64; 2],
-    /// Initial sequence number of each side, valid when the matching `FLOW_ISN_*` bit is set.
+    /// Initial sequence number of each side, valid when the matching `FLOW_ISN_*` bit is set;
+    /// for a direction picked up mid-stream, its first payload byte's sequence number minus one.
     pub isn: [u32; 2],
-    /// Payload-carrying segments already reported per direction.
-    pub segments: [u32; 2],
+    pub dir: [DirState; 2],
+    /// The interface whose hook created the entry (the agent frees entries of deleted ones).
+    pub ifindex: u32,
     pub client: u8,
     pub flags: u8,
-    pub _pad: [u8; 6],
+    pub flags2: u8,
+    pub _pad: u8,
 }
 
 /// Kinds of ring-buffer events ([`EventHeader::kind`]).
 pub const EVENT_DATA: u8 = 1;
 pub const EVENT_CLOSED: u8 = 2;
+/// A long-lived connection's byte counts crossed another 64 MiB in one direction.
+pub const EVENT_BYTES: u8 = 3;
 
-/// Header of every ring-buffer event. A closed event is just this header; a data event is a
-/// [`DataEvent`].
+/// Progress events are sent each time a direction's payload crosses a multiple of 2^this.
+pub const BYTES_EVENT_SHIFT: u32 = 26;
+
+/// Header of every ring-buffer event. Closed and bytes events are just this header; a data event
+/// is this header followed by exactly `data_len` payload bytes (records are sized to their
+/// payload).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EventHeader {
@@ -112,26 +192,33 @@ pub struct EventHeader {
     pub client: u8,
     /// `FLOW_*` bits as known when the event was sent.
     pub flags: u8,
-    /// Bytes of `data` that are valid (data events).
-    pub data_len: u32,
-    pub ts_ns: u64,
-    /// TCP sequence number of `data[0]` (data events).
+    /// `FLOW2_*` bits.
+    pub flags2: u8,
+    pub _pad: u8,
+    /// Bytes of payload that follow the header (data events).
+    pub data_len: u16,
+    /// Data events sent so far per direction (saturating at 255): on a closed event, tells the
+    /// agent whether data events existed that it never received.
+    pub events: [u8; 2],
+    pub _pad2: [u8; 2],
+    /// The interface whose hook sent the event.
+    pub ifindex: u32,
+    /// TCP sequence number of the first payload byte (data events).
     pub seq: u32,
-    /// Payload bytes of the whole segment on the wire, from `seq` on (data events): larger than
-    /// `data_len` when the segment was cut to the capture limit or split into chunks.
-    pub wire_len: u32,
     /// Initial sequence numbers, valid per `FLOW_ISN_*` in `flags`.
     pub isn: [u32; 2],
-    /// Counters of the flow on this interface (closed events; a snapshot on data events).
-    pub packets: [u64; 2],
+    pub ts_ns: u64,
+    /// Payload bytes per direction so far (from sequence numbers; a direction picked up
+    /// mid-stream counts from its first byte seen).
     pub bytes: [u64; 2],
     pub key: FlowKey,
-    /// Payload segments reported so far per direction (saturating): on a closed event, tells the
-    /// agent whether data events existed that it never received (lost), or none were sent.
-    pub segments: [u16; 2],
 }
 
-/// A data event: header plus up to [`CHUNK_BYTES`] of payload.
+/// Size of [`EventHeader`] as written to the ring buffer.
+pub const EVENT_HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
+
+/// A data event as the program assembles it (in a per-CPU scratch slot) before copying the
+/// header and the `data_len` bytes in use to the ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct DataEvent {
@@ -161,8 +248,10 @@ pub mod stats {
     /// was deleted and what the table holds was pushed out by the LRU (an LRU hash never
     /// refuses an insert: a full table evicts instead).
     pub const FLOWS_CREATED: u32 = 7;
+    /// Payload bytes copied to the ring buffer (data events' bodies).
+    pub const BYTES_COPIED: u32 = 8;
     /// Number of slots.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 #[cfg(feature = "user")]
@@ -182,9 +271,10 @@ mod tests {
     /// The agent reads events as raw bytes; a layout change must be deliberate.
     #[test]
     fn layouts_are_stable() {
-        assert_eq!(size_of::<FlowKey>(), 44);
-        assert_eq!(size_of::<FlowState>(), 72);
-        assert_eq!(size_of::<EventHeader>(), 112);
-        assert_eq!(size_of::<DataEvent>(), 112 + CHUNK_BYTES);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<DirState>(), 32);
+        assert_eq!(size_of::<FlowState>(), 96);
+        assert_eq!(size_of::<EventHeader>(), 88);
+        assert_eq!(size_of::<DataEvent>(), 88 + CHUNK_BYTES);
     }
 }

@@ -95,6 +95,23 @@ impl Agent {
         Self::start_with(tb, &[], bin, &identity, globs, extra, expect_interfaces)
     }
 
+    /// [`Agent::start_kubernetes`] without `--node-name`: every pod counts as this node's (one
+    /// agent standing for a node that hosts every pod).
+    pub fn start_kubernetes_all_nodes(
+        tb: &Testbed,
+        bin: &Path,
+        kubeconfig: &Path,
+        globs: &[&str],
+        extra: &[&str],
+        expect_interfaces: usize,
+    ) -> Result<Agent> {
+        let k = kubeconfig
+            .to_str()
+            .context("kubeconfig path is not UTF-8")?;
+        let identity = ["--kubernetes", "--kubeconfig", k];
+        Self::start_with(tb, &[], bin, &identity, globs, extra, expect_interfaces)
+    }
+
     fn start_with(
         tb: &Testbed,
         wrapper: &[&str],
@@ -346,6 +363,33 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
     found
 }
 
+/// Every sample of `name` in the Prometheus text format, keyed by its labels (`k="v",...`, sorted).
+pub fn samples(text: &str, name: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (n, lbls) = match series.split_once('{') {
+            Some((n, rest)) => (n, parse_labels(rest.trim_end_matches('}'))),
+            None => (series, BTreeMap::new()),
+        };
+        if n != name {
+            continue;
+        }
+        let Ok(v) = value.parse::<f64>() else {
+            continue;
+        };
+        let key = lbls
+            .iter()
+            .map(|(k, v)| format!("{k}={v:?}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        *out.entry(key).or_insert(0.0) += v;
+    }
+    out
+}
+
 fn parse_labels(s: &str) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     let mut rest = s;
@@ -397,6 +441,12 @@ mod tests {
             Some(0.0)
         );
         assert_eq!(metric_value(text, "missing", &[]), None);
+        let all = samples(text, "mtls_agent_connections_total");
+        assert_eq!(all.len(), 2);
+        assert_eq!(
+            all["direction=\"inbound\",namespace=\"shop\",security=\"plaintext\",workload=\"api\""],
+            2.0
+        );
         assert_eq!(
             metric_value(
                 text,

@@ -37,10 +37,11 @@ pub mod kube_double;
 pub mod netns;
 pub mod pki;
 pub mod proc;
+pub mod prometheus;
 pub mod scenario;
 pub mod traffic;
 
-pub use agent::{Agent, agent_bin, metric_value, tcx_programs};
+pub use agent::{Agent, agent_bin, metric_value, samples, tcx_programs};
 pub use inventory::{Workload, inventory_yaml, write_inventory};
 pub use kube_double::{
     KubeDouble, KubeDoubleClient, KubeDoubleProc, KubeResource, kube_fixtures_dir, pod_json,
@@ -52,6 +53,7 @@ pub use netns::{
 };
 pub use pki::{CertPaths, Pki, San};
 pub use proc::{Proc, wait_tcp_listening};
+pub use prometheus::{Prometheus, wait_for};
 pub use traffic::{
     HTTP_REQUEST, NginxServer, NginxTls, TlsClient, TlsServer, TlsSession, TlsVersion,
     VerifyClient, curl, http_get, http_server, http_url, https_url, nginx_server, openssl_client,

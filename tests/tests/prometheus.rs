@@ -3,70 +3,20 @@
 //! `report --prometheus` must agree with `report --agent`. Needs root; fails, never skips.
 use std::{
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
-use mtls_agent_testbed::*;
+use mtls_agent_testbed::{prometheus::PROM, *};
 use serde_json::Value;
 
 const ISTIO_ALPN: &str = "istio-peer-exchange,istio";
-const PROM: &str = "127.0.0.1:9090";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .canonicalize()
         .unwrap()
-}
-
-/// Instant query through curl inside the node netns (Prometheus listens on its loopback).
-fn query(tb: &Testbed, q: &str) -> Result<Vec<Value>> {
-    let out = tb.output(
-        tb.node_netns(),
-        &[
-            "curl",
-            "-sS",
-            "--fail-with-body",
-            "--max-time",
-            "10",
-            "--noproxy",
-            "*",
-            "-G",
-            &format!("http://{PROM}/api/v1/query"),
-            "--data-urlencode",
-            &format!("query={q}"),
-        ],
-        None,
-        Duration::from_secs(15),
-    )?;
-    let body: Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("query {q}: {}", String::from_utf8_lossy(&out.stdout)))?;
-    if body["status"] != "success" {
-        bail!("query {q} failed: {body}");
-    }
-    Ok(body["data"]["result"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default())
-}
-
-fn wait_for(
-    tb: &Testbed,
-    what: &str,
-    timeout: Duration,
-    mut ok: impl FnMut() -> Result<bool>,
-) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if ok()? {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what} (node {})", tb.node_netns());
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 /// Every PromQL expression of a Grafana dashboard, with its variables filled in.
@@ -233,32 +183,13 @@ fn blocker_key(b: &Value) -> Vec<Value> {
 }
 
 /// Prometheus with the project's rules (evaluated every second here instead of every 30 s),
-/// scraping `agent` every second, listening on [`PROM`] in the node namespace.
-fn start_prometheus(tb: &Testbed, agent: &Agent) -> Result<Proc> {
-    let promdir = tb.scratch_dir("prometheus")?;
-    let rules = std::fs::read_to_string(repo().join("dashboards/prometheus/rules.yaml"))?
-        .replace("interval: 30s", "interval: 1s");
-    std::fs::write(promdir.join("rules.yaml"), rules)?;
-    std::fs::write(
-        promdir.join("prometheus.yml"),
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: mtls-agent\n    static_configs:\n      - targets: ['{}']\n",
-            promdir.join("rules.yaml").display(),
-            agent.url().trim_start_matches("http://")
-        ),
-    )?;
-    let prom = tb.spawn(
-        tb.node_netns(),
-        &[
-            "prometheus",
-            &format!("--config.file={}", promdir.join("prometheus.yml").display()),
-            &format!("--storage.tsdb.path={}", promdir.join("data").display()),
-            &format!("--web.listen-address={PROM}"),
-            "--log.level=warn",
-        ],
-    )?;
-    tb.wait_tcp_listening(tb.node_netns(), PROM.parse()?, Duration::from_secs(30))?;
-    Ok(prom)
+/// scraping `agent` every second.
+fn start_prometheus(tb: &Testbed, agent: &Agent) -> Result<Prometheus> {
+    Prometheus::start(
+        tb,
+        &[agent.url().trim_start_matches("http://").to_owned()],
+        Some(&repo().join("dashboards/prometheus/rules.yaml")),
+    )
 }
 
 /// Issue 12 cluster-wide: `policy` and `report --assume-policy` through `--prometheus` give the
@@ -273,19 +204,20 @@ fn policy_and_what_if_through_prometheus_equal_the_agent() -> Result<()> {
     let inventory = tb.workdir().join("inventory.yaml");
     write_inventory(&inventory, &node.workloads())?;
     let agent = Agent::start(tb, &bin, &inventory, &["vp*"], &[], tb.pods().len())?;
-    let _prom = start_prometheus(tb, &agent)?;
+    let prom = start_prometheus(tb, &agent)?;
     node.send_traffic()?;
     let m = agent.settle(tb, Duration::from_secs(15))?;
     let total = metric_value(&m, "mtls_agent_inbound_connections_total", &[]).unwrap_or(0.0);
     assert_eq!(total, 6.0, "{m}");
     wait_for(tb, "the final scrape", Duration::from_secs(30), || {
-        Ok(query(tb, "sum(mtls_agent_inbound_port_connections_total)")?
+        Ok(prom
+            .query(tb, "sum(mtls_agent_inbound_port_connections_total)")?
             .first()
             .and_then(|s| s["value"][1].as_str())
             == Some("6"))
     })?;
     let url = agent.url();
-    let prom_url = format!("http://{PROM}");
+    let prom_url = prom.url();
     let from_agent = node.check_policy(&agent, &["--agent", &url])?;
     let from_prom = node.check_policy(&agent, &["--prometheus", &prom_url])?;
     // The same YAML but for the window each source judged over (the agent's is its uptime).
@@ -376,7 +308,7 @@ fn real_prometheus_agrees_with_the_agent_and_every_query_has_data() -> Result<()
     }
     let agent = Agent::start(&tb, &bin, &inventory, &["vp*"], &[], tb.pods().len())?;
 
-    let _prom = start_prometheus(&tb, &agent)?;
+    let prom = start_prometheus(&tb, &agent)?;
 
     // Traffic: payments all Istio mTLS (+ exempt probes), shop plaintext from legacy/batch.
     let mtls = TlsClient::new(api.v4(8443), pki.ca_cert())
@@ -394,7 +326,8 @@ fn real_prometheus_agrees_with_the_agent_and_every_query_has_data() -> Result<()
     assert_eq!(total, 8.0, "{m}");
     // Prometheus has scraped the final counts, and the rules have been evaluated on them.
     wait_for(&tb, "the final scrape", Duration::from_secs(30), || {
-        Ok(query(&tb, "sum(mtls_agent_inbound_connections_total)")?
+        Ok(prom
+            .query(&tb, "sum(mtls_agent_inbound_connections_total)")?
             .first()
             .and_then(|s| s["value"][1].as_str())
             == Some("8"))
@@ -407,7 +340,7 @@ fn real_prometheus_agrees_with_the_agent_and_every_query_has_data() -> Result<()
         "namespace:mtls_agent_blocking_connections:rate5m",
     ] {
         wait_for(&tb, rule, Duration::from_secs(30), || {
-            Ok(query(&tb, rule)?.len() == 2)
+            Ok(prom.query(&tb, rule)?.len() == 2)
         })?;
     }
 
@@ -415,7 +348,7 @@ fn real_prometheus_agrees_with_the_agent_and_every_query_has_data() -> Result<()
     promtool(&["check", "metrics"], Some(m.as_bytes()))?;
 
     // report --prometheus agrees with report --agent: verdicts, counts, blockers.
-    let prom_url = format!("http://{PROM}");
+    let prom_url = prom.url();
     for ns in ["payments", "shop", "legacy"] {
         let from_agent = agent.report_json(&tb, ns, None)?;
         let (status, out, err) = agent.report_with(
@@ -495,7 +428,7 @@ fn real_prometheus_agrees_with_the_agent_and_every_query_has_data() -> Result<()
         "agent-health.json",
     ] {
         for expr in dashboard_exprs(&repo().join("dashboards/grafana").join(file), "shop")? {
-            let r = query(&tb, &expr)?;
+            let r = prom.query(&tb, &expr)?;
             assert!(
                 !r.is_empty(),
                 "{file}: no data for {expr}; rule states: {}",
@@ -512,7 +445,10 @@ fn real_prometheus_agrees_with_the_agent_and_every_query_has_data() -> Result<()
             .collect();
     assert_eq!(rules.len(), 4);
     for r in &rules {
-        assert!(!query(&tb, r)?.is_empty(), "recording rule {r} has no data");
+        assert!(
+            !prom.query(&tb, r)?.is_empty(),
+            "recording rule {r} has no data"
+        );
     }
     let text = std::fs::read_to_string(repo().join("dashboards/prometheus/rules.yaml"))?;
     for name in metric_names(&text) {
@@ -521,20 +457,20 @@ fn real_prometheus_agrees_with_the_agent_and_every_query_has_data() -> Result<()
         if name.starts_with("mtls_agent_kubernetes_") {
             continue;
         }
-        let r = query(&tb, &format!("count({{__name__=\"{name}\"}})"))?;
+        let r = prom.query(&tb, &format!("count({{__name__=\"{name}\"}})"))?;
         assert!(!r.is_empty(), "alert/rule series {name} does not exist");
     }
     // And an alert condition evaluates as expected on live data: nothing is down.
-    assert!(query(&tb, "up{job=\"mtls-agent\"} == 0")?.is_empty());
+    assert!(prom.query(&tb, "up{job=\"mtls-agent\"} == 0")?.is_empty());
     assert_eq!(
-        query(
+        prom.query(
             &tb,
             "namespace:mtls_agent_strict_ready:bool15m{namespace=\"payments\"}"
         )?[0]["value"][1],
         "1"
     );
     assert_eq!(
-        query(
+        prom.query(
             &tb,
             "namespace:mtls_agent_strict_ready:bool15m{namespace=\"shop\"}"
         )?[0]["value"][1],

@@ -15,6 +15,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("libpolly-22-dev", "LLVM 22 Polly (bpf-linker links it)"),
     ("iproute2", "ip netns / veth / tc for the test topology"),
     (
+        "iptables",
+        "kube-proxy-style Service DNAT and packet loss in the test bed",
+    ),
+    (
         "ethtool",
         "turning offloads off for segmented-traffic tests",
     ),

@@ -10,7 +10,7 @@ use std::{
 };
 
 use crate::{
-    classify::{Mesh, Security, Verdict},
+    classify::{Mesh, Security, Sides, Verdict},
     export::metrics::Metrics,
     identity::{Resolver, Workload},
 };
@@ -68,7 +68,14 @@ fn epoch_secs(t: SystemTime) -> u64 {
 #[derive(Debug, Clone)]
 pub struct ConnRecord {
     pub client: SocketAddr,
+    /// The address that served it (behind a DNAT: the pod's).
     pub server: SocketAddr,
+    /// The address the client dialled, where a DNAT rewrote it (a Service's ClusterIP:port).
+    pub dialled: Option<SocketAddr>,
+    /// The sides this record counts: the client's outbound, the server's inbound. Each side is
+    /// counted by the node that hosts it, once (flows.rs).
+    pub sides: Sides,
+    pub midstream: bool,
     pub verdict: Verdict,
     pub at: SystemTime,
 }
@@ -291,28 +298,43 @@ impl Aggregator {
         }
     }
 
-    /// Counts one classified connection for each side that is a known workload.
+    /// Counts the sides of one classified connection that `rec.sides` names (the sides this node
+    /// hosts), each for its workload when it is a known one.
     pub fn record(&mut self, rec: &ConnRecord) {
         let sec = rec.verdict.security;
         let client_wl = self.resolver.lookup(rec.client.ip()).cloned();
         let server_wl = self.resolver.lookup(rec.server.ip()).cloned();
-        self.metrics
-            .evidence
-            .with_label_values(&[sec.as_str(), rec.verdict.evidence.kind()])
-            .inc();
-        if let Some(c) = &client_wl {
+        // Per-connection series are counted once in the cluster: by the server's node when the
+        // server is a workload, else by the client's.
+        let per_connection = match (&server_wl, &client_wl) {
+            (Some(_), _) => rec.sides.server,
+            (None, Some(_)) => rec.sides.client,
+            (None, None) => rec.sides.server || rec.sides.client,
+        };
+        if per_connection {
             self.metrics
-                .connections
-                .with_label_values(&[&c.namespace, &c.name, "outbound", sec.as_str()])
+                .evidence
+                .with_label_values(&[sec.as_str(), rec.verdict.evidence.kind()])
                 .inc();
-        }
-        let Some(server) = server_wl else {
-            if client_wl.is_none() {
+            if server_wl.is_none() && client_wl.is_none() {
                 self.metrics
                     .unattributed
                     .with_label_values(&[sec.as_str()])
                     .inc();
             }
+        }
+        if rec.sides.client
+            && let Some(c) = &client_wl
+        {
+            self.metrics
+                .connections
+                .with_label_values(&[&c.namespace, &c.name, "outbound", sec.as_str()])
+                .inc();
+        }
+        if !rec.sides.server {
+            return;
+        }
+        let Some(server) = server_wl else {
             return;
         };
         self.metrics
@@ -434,20 +456,24 @@ impl Aggregator {
         self.update_namespace_gauges(&server.namespace, SystemTime::now());
     }
 
-    /// An ended connection: its bytes for both sides, and whether the server rejected it (reset
-    /// or closed right after the client's first bytes, as a STRICT sidecar does).
-    pub fn record_end(
+    /// Payload bytes of a connection, for the sides this node hosts.
+    pub fn record_bytes(
         &mut self,
         client: SocketAddr,
         server: SocketAddr,
         security: Security,
         bytes: u64,
-        rejected: bool,
-        at: SystemTime,
+        sides: Sides,
     ) {
-        for (ip, dir) in [(client.ip(), "outbound"), (server.ip(), "inbound")] {
-            if bytes == 0 {
-                break;
+        if bytes == 0 {
+            return;
+        }
+        for (ip, dir, here) in [
+            (client.ip(), "outbound", sides.client),
+            (server.ip(), "inbound", sides.server),
+        ] {
+            if !here {
+                continue;
             }
             if let Some(w) = self.resolver.lookup(ip) {
                 self.metrics
@@ -455,6 +481,26 @@ impl Aggregator {
                     .with_label_values(&[&w.namespace, &w.name, dir, security.as_str()])
                     .inc_by(bytes);
             }
+        }
+    }
+
+    /// An ended connection: its bytes for the sides this node hosts, and whether the server
+    /// rejected it (reset or closed right after the client's first bytes, as a STRICT sidecar
+    /// does).
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_end(
+        &mut self,
+        client: SocketAddr,
+        server: SocketAddr,
+        security: Security,
+        bytes: u64,
+        rejected: bool,
+        sides: Sides,
+        at: SystemTime,
+    ) {
+        self.record_bytes(client, server, security, bytes, sides);
+        if !rejected || !sides.server {
+            return;
         }
         if !rejected {
             return;
@@ -707,6 +753,9 @@ mod tests {
         ConnRecord {
             client: client.parse().unwrap(),
             server: server.parse().unwrap(),
+            dialled: None,
+            sides: Sides::BOTH,
+            midstream: false,
             verdict,
             at,
         }

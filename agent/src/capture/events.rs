@@ -4,8 +4,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use mtls_agent_common::{
-    CHUNK_BYTES, CLIENT_HI, CLIENT_LO, DIR_LO_TO_HI, EVENT_CLOSED, EVENT_DATA, EventHeader,
-    FAMILY_V4, FLOW_ISN_HI, FLOW_ISN_LO, FLOW_RST, FlowKey,
+    CHUNK_BYTES, CLIENT_HI, CLIENT_LO, DIR_LO_TO_HI, EVENT_BYTES, EVENT_CLOSED, EVENT_DATA,
+    EventHeader, FAMILY_V4, FLOW_ISN_HI, FLOW_ISN_LO, FLOW_LOCAL_HI, FLOW_LOCAL_LO, FLOW_RST,
+    FLOW2_LOST, FlowKey, FlowState,
 };
 
 /// A connection's two endpoints in canonical order (`lo` < `hi`), without the interface: the
@@ -40,24 +41,85 @@ pub enum Opener {
     Unknown,
 }
 
-/// Fields common to data and closed events.
+/// Fields common to every event.
 #[derive(Debug, Clone, Copy)]
 pub struct EventMeta {
     pub flow: FlowId,
+    /// The interface whose hook sent the event.
     pub ifindex: u32,
     pub opener: Opener,
     /// Initial sequence numbers of `lo` and `hi`, when their SYN was seen.
     pub isn: [Option<u32>; 2],
     pub ts_ns: u64,
-    pub packets: [u64; 2],
+    /// Payload bytes of `lo → hi` and `hi → lo` so far.
     pub bytes: [u64; 2],
-    /// Payload segments the kernel reported for this flow on this interface, per direction.
-    pub segments: [u16; 2],
+    /// Data events the kernel sent for this connection, per direction (saturating at 255).
+    pub events: [u8; 2],
     /// An RST was seen on this flow.
     pub rst: bool,
+    /// An event of this connection could not be written (ring buffer full).
+    pub lost: bool,
+    /// Which endpoint (`lo`, `hi`) lives behind this interface, as the hook that saw the packet
+    /// tells (ingress: the sender, egress: the receiver).
+    pub local: [bool; 2],
+}
+
+/// The fields of an event header (or a flow-table entry) that make an [`EventMeta`].
+struct Header {
+    ifindex: u32,
+    client: u8,
+    flags: u8,
+    flags2: u8,
+    isn: [u32; 2],
+    ts_ns: u64,
+    bytes: [u64; 2],
+    events: [u8; 2],
 }
 
 impl EventMeta {
+    fn new(key: &FlowKey, h: Header) -> EventMeta {
+        EventMeta {
+            flow: FlowId::from_key(key),
+            ifindex: h.ifindex,
+            opener: match h.client {
+                CLIENT_LO => Opener::Lo,
+                CLIENT_HI => Opener::Hi,
+                _ => Opener::Unknown,
+            },
+            isn: [
+                (h.flags & FLOW_ISN_LO != 0).then_some(h.isn[0]),
+                (h.flags & FLOW_ISN_HI != 0).then_some(h.isn[1]),
+            ],
+            ts_ns: h.ts_ns,
+            bytes: h.bytes,
+            events: h.events,
+            rst: h.flags & FLOW_RST != 0,
+            lost: h.flags2 & FLOW2_LOST != 0,
+            local: [h.flags & FLOW_LOCAL_LO != 0, h.flags & FLOW_LOCAL_HI != 0],
+        }
+    }
+
+    /// What a flow-table entry says about its connection: for a closed connection whose closed
+    /// event the ring buffer could not take (capture/gc.rs finds it). Marked lost.
+    pub fn from_entry(key: &FlowKey, st: &FlowState) -> EventMeta {
+        let bytes = |d: usize| (u64::from(st.dir[d].wraps) << 32) | u64::from(st.dir[d].hi);
+        let mut meta = EventMeta::new(
+            key,
+            Header {
+                ifindex: st.ifindex,
+                client: st.client,
+                flags: st.flags,
+                flags2: st.flags2,
+                isn: st.isn,
+                ts_ns: st.last_seen_ns,
+                bytes: [bytes(0), bytes(1)],
+                events: [st.dir[0].events, st.dir[1].events],
+            },
+        );
+        meta.lost = true;
+        meta
+    }
+
     /// The client's initial sequence number: with the 4-tuple, the identity of one connection
     /// (a reused 4-tuple gets a new ISN).
     pub fn client_isn(&self) -> Option<u32> {
@@ -82,6 +144,18 @@ pub enum Event<'a> {
     Closed {
         meta: EventMeta,
     },
+    /// A long-lived connection's byte counts (every 64 MiB of a direction).
+    Bytes {
+        meta: EventMeta,
+    },
+}
+
+impl Event<'_> {
+    pub fn meta(&self) -> &EventMeta {
+        match self {
+            Event::Data { meta, .. } | Event::Closed { meta } | Event::Bytes { meta } => meta,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -104,24 +178,19 @@ pub fn decode(record: &[u8]) -> Result<Event<'_>, DecodeError> {
     // SAFETY: EventHeader is plain old data; the record holds at least HEADER bytes and may be
     // unaligned, hence read_unaligned.
     let h: EventHeader = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
-    let meta = EventMeta {
-        flow: FlowId::from_key(&h.key),
-        ifindex: h.key.ifindex,
-        opener: match h.client {
-            CLIENT_LO => Opener::Lo,
-            CLIENT_HI => Opener::Hi,
-            _ => Opener::Unknown,
+    let meta = EventMeta::new(
+        &h.key,
+        Header {
+            ifindex: h.ifindex,
+            client: h.client,
+            flags: h.flags,
+            flags2: h.flags2,
+            isn: h.isn,
+            ts_ns: h.ts_ns,
+            bytes: h.bytes,
+            events: h.events,
         },
-        isn: [
-            (h.flags & FLOW_ISN_LO != 0).then_some(h.isn[0]),
-            (h.flags & FLOW_ISN_HI != 0).then_some(h.isn[1]),
-        ],
-        ts_ns: h.ts_ns,
-        packets: h.packets,
-        bytes: h.bytes,
-        segments: h.segments,
-        rst: h.flags & FLOW_RST != 0,
-    };
+    );
     match h.kind {
         EVENT_DATA => {
             let len = h.data_len as usize;
@@ -133,11 +202,12 @@ pub fn decode(record: &[u8]) -> Result<Event<'_>, DecodeError> {
                 meta,
                 lo_to_hi: h.dir == DIR_LO_TO_HI,
                 seq: h.seq,
-                wire_len: h.wire_len,
+                wire_len: len as u32,
                 payload: &record[HEADER..HEADER + len],
             })
         }
         EVENT_CLOSED => Ok(Event::Closed { meta }),
+        EVENT_BYTES => Ok(Event::Bytes { meta }),
         other => Err(DecodeError::UnknownKind(other)),
     }
 }
@@ -159,23 +229,24 @@ mod tests {
             dir: DIR_LO_TO_HI,
             client: CLIENT_LO,
             flags: FLOW_ISN_LO,
+            flags2: 0,
+            _pad: 0,
             data_len: 5,
-            ts_ns: 1,
+            events: [1, 0],
+            _pad2: [0; 2],
+            ifindex: 7,
             seq: 1001,
-            wire_len: 5,
             isn: [1000, 0],
-            packets: [1, 0],
+            ts_ns: 1,
             bytes: [60, 0],
             key: FlowKey {
                 addr_lo: lo,
                 addr_hi: hi,
                 port_lo: 40000,
                 port_hi: 443,
-                ifindex: 7,
                 family: FAMILY_V4,
                 _pad: [0; 3],
             },
-            segments: [1, 0],
         }
     }
 

@@ -4,8 +4,10 @@
 //! next insert at once, and another CPU may still be writing through its pointer to it (a late
 //! packet of the same flow), which would corrupt a new flow. So entries are deleted from here,
 //! once nothing can be in flight for them: closed connections idle for a second, entries of
-//! interfaces that were deleted (a pod went away mid-connection; the key holds the ifindex),
-//! and connection attempts nobody answered. Left alone, a busy node would fill the table with
+//! interfaces that were deleted (a pod went away mid-connection; the entry holds the ifindex of
+//! the hook that created it), and connection attempts nobody answered. A closed connection whose
+//! closed event found the ring buffer full is handed to the daemon loop ([`GcShared::unreported`])
+//! so that it is still counted, once, as `unknown` with evidence `events_lost`. Left alone, a busy node would fill the table with
 //! them, the LRU would start evicting, and `flow_table_full` would report pressure that costs
 //! nothing. What the LRU evicts despite this is real pressure.
 //!
@@ -22,7 +24,8 @@ use std::{
 
 use aya::maps::{HashMap, MapData};
 use mtls_agent_common::{
-    CLIENT_UNKNOWN, FLOW_CLOSED_SENT, FLOW_ISN_HI, FLOW_ISN_LO, FlowKey, FlowState,
+    CLIENT_UNKNOWN, FLOW_CLOSED_SENT, FLOW_FIN_HI, FLOW_FIN_LO, FLOW_ISN_HI, FLOW_ISN_LO, FLOW_RST,
+    FlowKey, FlowState,
 };
 use tracing::{debug, warn};
 
@@ -41,6 +44,8 @@ pub enum Garbage {
     InterfaceGone,
     HandshakeTimeout,
     Closed,
+    /// Closed, but the closed event was lost (ring buffer full): reported, then deleted.
+    Unreported,
 }
 
 impl Garbage {
@@ -49,29 +54,31 @@ impl Garbage {
             Garbage::InterfaceGone => "interface_gone",
             Garbage::HandshakeTimeout => "handshake_timeout",
             Garbage::Closed => "closed",
+            Garbage::Unreported => "closed_unreported",
         }
     }
 }
 
 /// The rule, apart from the map so it can be tested: `now_ns` is CLOCK_MONOTONIC, the clock of
 /// `bpf_ktime_get_ns`.
-pub fn garbage(
-    key: &FlowKey,
-    st: &FlowState,
-    attached: &BTreeSet<u32>,
-    now_ns: u64,
-) -> Option<Garbage> {
-    if !attached.contains(&key.ifindex) {
+pub fn garbage(st: &FlowState, attached: &BTreeSet<u32>, now_ns: u64) -> Option<Garbage> {
+    let idle = now_ns.saturating_sub(st.last_seen_ns) >= CLOSED_LINGER.as_nanos() as u64;
+    let both_fins = FLOW_FIN_LO | FLOW_FIN_HI;
+    let ended = st.flags & FLOW_RST != 0 || st.flags & both_fins == both_fins;
+    if ended && st.flags & FLOW_CLOSED_SENT == 0 && idle {
+        return Some(Garbage::Unreported);
+    }
+    if !attached.contains(&st.ifindex) {
         return Some(Garbage::InterfaceGone);
     }
-    if st.flags & FLOW_CLOSED_SENT != 0
-        && now_ns.saturating_sub(st.last_seen_ns) >= CLOSED_LINGER.as_nanos() as u64
-    {
+    if st.flags & FLOW_CLOSED_SENT != 0 && idle {
         return Some(Garbage::Closed);
     }
     let both_isns = FLOW_ISN_LO | FLOW_ISN_HI;
-    let handshake_open =
-        st.client != CLIENT_UNKNOWN && st.flags & both_isns != both_isns && st.segments == [0, 0];
+    let handshake_open = st.client != CLIENT_UNKNOWN
+        && st.flags & both_isns != both_isns
+        && st.dir[0].hi == 0
+        && st.dir[1].hi == 0;
     if handshake_open
         && now_ns.saturating_sub(st.first_seen_ns) > HANDSHAKE_TIMEOUT.as_nanos() as u64
     {
@@ -97,6 +104,8 @@ pub struct GcShared {
     pub attached: Arc<Mutex<BTreeSet<u32>>>,
     /// Entries deleted so far, for the eviction estimate (`flow_table_full`).
     pub deleted: Arc<AtomicU64>,
+    /// Closed connections whose closed event was lost, for the daemon loop to count.
+    pub unreported: Arc<Mutex<Vec<(FlowKey, FlowState)>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -129,11 +138,18 @@ pub fn pass(
         .clone();
     let mut deleted = 0usize;
     for (key, st) in candidates {
-        let Some(why) = garbage(&key, &st, &attached, now) else {
+        let Some(why) = garbage(&st, &attached, now) else {
             continue;
         };
         match map.remove(&key) {
             Ok(()) => {
+                if why == Garbage::Unreported {
+                    shared
+                        .unreported
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((key, st));
+                }
                 deleted += 1;
                 metrics
                     .flow_table_gc
@@ -190,41 +206,49 @@ mod tests {
 
     const S: u64 = 1_000_000_000;
 
-    fn key(ifindex: u32) -> FlowKey {
-        FlowKey {
-            addr_lo: [0; 16],
-            addr_hi: [0; 16],
-            port_lo: 1,
-            port_hi: 2,
-            ifindex,
-            family: 4,
-            _pad: [0; 3],
-        }
-    }
-
     #[test]
     fn entries_of_unattached_interfaces_are_garbage() {
         let attached = BTreeSet::from([7]);
-        let st = FlowState::default();
-        assert_eq!(
-            garbage(&key(8), &st, &attached, 0),
-            Some(Garbage::InterfaceGone)
-        );
-        assert_eq!(garbage(&key(7), &st, &attached, 0), None);
+        let st = FlowState {
+            ifindex: 8,
+            ..FlowState::default()
+        };
+        assert_eq!(garbage(&st, &attached, 0), Some(Garbage::InterfaceGone));
+        let st = FlowState { ifindex: 7, ..st };
+        assert_eq!(garbage(&st, &attached, 0), None);
+    }
+
+    #[test]
+    fn a_close_the_ring_could_not_take_is_reported() {
+        let attached = BTreeSet::from([7]);
+        let st = FlowState {
+            ifindex: 7,
+            flags: FLOW_RST | FLOW_ISN_LO | FLOW_ISN_HI,
+            last_seen_ns: 20 * S,
+            ..FlowState::default()
+        };
+        assert_eq!(garbage(&st, &attached, 20 * S), None, "not while in flight");
+        assert_eq!(garbage(&st, &attached, 22 * S), Some(Garbage::Unreported));
+        let reported = FlowState {
+            flags: st.flags | FLOW_CLOSED_SENT,
+            ..st
+        };
+        assert_eq!(garbage(&reported, &attached, 22 * S), Some(Garbage::Closed));
     }
 
     #[test]
     fn unanswered_syns_are_garbage_after_the_timeout_only() {
         let attached = BTreeSet::from([7]);
         let syn = FlowState {
+            ifindex: 7,
             first_seen_ns: 10 * S,
             client: CLIENT_LO,
             flags: FLOW_ISN_LO,
             ..FlowState::default()
         };
-        assert_eq!(garbage(&key(7), &syn, &attached, 100 * S), None);
+        assert_eq!(garbage(&syn, &attached, 100 * S), None);
         assert_eq!(
-            garbage(&key(7), &syn, &attached, 191 * S),
+            garbage(&syn, &attached, 191 * S),
             Some(Garbage::HandshakeTimeout)
         );
         // Answered, or carrying data, or picked up mid-stream: a live connection, kept for ever.
@@ -232,18 +256,15 @@ mod tests {
             flags: FLOW_ISN_LO | FLOW_ISN_HI,
             ..syn
         };
-        let data = FlowState {
-            segments: [1, 0],
-            ..syn
-        };
+        let mut data = syn;
+        data.dir[0].hi = 100;
         let midstream = FlowState {
             client: CLIENT_UNKNOWN,
             flags: 0,
-            segments: [0, 0],
             ..syn
         };
         for st in [answered, data, midstream] {
-            assert_eq!(garbage(&key(7), &st, &attached, 10_000 * S), None, "{st:?}");
+            assert_eq!(garbage(&st, &attached, 10_000 * S), None, "{st:?}");
         }
         // Closed: collected once idle for CLOSED_LINGER, not while its last packets may pass.
         let closed = FlowState {
@@ -251,10 +272,7 @@ mod tests {
             last_seen_ns: 20 * S,
             ..answered
         };
-        assert_eq!(garbage(&key(7), &closed, &attached, 20 * S + S / 2), None);
-        assert_eq!(
-            garbage(&key(7), &closed, &attached, 21 * S),
-            Some(Garbage::Closed)
-        );
+        assert_eq!(garbage(&closed, &attached, 20 * S + S / 2), None);
+        assert_eq!(garbage(&closed, &attached, 21 * S), Some(Garbage::Closed));
     }
 }

@@ -199,6 +199,65 @@ impl Capture {
 }
 
 /// The two loaded classifiers (checked in [`Capture::load`]).
+impl Capture {
+    /// Runs the ingress or egress program once on `packet` with `BPF_PROG_TEST_RUN`: the
+    /// kernel's own code path and maps, without an interface. Tests of the program's bookkeeping
+    /// use it (tests/tests/capture_kernel.rs). Returns the program's return code.
+    pub fn test_run(&mut self, ingress: bool, packet: &[u8]) -> std::io::Result<u32> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        /// `union bpf_attr`, its `test` member (BPF_PROG_TEST_RUN), zero-padded.
+        #[repr(C)]
+        #[derive(Default)]
+        struct TestRun {
+            prog_fd: u32,
+            retval: u32,
+            data_size_in: u32,
+            data_size_out: u32,
+            data_in: u64,
+            data_out: u64,
+            repeat: u32,
+            duration: u32,
+            ctx_size_in: u32,
+            ctx_size_out: u32,
+            ctx_in: u64,
+            ctx_out: u64,
+            flags: u32,
+            cpu: u32,
+            batch_size: u32,
+            _pad: u32,
+        }
+        const BPF_PROG_TEST_RUN: libc::c_long = 10;
+        let (i, e) = programs(&mut self.ebpf);
+        let prog = if ingress { i } else { e };
+        let fd = prog
+            .fd()
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+            .as_fd()
+            .as_raw_fd();
+        let mut attr = TestRun {
+            prog_fd: fd as u32,
+            data_size_in: packet.len() as u32,
+            data_in: packet.as_ptr() as u64,
+            repeat: 1,
+            ..TestRun::default()
+        };
+        // SAFETY: the attr points to `packet`, alive for the call; the kernel reads
+        // size_of::<TestRun>() bytes of attr and writes back retval/duration.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_TEST_RUN,
+                &mut attr as *mut TestRun,
+                std::mem::size_of::<TestRun>(),
+            )
+        };
+        if ret < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(attr.retval)
+    }
+}
+
 fn programs(ebpf: &mut Ebpf) -> (&mut SchedClassifier, &mut SchedClassifier) {
     let mut ingress = None;
     let mut egress = None;

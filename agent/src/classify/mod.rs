@@ -31,7 +31,7 @@ pub(crate) mod tests;
 use std::fmt;
 use std::net::SocketAddr;
 
-pub use record::{ConnectionRecord, RecentConnections, RecentSnapshot};
+pub use record::{ConnectionRecord, RecentConnections, RecentSnapshot, Sides};
 pub use resumption::ResumptionCache;
 
 use reassembly::Stream;
@@ -168,6 +168,9 @@ pub enum Evidence {
     NoData,
     /// Payload was seen but the deciding part of the handshake was not.
     HandshakeIncomplete,
+    /// The kernel could not hand over some of the connection's bytes (its ring buffer was full):
+    /// the capture is incomplete, so nothing is guessed.
+    EventsLost,
     /// A plaintext TLS alert ended the handshake before the deciding message.
     HandshakeAlert,
     /// The client spoke TLS but the server answered with something that is not TLS.
@@ -194,6 +197,7 @@ impl Evidence {
             Evidence::MidstreamNoBoundary => "midstream_no_boundary",
             Evidence::NoData => "no_data",
             Evidence::HandshakeIncomplete => "handshake_incomplete",
+            Evidence::EventsLost => "events_lost",
             Evidence::HandshakeAlert => "handshake_alert",
             Evidence::ServerNotTls => "server_not_tls",
             Evidence::Malformed => "malformed",

@@ -40,6 +40,33 @@ pub struct ConnectionRecord {
     /// When the verdict was reached (RFC 3339): wall-clock time live, capture time offline.
     #[serde(serialize_with = "rfc3339")]
     pub at: SystemTime,
+    /// Live only: the address the client dialled, where a DNAT (a Service) rewrote it to
+    /// `server`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dialled: Option<SocketAddr>,
+    /// Live only: which sides of the connection this node hosts (the others are remote: this
+    /// agent saw them but another node counts them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local: Option<Sides>,
+}
+
+/// The two sides of a connection: which of them a node hosts, or counts. Each side is counted
+/// by the node that hosts it, so a cluster-wide sum counts every connection once per side.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Sides {
+    pub client: bool,
+    pub server: bool,
+}
+
+impl Sides {
+    pub const BOTH: Sides = Sides {
+        client: true,
+        server: true,
+    };
+
+    pub fn any(self) -> bool {
+        self.client || self.server
+    }
 }
 
 fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
@@ -82,6 +109,8 @@ impl ConnectionRecord {
                 Vec::new()
             },
             at,
+            dialled: None,
+            local: None,
         }
     }
 
@@ -135,6 +164,22 @@ impl RecentConnections {
         midstream: bool,
         at: SystemTime,
     ) {
+        self.push_live(client, server, None, Sides::BOTH, verdict, midstream, at);
+    }
+
+    /// [`RecentConnections::push`] with what only the live agent knows: the address the client
+    /// dialled behind a DNAT, and which sides this node hosts.
+    #[allow(clippy::too_many_arguments)]
+    pub fn push_live(
+        &mut self,
+        client: SocketAddr,
+        server: SocketAddr,
+        dialled: Option<SocketAddr>,
+        local: Sides,
+        verdict: &Verdict,
+        midstream: bool,
+        at: SystemTime,
+    ) {
         self.total += 1;
         if self.capacity == 0 {
             return;
@@ -142,14 +187,10 @@ impl RecentConnections {
         while self.records.len() >= self.capacity {
             self.records.pop_front();
         }
-        self.records.push_back(ConnectionRecord::new(
-            client,
-            server,
-            verdict,
-            midstream,
-            at,
-            self.details,
-        ));
+        let mut rec = ConnectionRecord::new(client, server, verdict, midstream, at, self.details);
+        rec.dialled = dialled;
+        rec.local = Some(local);
+        self.records.push_back(rec);
     }
 
     pub fn len(&self) -> usize {

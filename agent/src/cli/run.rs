@@ -316,6 +316,14 @@ async fn daemon(
                 pending_attach = if left < pending_attach { left } else { 0 };
             }
             _ = tick.tick() => {
+                let unreported = std::mem::take(
+                    &mut *gc_shared.unreported.lock().unwrap_or_else(|p| p.into_inner()),
+                );
+                for (key, st) in unreported {
+                    let meta = capture::events::EventMeta::from_entry(&key, &st);
+                    let ev = capture::events::Event::Closed { meta };
+                    tracker.on_event(&ev, Instant::now(), SystemTime::now(), &mut out);
+                }
                 tracker.sweep(Instant::now(), SystemTime::now(), &mut out);
                 apply(&aggregator, &recent, &mut out);
                 if args.kubernetes
@@ -415,18 +423,39 @@ fn apply(aggregator: &Mutex<Aggregator>, recent: &Mutex<RecentConnections>, out:
     let mut recent = recent.lock().unwrap_or_else(|p| p.into_inner());
     for o in out.drain(..) {
         match o {
-            Output::Classified(rec) => {
-                let midstream = rec.verdict.evidence.kind().starts_with("midstream");
-                recent.push(rec.client, rec.server, &rec.verdict, midstream, rec.at);
-                agg.record(&rec)
-            }
+            Output::Classified(rec) => agg.record(&rec),
+            Output::Recent(rec) => recent.push_live(
+                rec.client,
+                rec.server,
+                rec.dialled,
+                rec.sides,
+                &rec.verdict,
+                rec.midstream,
+                rec.at,
+            ),
+            Output::Bytes {
+                client,
+                server,
+                security,
+                bytes,
+                sides,
+            } => agg.record_bytes(client, server, security, bytes, sides),
             Output::Ended {
                 client,
                 server,
                 security,
                 bytes,
                 rejected,
-            } => agg.record_end(client, server, security, bytes, rejected, SystemTime::now()),
+                sides,
+            } => agg.record_end(
+                client,
+                server,
+                security,
+                bytes,
+                rejected,
+                sides,
+                SystemTime::now(),
+            ),
         }
     }
 }

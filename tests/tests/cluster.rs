@@ -1,0 +1,417 @@
+//! Counting as a cluster (issue 15): each side of a connection is counted once, by the node that
+//! hosts it, so sums over agents are exact.
+//!
+//! The reference node's pods are split over two "nodes": one agent watches the veths of node-a's
+//! pods, another those of node-b's, and a third agent watches every veth (what one node hosting
+//! every pod would count). Every security class crosses nodes and also stays on one node; the
+//! node probes its pods. The sum of the two node agents must equal the single agent, series by
+//! series, in inventory mode and in Kubernetes mode (pods placed on the nodes through the API
+//! double), and `report --prometheus` over a real Prometheus scraping the two node agents must
+//! give the single agent's reports. A Service call through a kube-proxy-style DNAT in the node
+//! namespace is one connection on each side. Needs root; fails, never skips.
+use std::{path::Path, time::Duration};
+
+use anyhow::{Context as _, Result};
+use mtls_agent_testbed::{scenario::*, *};
+use serde_json::{Value, json};
+
+/// Pods of node-a; the other pods of the reference node are on node-b.
+const NODE_A: [&str; 4] = ["api", "worker", "web", "auditlog"];
+const NODE_B: [&str; 3] = ["reports", "batch", "ledger"];
+
+/// Series whose sum over the node agents must equal the single agent's.
+const SUMMED: [&str; 6] = [
+    "mtls_agent_connections_total",
+    "mtls_agent_inbound_connections_total",
+    "mtls_agent_blocking_connections_total",
+    "mtls_agent_verdict_evidence_total",
+    "mtls_agent_rejected_connections_total",
+    "mtls_agent_bytes_total",
+];
+
+const NAMESPACES: [&str; 5] = ["payments", "shop", "billing", "legacy", "audit"];
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn host_ifs(node: &ReferenceNode, names: &[&str]) -> Vec<String> {
+    names
+        .iter()
+        .map(|n| {
+            node.tb
+                .pod(n)
+                .expect("pod of the reference node")
+                .host_if
+                .clone()
+        })
+        .collect()
+}
+
+/// Starts one agent: (node name, empty for every node; interface globs, extra flags, interfaces
+/// to wait for).
+type StartAgent<'a> = &'a dyn Fn(&str, &[&str], &[&str], usize) -> Result<Agent>;
+
+/// The three agents: node-a, node-b, and one on every veth.
+struct Agents {
+    a: Agent,
+    b: Agent,
+    all: Agent,
+}
+
+impl Agents {
+    fn start(node: &ReferenceNode, identity: StartAgent<'_>) -> Result<Agents> {
+        let a_ifs = host_ifs(node, &NODE_A);
+        let b_ifs = host_ifs(node, &NODE_B);
+        let a = identity(
+            "node-a",
+            &refs(&a_ifs),
+            &["--listen", "127.0.0.1:9481"],
+            NODE_A.len(),
+        )?;
+        let b = identity(
+            "node-b",
+            &refs(&b_ifs),
+            &["--listen", "127.0.0.1:9482"],
+            NODE_B.len(),
+        )?;
+        let all = identity(
+            "",
+            &["vp*"],
+            &["--listen", "127.0.0.1:9483"],
+            node.tb.pods().len(),
+        )?;
+        Ok(Agents { a, b, all })
+    }
+}
+
+/// Traffic beyond the reference node's, so that every class also stays on one node:
+/// audit/log → shop/web plaintext (both on node-a), legacy/batch → billing/ledger one-way TLS
+/// (both on node-b). Cross-node already: worker → reports (mTLS), batch → web (plaintext),
+/// web → ledger (TLS).
+fn same_node_traffic(node: &ReferenceNode) -> Result<()> {
+    let tb = &node.tb;
+    for _ in 0..2 {
+        http_get(tb, &node.auditlog.netns, &http_url(node.web.v4(8080)))?;
+        openssl_client(
+            tb,
+            &node.batch.netns,
+            &TlsClient::new(node.ledger.v4(9443), node.pki.ca_cert()),
+        )?;
+    }
+    Ok(())
+}
+
+/// Every connection the test made, beyond the reference node's own table (scenario.rs).
+fn assert_same_node_traffic_counted(m: &str) {
+    for (ns, wl, dir, sec, want) in [
+        ("shop", "web", "inbound", "plaintext", 6.0),
+        ("audit", "log", "outbound", "plaintext", 2.0),
+        ("billing", "ledger", "inbound", "tls", 4.0),
+        ("legacy", "batch", "outbound", "tls", 2.0),
+        ("legacy", "batch", "outbound", "plaintext", 3.0),
+        ("payments", "worker", "outbound", "mtls", 5.0),
+    ] {
+        assert_eq!(
+            conns(m, ns, wl, dir, sec),
+            want,
+            "{ns}/{wl} {dir} {sec}\n{m}"
+        );
+    }
+}
+
+/// Sum of the node agents == the single agent, for every series that counts connections.
+fn assert_sums(a: &str, b: &str, all: &str) {
+    for name in SUMMED {
+        let mut sum = samples(a, name);
+        for (k, v) in samples(b, name) {
+            *sum.entry(k).or_insert(0.0) += v;
+        }
+        sum.retain(|_, v| *v != 0.0);
+        let mut want = samples(all, name);
+        want.retain(|_, v| *v != 0.0);
+        assert_eq!(
+            sum, want,
+            "{name}: node-a + node-b vs one agent on every veth"
+        );
+    }
+    // The issue's example: node-a (no reports pod) does not count payments/reports' inbound.
+    assert_eq!(conns(a, "payments", "reports", "inbound", "mtls"), 0.0);
+    assert_eq!(conns(b, "payments", "reports", "inbound", "mtls"), 2.0);
+    assert_eq!(conns(a, "shop", "web", "inbound", "plaintext"), 6.0);
+    assert_eq!(conns(b, "shop", "web", "inbound", "plaintext"), 0.0);
+    assert_eq!(conns(a, "legacy", "batch", "outbound", "plaintext"), 0.0);
+    assert_eq!(conns(b, "legacy", "batch", "outbound", "plaintext"), 3.0);
+}
+
+/// The parts of a report that a cluster-wide answer must reproduce exactly.
+fn essentials(r: &Value) -> Value {
+    let blockers: Vec<Value> = r["blockers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| {
+            json!([
+                b["client"]["namespace"],
+                b["client"]["workload"],
+                b["server"],
+                b["security"],
+                b["connections"]
+            ])
+        })
+        .collect();
+    let workloads: Vec<Value> = r["workloads"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| json!([w["name"], w["verdict"], w["inbound"], w["sidecar"]]))
+        .collect();
+    json!({
+        "verdict": r["verdict"],
+        "inbound": r["inbound"],
+        "mtls_ratio": r["mtls_ratio"],
+        "compliant": r["compliant"],
+        "blockers": blockers,
+        "workloads": workloads,
+    })
+}
+
+/// Runs the reference traffic and the same-node traffic, then checks the sums.
+fn run_cluster(node: &ReferenceNode, agents: &Agents) -> Result<()> {
+    node.send_traffic()?;
+    // The single agent first gives the reference node's exact table (scenario.rs).
+    node.check(&agents.all)?;
+    same_node_traffic(node)?;
+    let tb = &node.tb;
+    let all = agents.all.settle(tb, Duration::from_secs(15))?;
+    let a = agents.a.settle(tb, Duration::from_secs(15))?;
+    let b = agents.b.settle(tb, Duration::from_secs(15))?;
+    assert_same_node_traffic_counted(&all);
+    assert_sums(&a, &b, &all);
+    Ok(())
+}
+
+#[test]
+fn two_nodes_sum_to_one_agent_on_every_veth_in_inventory_mode() -> Result<()> {
+    ensure_root()?;
+    let bin = agent_bin()?;
+    let node = ReferenceNode::new("mtclus")?;
+    let inventory = node.tb.workdir().join("inventory.yaml");
+    write_inventory(&inventory, &node.workloads())?;
+    let agents = Agents::start(&node, &|_, globs, extra, n| {
+        Agent::start(&node.tb, &bin, &inventory, globs, extra, n)
+    })?;
+    run_cluster(&node, &agents)?;
+
+    // A real Prometheus scraping the two node agents answers like the single agent.
+    let tb = &node.tb;
+    let prom = Prometheus::start(
+        tb,
+        &[
+            agents.a.url().trim_start_matches("http://").to_owned(),
+            agents.b.url().trim_start_matches("http://").to_owned(),
+        ],
+        None,
+    )?;
+    let total: f64 = samples(
+        &agents.all.metrics(tb)?,
+        "mtls_agent_inbound_connections_total",
+    )
+    .values()
+    .sum();
+    wait_for(tb, "both agents scraped", Duration::from_secs(30), || {
+        Ok(prom
+            .scalar(tb, "sum(mtls_agent_inbound_connections_total)")?
+            .and_then(|v| v.parse::<f64>().ok())
+            == Some(total))
+    })?;
+    for ns in NAMESPACES {
+        let want = agents.all.report_json(tb, ns, None)?;
+        let (status, out, err) = agents.all.report_with(
+            tb,
+            &[
+                "--namespace",
+                ns,
+                "--output",
+                "json",
+                "--prometheus",
+                &prom.url(),
+            ],
+        )?;
+        assert!(status.success(), "report --prometheus {ns}: {err}");
+        let got: Value = serde_json::from_str(&out)?;
+        assert_eq!(
+            essentials(&got),
+            essentials(&want),
+            "{ns}: prometheus over two nodes vs one agent"
+        );
+    }
+    drop(prom);
+    for agent in [agents.a, agents.b, agents.all] {
+        agent.stop()?;
+    }
+    node.destroy()
+}
+
+/// The reference fixtures with the pods of node-b placed there.
+fn fixtures_on_two_nodes(node: &ReferenceNode) -> Result<std::path::PathBuf> {
+    let dir = node.tb.scratch_dir("kube-fixtures")?;
+    let src = kube_fixtures_dir();
+    let b_ips: Vec<String> = NODE_B
+        .iter()
+        .map(|n| node.tb.pod(n).map(|p| p.ipv4.to_string()))
+        .collect::<Option<_>>()
+        .context("node-b pods")?;
+    for entry in std::fs::read_dir(&src)? {
+        let path = entry?.path();
+        let name = path.file_name().context("fixture name")?;
+        let text = std::fs::read_to_string(&path)?;
+        if name == "pods.json" {
+            let mut pods: Value = serde_json::from_str(&text)?;
+            let items = pods["items"].as_array_mut().context("pods.json items")?;
+            for pod in items {
+                let ip = pod["status"]["podIP"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                if b_ips.contains(&ip) {
+                    pod["spec"]["nodeName"] = json!("node-b");
+                }
+            }
+            std::fs::write(dir.join(name), serde_json::to_string_pretty(&pods)?)?;
+        } else {
+            std::fs::write(dir.join(name), text)?;
+        }
+    }
+    Ok(dir)
+}
+
+#[test]
+fn two_nodes_sum_to_one_agent_on_every_veth_in_kubernetes_mode() -> Result<()> {
+    ensure_root()?;
+    let bin = agent_bin()?;
+    let node = ReferenceNode::new("mtclk8")?;
+    let tb = &node.tb;
+    let fixtures = fixtures_on_two_nodes(&node)?;
+    let api_addr: std::net::SocketAddr = "127.0.0.1:6443".parse()?;
+    let double = KubeDoubleProc::start(tb, tb.node_netns(), api_addr, &fixtures)?;
+    let kubeconfig: &Path = double.kubeconfig();
+    let agents = Agents::start(&node, &|name, globs, extra, n| match name {
+        "" => Agent::start_kubernetes_all_nodes(tb, &bin, kubeconfig, globs, extra, n),
+        name => Agent::start_kubernetes(tb, &bin, kubeconfig, name, globs, extra, n),
+    })?;
+    run_cluster(&node, &agents)?;
+    for agent in [agents.a, agents.b, agents.all] {
+        agent.stop()?;
+    }
+    drop(double);
+    node.destroy()
+}
+
+/// The ClusterIP of the test Service, and the port it listens on.
+const CLUSTER_IP: &str = "198.18.21.80";
+
+/// kube-proxy's iptables mode in miniature: DNAT of ClusterIP:80 to web's 8080 in the node
+/// namespace, with bridged traffic through netfilter (br_netfilter) so the reply is un-NATed, as
+/// on a node with a bridge CNI.
+fn add_service(tb: &Testbed, pod_ip: &str) -> Result<()> {
+    let ns = tb.node_netns();
+    for args in [
+        vec!["sysctl", "-qw", "net.ipv4.ip_forward=1"],
+        vec!["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"],
+    ] {
+        let out = tb.run(ns, &args)?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let to = format!("{pod_ip}:8080");
+    let args = [
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-d",
+        CLUSTER_IP,
+        "-p",
+        "tcp",
+        "--dport",
+        "80",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        &to,
+    ];
+    let out = tb.run(ns, &args)?;
+    anyhow::ensure!(
+        out.status.success(),
+        "iptables DNAT (is iptables installed? `cargo xtask setup`): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+fn a_service_call_through_a_dnat_is_one_connection_on_each_side() -> Result<()> {
+    ensure_root()?;
+    let bin = agent_bin()?;
+    let mut tb = Testbed::new("mtdnat")?;
+    let web = tb.add_pod(PodSpec::new("web", "198.18.0.20".parse()?))?;
+    let batch = tb.add_pod(PodSpec::new("batch", "198.18.0.30".parse()?))?;
+    let inventory = tb.workdir().join("inventory.yaml");
+    write_inventory(
+        &inventory,
+        &[
+            Workload::new("shop", "web", &[&web]),
+            Workload::new("legacy", "batch", &[&batch]).without_sidecar(),
+        ],
+    )?;
+    let _server = http_server(&tb, &web.netns, 8080, false)?;
+    tb.wait_tcp_listening(&web.netns, web.v4(8080), Duration::from_secs(10))?;
+    add_service(&tb, "198.18.0.20")?;
+    let agent = Agent::start(&tb, &bin, &inventory, &["vp*"], &[], 2)?;
+
+    let vip: std::net::SocketAddr = format!("{CLUSTER_IP}:80").parse()?;
+    for _ in 0..3 {
+        http_get(&tb, &batch.netns, &http_url(vip))?;
+    }
+    // And twice directly: the blockers must be the same connections, counted alike.
+    for _ in 0..2 {
+        http_get(&tb, &batch.netns, &http_url(web.v4(8080)))?;
+    }
+    let m = agent.settle(&tb, Duration::from_secs(15))?;
+    assert_eq!(
+        conns(&m, "legacy", "batch", "outbound", "plaintext"),
+        5.0,
+        "{m}"
+    );
+    assert_eq!(conns(&m, "shop", "web", "inbound", "plaintext"), 5.0, "{m}");
+    let shop = agent.report_json(&tb, "shop", None)?;
+    let blockers = shop["blockers"].as_array().context("blockers")?;
+    assert_eq!(blockers.len(), 1, "{shop:#}");
+    assert_eq!(blockers[0]["client"]["workload"], "batch");
+    assert_eq!(
+        blockers[0]["server"],
+        json!({"workload": "web", "port": 8080})
+    );
+    assert_eq!(blockers[0]["connections"], 5);
+
+    // Once in the recent list each, the Service calls with both addresses.
+    let recent: Value = serde_json::from_str(&agent.get(&tb, "/api/v1/connections")?)?;
+    let list = recent["connections"].as_array().context("connections")?;
+    assert_eq!(list.len(), 5, "{recent:#}");
+    let via_service: Vec<&Value> = list
+        .iter()
+        .filter(|c| c["dialled"] == json!(vip.to_string()))
+        .collect();
+    assert_eq!(via_service.len(), 3, "{recent:#}");
+    for c in via_service {
+        assert_eq!(c["server"], "198.18.0.20:8080", "{c:#}");
+        assert_eq!(c["local"], json!({"client": true, "server": true}), "{c:#}");
+    }
+    agent.stop()?;
+    tb.destroy()
+}
