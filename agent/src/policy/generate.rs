@@ -325,6 +325,7 @@ pub(crate) mod tests {
             workloads,
             peer_authentications: vec![],
             what_if: None,
+            nodes: None,
         }
     }
 
