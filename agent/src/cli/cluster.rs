@@ -131,8 +131,9 @@ impl Cluster {
                     Err(e) if kube.context.is_some() => {
                         return Err(usage(format!("--context: {e}")));
                     }
-                    Err(e) => Config::incluster()
-                        .map_err(|_| anyhow!("reading the kubeconfig: {e}"))?,
+                    Err(e) => {
+                        Config::incluster().map_err(|_| anyhow!("reading the kubeconfig: {e}"))?
+                    }
                 },
             };
             Client::try_from(config).context("Kubernetes client")
@@ -318,12 +319,18 @@ impl super::source::Source for Cluster {
             "/api/v1/namespaces",
             &super::source::window_query(window),
         )?;
-        let mut names: Vec<String> = lists.iter().flatten().map(|n| n.namespace.clone()).collect();
+        let mut names: Vec<String> = lists
+            .iter()
+            .flatten()
+            .map(|n| n.namespace.clone())
+            .collect();
         names.sort();
         names.dedup();
         let mut out = Vec::new();
         for ns in names {
-            out.push(NamespaceSummary::from_report(&self.report(&ns, None, window)?));
+            out.push(NamespaceSummary::from_report(
+                &self.report(&ns, None, window)?,
+            ));
         }
         Ok(out)
     }
@@ -343,7 +350,10 @@ fn encode(v: &str) -> String {
 
 /// Latest of two RFC 3339 times (the agents write them in one format; compare parsed).
 fn later(a: &str, b: &str) -> bool {
-    match (humantime::parse_rfc3339_weak(a), humantime::parse_rfc3339_weak(b)) {
+    match (
+        humantime::parse_rfc3339_weak(a),
+        humantime::parse_rfc3339_weak(b),
+    ) {
         (Ok(a), Ok(b)) => a > b,
         _ => a > b,
     }
@@ -354,14 +364,7 @@ fn later(a: &str, b: &str) -> bool {
 /// workload, port and security with the latest `last_seen`; verdicts and ratios are recomputed
 /// from the sums with the rules of `aggregate::report`.
 pub fn merge(namespace: &str, workload: Option<&str>, reports: Vec<Report>) -> Report {
-    type BlockerKey = (
-        Option<String>,
-        Option<String>,
-        String,
-        String,
-        u16,
-        String,
-    );
+    type BlockerKey = (Option<String>, Option<String>, String, String, u16, String);
     let mut total = Inbound::default();
     let (mut compliant, mut rejected, mut window) = (0, 0, 0);
     let mut peer_authentication = None;
@@ -460,5 +463,138 @@ pub fn merge(namespace: &str, workload: Option<&str>, reports: Vec<Report>) -> R
         peer_authentications: pas,
         what_if: None,
         nodes: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::{ClientRef, Readiness, ServerRef};
+
+    fn blocker(conns: u64, last_seen: &str, evidence: &str) -> Blocker {
+        Blocker {
+            client: ClientRef {
+                namespace: Some("legacy".into()),
+                workload: Some("batch".into()),
+                address: "198.18.0.9".into(),
+            },
+            server: ServerRef {
+                workload: "web".into(),
+                port: 8080,
+            },
+            security: "plaintext".into(),
+            connections: conns,
+            last_seen: last_seen.into(),
+            evidence: evidence.into(),
+            mesh: "none".into(),
+            protocol: None,
+        }
+    }
+
+    fn node(inbound: Inbound, compliant: u64, blockers: Vec<Blocker>, sidecar: bool) -> Report {
+        Report {
+            namespace: "shop".into(),
+            workload: None,
+            window_seconds: 900,
+            verdict: readiness(&inbound, compliant),
+            inbound,
+            mtls_ratio: ratio(&inbound, compliant),
+            compliant,
+            rejected: 1,
+            peer_authentication: None,
+            blockers,
+            workloads: vec![WorkloadReport {
+                name: "web".into(),
+                verdict: readiness(&inbound, compliant),
+                inbound,
+                sidecar,
+                mtls_ratio: ratio(&inbound, compliant),
+                compliant,
+                rejected: 1,
+                mode: None,
+                ports: vec![PortReport {
+                    port: 8080,
+                    connections: inbound.judged(),
+                    mode: None,
+                }],
+                labels: None,
+            }],
+            peer_authentications: vec![],
+            what_if: None,
+            nodes: None,
+        }
+    }
+
+    #[test]
+    fn merge_sums_counts_and_blockers_and_recomputes_verdicts() {
+        // Node 1 alone is ready (3 mTLS); node 2 saw 2 plaintext from the same client.
+        let a = node(
+            Inbound {
+                mtls: 3,
+                ..Default::default()
+            },
+            3,
+            vec![],
+            true,
+        );
+        let b = node(
+            Inbound {
+                plaintext: 2,
+                exempt: 1,
+                ..Default::default()
+            },
+            0,
+            vec![blocker(2, "2026-12-04T05:00:00Z", "old")],
+            true,
+        );
+        let c = node(
+            Inbound {
+                plaintext: 1,
+                ..Default::default()
+            },
+            0,
+            vec![blocker(1, "2026-12-04T05:10:00Z", "new")],
+            false,
+        );
+        let m = merge("shop", None, vec![a, b, c]);
+        assert_eq!(
+            m.inbound,
+            Inbound {
+                mtls: 3,
+                plaintext: 3,
+                exempt: 1,
+                ..Default::default()
+            }
+        );
+        assert_eq!(m.verdict, Readiness::NotReady);
+        assert_eq!(m.mtls_ratio, Some(0.5));
+        assert_eq!(m.rejected, 3);
+        assert_eq!(m.blockers.len(), 1);
+        assert_eq!(m.blockers[0].connections, 3);
+        assert_eq!(m.blockers[0].last_seen, "2026-12-04T05:10:00Z");
+        assert_eq!(m.blockers[0].evidence, "new");
+        let w = &m.workloads[0];
+        assert_eq!(w.verdict, Readiness::NotReady);
+        assert_eq!(w.inbound.judged(), 6);
+        assert!(!w.sidecar, "one pod without a sidecar");
+        assert_eq!(w.ports[0].connections, 6);
+    }
+
+    #[test]
+    fn nodes_summary_names_the_missing() {
+        let n = Nodes {
+            asked: 2,
+            answered: 1,
+            missing: vec![Missing {
+                pod: "mtls-agent-b".into(),
+                node: "node-b".into(),
+                reason: "timeout (10s)".into(),
+            }],
+        };
+        assert_eq!(
+            n.summary(),
+            "1 of 2 nodes answered; missing: mtls-agent-b (node node-b): timeout (10s)"
+        );
+        assert_eq!(encode("a b/c"), "a%20b%2Fc");
     }
 }
