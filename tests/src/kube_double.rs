@@ -1083,6 +1083,33 @@ pub fn pod_json(
     })
 }
 
+/// An agent as a pod of the DaemonSet in deploy/ (namespace `mtls-agent`, its label,
+/// host network, the port named `metrics`), so that `report` finds them through the API double
+/// and reaches them through its `pods/proxy` at 127.0.0.1 and their own ports.
+pub fn agent_pod_json(name: &str, node: &str, url: &str) -> Result<Value> {
+    let port: u16 = url
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .context("agent port")?;
+    let mut pod = pod_json(
+        "mtls-agent",
+        name,
+        Some(("DaemonSet", "mtls-agent")),
+        &[("app.kubernetes.io/name", "mtls-agent")],
+        "mtls-agent",
+        node,
+        &["127.0.0.1"],
+        false,
+    );
+    pod["spec"]["hostNetwork"] = json!(true);
+    pod["spec"]["containers"] = json!([{
+        "name": "agent",
+        "image": "ghcr.io/example/mtls-agent:0.1.0",
+        "ports": [{"name": "metrics", "containerPort": port, "protocol": "TCP"}]
+    }]);
+    Ok(pod)
+}
+
 fn fxhash(s: &str) -> u32 {
     s.bytes().fold(0x811c9dc5u32, |h, b| {
         (h ^ b as u32).wrapping_mul(0x01000193)

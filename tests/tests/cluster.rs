@@ -266,33 +266,6 @@ fn prometheus_report(tb: &Testbed, agents: &Agents, prom: &Prometheus, ns: &str)
     Ok(serde_json::from_str(&out)?)
 }
 
-/// The node agents as the pods of the DaemonSet in deploy/ (namespace `mtls-agent`, its label,
-/// host network, the port named `metrics`), so that `report` finds them through the API double
-/// and reaches them through its `pods/proxy` at 127.0.0.1 and their own ports.
-fn agent_pod(name: &str, node: &str, url: &str) -> Result<Value> {
-    let port: u16 = url
-        .rsplit_once(':')
-        .and_then(|(_, p)| p.parse().ok())
-        .context("agent port")?;
-    let mut pod = pod_json(
-        "mtls-agent",
-        name,
-        Some(("DaemonSet", "mtls-agent")),
-        &[("app.kubernetes.io/name", "mtls-agent")],
-        "mtls-agent",
-        node,
-        &["127.0.0.1"],
-        false,
-    );
-    pod["spec"]["hostNetwork"] = json!(true);
-    pod["spec"]["containers"] = json!([{
-        "name": "agent",
-        "image": "ghcr.io/example/mtls-agent:0.1.0",
-        "ports": [{"name": "metrics", "containerPort": port, "protocol": "TCP"}]
-    }]);
-    Ok(pod)
-}
-
 /// Runs ARGV in the node namespace: (exit status, stdout, stderr).
 fn run_in_node(tb: &Testbed, argv: &[&str]) -> Result<(std::process::ExitStatus, String, String)> {
     let out = tb.output(tb.node_netns(), argv, None, Duration::from_secs(30))?;
@@ -359,7 +332,11 @@ fn two_nodes_sum_to_one_agent_on_every_veth_in_kubernetes_mode() -> Result<()> {
         ("mtls-agent-a", "node-a", &agents.a),
         ("mtls-agent-b", "node-b", &agents.b),
     ] {
-        double.apply(tb, KubeResource::Pods, &agent_pod(pod, name, &agent.url())?)?;
+        double.apply(
+            tb,
+            KubeResource::Pods,
+            &agent_pod_json(pod, name, &agent.url())?,
+        )?;
     }
     let kc = kubeconfig.to_str().context("kubeconfig path")?;
     let prom = prometheus_over_nodes(tb, &agents)?;
@@ -403,7 +380,21 @@ fn two_nodes_sum_to_one_agent_on_every_veth_in_kubernetes_mode() -> Result<()> {
         let (status, via_plugin, err) =
             run_in_node(tb, &["env", &kubeconfig_env, plugin, "report", "-n", ns])?;
         assert!(status.success(), "kubectl-mtls report -n {ns}: {err}");
-        assert_eq!(via_plugin, table, "kubectl-mtls report -n {ns}");
+        // All but the window, which each agent clips to its uptime (a second may pass).
+        let unwindowed = |t: &str| {
+            t.replace(
+                t.split(" (window")
+                    .nth(1)
+                    .and_then(|r| r.split(')').next())
+                    .unwrap_or(""),
+                "",
+            )
+        };
+        assert_eq!(
+            unwindowed(&via_plugin),
+            unwindowed(&table),
+            "kubectl-mtls report -n {ns}"
+        );
     }
     // `policy` through the API writes what it writes from the single agent.
     let (status, merged, err) = run_in_node(
