@@ -6,7 +6,6 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    sync::Mutex,
     time::Duration,
 };
 
@@ -90,8 +89,6 @@ pub struct Cluster {
     selector: String,
     timeout: Duration,
     token: Option<String>,
-    /// The `nodes` of the last question (for `--all-namespaces`, which has no report to carry it).
-    last: Mutex<Option<Nodes>>,
 }
 
 /// One agent's answer.
@@ -149,7 +146,6 @@ impl Cluster {
             selector: selector.to_owned(),
             timeout,
             token,
-            last: Mutex::new(None),
         })
     }
 
@@ -212,7 +208,6 @@ impl Cluster {
             if !nodes.missing.is_empty() {
                 eprintln!("mtls-agent: warning: {}", nodes.summary());
             }
-            *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(nodes.clone());
             Ok((ok, unknown, nodes))
         })
     }
@@ -290,11 +285,6 @@ impl Cluster {
             .unwrap_or_else(|| text.trim().chars().take(160).collect());
         missing(format!("proxy error: {status} {msg}"))
     }
-
-    /// The `nodes` of the last question.
-    pub fn last_nodes(&self) -> Option<Nodes> {
-        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
 }
 
 impl super::source::Source for Cluster {
@@ -304,11 +294,7 @@ impl super::source::Source for Cluster {
         workload: Option<&str>,
         window: Option<Duration>,
     ) -> anyhow::Result<Report> {
-        let mut q = vec![("namespace", namespace.to_owned())];
-        if let Some(w) = workload {
-            q.push(("workload", w.to_owned()));
-        }
-        q.extend(super::source::window_query(window));
+        let q = super::source::report_query(namespace, workload, window);
         let (reports, unknown, nodes) = self.ask_all::<Report>("/api/v1/report", &q)?;
         if reports.is_empty() {
             return Err(usage(unknown.into_iter().next().unwrap_or_default()));

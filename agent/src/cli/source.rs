@@ -109,6 +109,20 @@ pub(super) fn window_query(window: Option<Duration>) -> Vec<(&'static str, Strin
         .unwrap_or_default()
 }
 
+/// The query of the agent API's `/api/v1/report`.
+pub(super) fn report_query(
+    namespace: &str,
+    workload: Option<&str>,
+    window: Option<Duration>,
+) -> Vec<(&'static str, String)> {
+    let mut q = vec![("namespace", namespace.to_owned())];
+    if let Some(w) = workload {
+        q.push(("workload", w.to_owned()));
+    }
+    q.extend(window_query(window));
+    q
+}
+
 impl Source for AgentApi {
     fn report(
         &self,
@@ -116,12 +130,11 @@ impl Source for AgentApi {
         workload: Option<&str>,
         window: Option<Duration>,
     ) -> anyhow::Result<Report> {
-        let mut q = vec![("namespace", namespace.to_owned())];
-        if let Some(w) = workload {
-            q.push(("workload", w.to_owned()));
-        }
-        q.extend(window_query(window));
-        get_json(&self.url, "/api/v1/report", &q)
+        get_json(
+            &self.url,
+            "/api/v1/report",
+            &report_query(namespace, workload, window),
+        )
     }
 
     fn namespaces(&self, window: Option<Duration>) -> anyhow::Result<Vec<NamespaceSummary>> {
