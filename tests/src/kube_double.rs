@@ -10,6 +10,12 @@
 //!   lines: every change after N, then live changes, bookmarks when idle;
 //! - a watch from a resourceVersion older than the compacted history gets an `ERROR` event with
 //!   a `Status` of code 410 (Expired), as etcd compaction produces;
+//! - `GET /api/v1/namespaces/NS/pods?labelSelector=k=v,...`: the pods of one namespace that
+//!   match (equality selectors), as `kubectl get pods -n NS -l ...` asks;
+//! - `pods/proxy`: `GET /api/v1/namespaces/NS/pods/NAME[:PORT]/proxy/PATH?Q` is forwarded over
+//!   HTTP to the pod's `status.podIP` and PORT, as the API server does: the caller's
+//!   `Authorization` is consumed (not forwarded), other headers are; the pod's answer comes back
+//!   as it is; a pod without an IP gets 503 and an unreachable one 503 with the dial error;
 //! - anything else: 404 with a `Status` body.
 //!
 //! Tests drive it in-process (`KubeDouble::apply`, `delete`, `disconnect_watches`,
@@ -370,6 +376,10 @@ struct Request {
     method: String,
     path: String,
     query: HashMap<String, String>,
+    /// The query string as sent (forwarded as is by `pods/proxy`).
+    raw_query: String,
+    /// Every header but Content-Length, in order.
+    headers: Vec<(String, String)>,
     body: Vec<u8>,
 }
 
@@ -382,6 +392,7 @@ fn read_request(conn: &mut BufReader<TcpStream>) -> Result<Option<Request>> {
     let method = parts.next().unwrap_or_default().to_owned();
     let target = parts.next().unwrap_or_default().to_owned();
     let mut content_length = 0usize;
+    let mut headers = Vec::new();
     loop {
         let mut h = String::new();
         if conn.read_line(&mut h)? == 0 {
@@ -391,10 +402,12 @@ fn read_request(conn: &mut BufReader<TcpStream>) -> Result<Option<Request>> {
         if h.is_empty() {
             break;
         }
-        if let Some((k, v)) = h.split_once(':')
-            && k.eq_ignore_ascii_case("content-length")
-        {
-            content_length = v.trim().parse().unwrap_or(0);
+        if let Some((k, v)) = h.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                content_length = v.trim().parse().unwrap_or(0);
+            } else {
+                headers.push((k.trim().to_owned(), v.trim().to_owned()));
+            }
         }
     }
     let mut body = vec![0; content_length];
@@ -412,6 +425,8 @@ fn read_request(conn: &mut BufReader<TcpStream>) -> Result<Option<Request>> {
         method,
         path: path.to_owned(),
         query,
+        raw_query: q.to_owned(),
+        headers,
         body,
     }))
 }
@@ -505,6 +520,18 @@ fn serve(shared: &Shared, conn: TcpStream) -> Result<()> {
         }
         route(&st, &req.path)
     };
+    if found.is_none()
+        && req.method == "GET"
+        && let Some(rest) = req.path.strip_prefix("/api/v1/namespaces/")
+        && let Some((ns, rest)) = rest.split_once("/pods")
+    {
+        if rest.is_empty() {
+            return serve_namespaced_pods(shared, &mut conn, ns, &req);
+        }
+        if let Some((pod, path)) = rest.strip_prefix('/').and_then(|r| r.split_once("/proxy")) {
+            return serve_pod_proxy(shared, &mut conn, ns, pod, path, &req);
+        }
+    }
     let Some((res, version)) = found else {
         return respond(
             &mut conn,
@@ -579,6 +606,108 @@ fn serve(shared: &Shared, conn: TcpStream) -> Result<()> {
         return respond(&mut conn, 200, "OK", &list);
     }
     serve_watch(shared, &mut conn, res, &version, &req)
+}
+
+/// Whether a pod's labels match an equality selector (`k=v,k2=v2`; empty matches all).
+fn selector_matches(pod: &Value, selector: &str) -> bool {
+    selector.split(',').filter(|t| !t.is_empty()).all(|term| {
+        let (k, v) = term.split_once('=').unwrap_or((term, ""));
+        let v = v.trim_start_matches('=');
+        pod["metadata"]["labels"][k].as_str() == Some(v)
+    })
+}
+
+/// `GET /api/v1/namespaces/NS/pods?labelSelector=...`: one namespace's matching pods, one page.
+fn serve_namespaced_pods(
+    shared: &Shared,
+    conn: &mut TcpStream,
+    ns: &str,
+    req: &Request,
+) -> Result<()> {
+    let st = shared.lock();
+    let selector = req.query.get("labelSelector").cloned().unwrap_or_default();
+    let items: Vec<Value> = st.colls[&KubeResource::Pods]
+        .objects
+        .iter()
+        .filter(|((pns, _), pod)| pns == ns && selector_matches(pod, &selector))
+        .map(|(_, pod)| pod.clone())
+        .collect();
+    let list = json!({
+        "kind": "PodList",
+        "apiVersion": "v1",
+        "metadata": {"resourceVersion": st.rv.to_string()},
+        "items": items,
+    });
+    drop(st);
+    respond(conn, 200, "OK", &list)
+}
+
+/// `pods/proxy`: forwards the request to the pod's IP and port over HTTP and relays the answer.
+fn serve_pod_proxy(
+    shared: &Shared,
+    conn: &mut TcpStream,
+    ns: &str,
+    target: &str,
+    path: &str,
+    req: &Request,
+) -> Result<()> {
+    let (name, port) = match target.rsplit_once(':') {
+        Some((n, p)) => (n, p.parse::<u16>().unwrap_or(80)),
+        None => (target, 80),
+    };
+    let pod = shared
+        .lock()
+        .colls
+        .get(&KubeResource::Pods)
+        .and_then(|c| c.objects.get(&(ns.to_owned(), name.to_owned())).cloned());
+    let Some(pod) = pod else {
+        let msg = format!("pods \"{name}\" not found");
+        return respond(conn, 404, "Not Found", &status(404, "NotFound", &msg));
+    };
+    let ip = pod["status"]["podIP"].as_str().unwrap_or_default();
+    if ip.is_empty() {
+        let msg = format!("address not allowed: pod {name} has no IP");
+        return respond(
+            conn,
+            503,
+            "Service Unavailable",
+            &status(503, "ServiceUnavailable", &msg),
+        );
+    }
+    let addr: SocketAddr = format!("{ip}:{port}")
+        .parse()
+        .with_context(|| format!("pod {name} address {ip}:{port}"))?;
+    let mut upstream = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(u) => u,
+        Err(e) => {
+            let msg = format!("error trying to reach service: dial tcp {addr}: {e}");
+            return respond(
+                conn,
+                503,
+                "Service Unavailable",
+                &status(503, "ServiceUnavailable", &msg),
+            );
+        }
+    };
+    let path = if path.is_empty() { "/" } else { path };
+    let target = match req.raw_query.as_str() {
+        "" => path.to_owned(),
+        q => format!("{path}?{q}"),
+    };
+    let mut head = format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in &req.headers {
+        // The API server authenticates the caller with Authorization and does not pass it on.
+        if !["authorization", "host", "connection"].contains(&k.to_ascii_lowercase().as_str()) {
+            head += &format!("{k}: {v}\r\n");
+        }
+    }
+    head += "\r\n";
+    upstream.write_all(head.as_bytes())?;
+    let mut answer = Vec::new();
+    upstream.read_to_end(&mut answer)?;
+    conn.write_all(&answer)?;
+    conn.flush()?;
+    Ok(())
 }
 
 fn chunk(conn: &mut TcpStream, v: &Value) -> std::io::Result<()> {
@@ -952,6 +1081,33 @@ pub fn pod_json(
             "qosClass": "BestEffort"
         }
     })
+}
+
+/// An agent as a pod of the DaemonSet in deploy/ (namespace `mtls-agent`, its label,
+/// host network, the port named `metrics`), so that `report` finds them through the API double
+/// and reaches them through its `pods/proxy` at 127.0.0.1 and their own ports.
+pub fn agent_pod_json(name: &str, node: &str, url: &str) -> Result<Value> {
+    let port: u16 = url
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .context("agent port")?;
+    let mut pod = pod_json(
+        "mtls-agent",
+        name,
+        Some(("DaemonSet", "mtls-agent")),
+        &[("app.kubernetes.io/name", "mtls-agent")],
+        "mtls-agent",
+        node,
+        &["127.0.0.1"],
+        false,
+    );
+    pod["spec"]["hostNetwork"] = json!(true);
+    pod["spec"]["containers"] = json!([{
+        "name": "agent",
+        "image": "ghcr.io/example/mtls-agent:0.1.0",
+        "ports": [{"name": "metrics", "containerPort": port, "protocol": "TCP"}]
+    }]);
+    Ok(pod)
 }
 
 fn fxhash(s: &str) -> u32 {

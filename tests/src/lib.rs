@@ -45,8 +45,8 @@ pub mod traffic;
 pub use agent::{Agent, agent_bin, metric_value, samples, tcx_programs};
 pub use inventory::{Workload, inventory_yaml, write_inventory};
 pub use kube_double::{
-    KubeDouble, KubeDoubleClient, KubeDoubleProc, KubeResource, kube_fixtures_dir, pod_json,
-    write_kubeconfig,
+    KubeDouble, KubeDoubleClient, KubeDoubleProc, KubeResource, agent_pod_json, kube_fixtures_dir,
+    pod_json, write_kubeconfig,
 };
 pub use netns::{
     BRIDGE, IPV4_PREFIX_LEN, IPV6_PREFIX_LEN, NODE_IPV4, NODE_IPV6, Pod, PodLink, PodSpec, Testbed,

@@ -7,7 +7,9 @@
 //! node probes its pods. The sum of the two node agents must equal the single agent, series by
 //! series, in inventory mode and in Kubernetes mode (pods placed on the nodes through the API
 //! double), and `report --prometheus` over a real Prometheus scraping the two node agents must
-//! give the single agent's reports. A Service call through a kube-proxy-style DNAT in the node
+//! give the single agent's reports; so must `report` with only a kubeconfig, asking the two agents
+//! through the API double's `pods/proxy` (issue 14), also as `kubectl-mtls`, and say which node is
+//! missing when one is down. A Service call through a kube-proxy-style DNAT in the node
 //! namespace is one connection on each side. Needs root; fails, never skips.
 use std::{path::Path, time::Duration};
 
@@ -208,6 +210,25 @@ fn two_nodes_sum_to_one_agent_on_every_veth_in_inventory_mode() -> Result<()> {
 
     // A real Prometheus scraping the two node agents answers like the single agent.
     let tb = &node.tb;
+    let prom = prometheus_over_nodes(tb, &agents)?;
+    for ns in NAMESPACES {
+        let want = agents.all.report_json(tb, ns, None)?;
+        let got = prometheus_report(tb, &agents, &prom, ns)?;
+        assert_eq!(
+            essentials(&got),
+            essentials(&want),
+            "{ns}: prometheus over two nodes vs one agent"
+        );
+    }
+    drop(prom);
+    for agent in [agents.a, agents.b, agents.all] {
+        agent.stop()?;
+    }
+    node.destroy()
+}
+
+/// A real Prometheus scraping the two node agents, once it has scraped every connection.
+fn prometheus_over_nodes(tb: &Testbed, agents: &Agents) -> Result<Prometheus> {
     let prom = Prometheus::start(
         tb,
         &[
@@ -228,32 +249,34 @@ fn two_nodes_sum_to_one_agent_on_every_veth_in_inventory_mode() -> Result<()> {
             .and_then(|v| v.parse::<f64>().ok())
             == Some(total))
     })?;
-    for ns in NAMESPACES {
-        let want = agents.all.report_json(tb, ns, None)?;
-        let (status, out, err) = agents.all.report_with(
-            tb,
-            &[
-                "--namespace",
-                ns,
-                "--output",
-                "json",
-                "--prometheus",
-                &prom.url(),
-            ],
-        )?;
-        assert!(status.success(), "report --prometheus {ns}: {err}");
-        let got: Value = serde_json::from_str(&out)?;
-        assert_eq!(
-            essentials(&got),
-            essentials(&want),
-            "{ns}: prometheus over two nodes vs one agent"
-        );
-    }
-    drop(prom);
-    for agent in [agents.a, agents.b, agents.all] {
-        agent.stop()?;
-    }
-    node.destroy()
+    Ok(prom)
+}
+
+/// `report --namespace NS --output json --prometheus URL`.
+fn prometheus_report(tb: &Testbed, agents: &Agents, prom: &Prometheus, ns: &str) -> Result<Value> {
+    let (status, out, err) = agents.all.report_with(
+        tb,
+        &[
+            "--namespace",
+            ns,
+            "--output",
+            "json",
+            "--prometheus",
+            &prom.url(),
+        ],
+    )?;
+    assert!(status.success(), "report --prometheus {ns}: {err}");
+    Ok(serde_json::from_str(&out)?)
+}
+
+/// Runs ARGV in the node namespace: (exit status, stdout, stderr).
+fn run_in_node(tb: &Testbed, argv: &[&str]) -> Result<(std::process::ExitStatus, String, String)> {
+    let out = tb.output(tb.node_netns(), argv, None, Duration::from_secs(30))?;
+    Ok((
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
 }
 
 /// The reference fixtures with the pods of node-b placed there.
@@ -304,9 +327,147 @@ fn two_nodes_sum_to_one_agent_on_every_veth_in_kubernetes_mode() -> Result<()> {
         name => Agent::start_kubernetes(tb, &bin, kubeconfig, name, globs, extra, n),
     })?;
     run_cluster(&node, &agents)?;
-    for agent in [agents.a, agents.b, agents.all] {
-        agent.stop()?;
+
+    // Cluster mode (issue 14): with only a kubeconfig, `report` finds the two node agents through
+    // the API and asks each through `pods/proxy`; the merge is the single agent's answer and
+    // Prometheus's.
+    for (pod, name, agent) in [
+        ("mtls-agent-a", "node-a", &agents.a),
+        ("mtls-agent-b", "node-b", &agents.b),
+    ] {
+        double.apply(
+            tb,
+            KubeResource::Pods,
+            &agent_pod_json(pod, name, &agent.url())?,
+        )?;
     }
+    let kc = kubeconfig.to_str().context("kubeconfig path")?;
+    let prom = prometheus_over_nodes(tb, &agents)?;
+    // The same binary under the kubectl plugin's name, as `kubectl mtls` runs it.
+    let plugin_dir = tb.scratch_dir("plugin")?;
+    let plugin = plugin_dir.join("kubectl-mtls");
+    std::os::unix::fs::symlink(&bin, &plugin)?;
+    let plugin = plugin.to_str().context("plugin path")?;
+    let kubeconfig_env = format!("KUBECONFIG={kc}");
+    for ns in NAMESPACES {
+        let want = agents.all.report_json(tb, ns, None)?;
+        let (status, out, err) = agents.all.report_with(
+            tb,
+            &["--namespace", ns, "--output", "json", "--kubeconfig", kc],
+        )?;
+        assert!(status.success(), "report {ns} through the API: {err}");
+        assert!(err.is_empty(), "no warning when every node answers: {err}");
+        let got: Value = serde_json::from_str(&out)?;
+        assert_eq!(
+            essentials(&got),
+            essentials(&want),
+            "{ns}: two nodes through pods/proxy vs one agent on every veth"
+        );
+        assert_eq!(
+            got["nodes"],
+            json!({"asked": 2, "answered": 2, "missing": []}),
+            "{ns}"
+        );
+        let from_prom = prometheus_report(tb, &agents, &prom, ns)?;
+        assert_eq!(
+            essentials(&got),
+            essentials(&from_prom),
+            "{ns}: through pods/proxy vs --prometheus"
+        );
+        // `kubectl mtls report -n NS` (KUBECONFIG from the environment) prints the same table.
+        let (status, table, err) = agents
+            .all
+            .report_with(tb, &["--namespace", ns, "--kubeconfig", kc])?;
+        assert!(status.success(), "{err}");
+        assert!(table.contains("2 of 2 nodes answered"), "{table}");
+        let (status, via_plugin, err) =
+            run_in_node(tb, &["env", &kubeconfig_env, plugin, "report", "-n", ns])?;
+        assert!(status.success(), "kubectl-mtls report -n {ns}: {err}");
+        // All but the window, which each agent clips to its uptime (a second may pass).
+        let unwindowed = |t: &str| {
+            t.replace(
+                t.split(" (window")
+                    .nth(1)
+                    .and_then(|r| r.split(')').next())
+                    .unwrap_or(""),
+                "",
+            )
+        };
+        assert_eq!(
+            unwindowed(&via_plugin),
+            unwindowed(&table),
+            "kubectl-mtls report -n {ns}"
+        );
+    }
+    // `policy` through the API writes what it writes from the single agent.
+    let (status, merged, err) = run_in_node(
+        tb,
+        &["env", &kubeconfig_env, plugin, "policy", "-n", "shop"],
+    )?;
+    assert!(status.success(), "kubectl-mtls policy -n shop: {err}");
+    let (_, single, _) = agents.all.cli(
+        tb,
+        &[
+            "policy",
+            "--namespace",
+            "shop",
+            "--agent",
+            &agents.all.url(),
+        ],
+    )?;
+    // The first line names the window, which each agent clips to its own uptime.
+    let body = |s: &str| s.lines().skip(1).collect::<Vec<_>>().join("\n");
+    assert!(
+        merged.starts_with("# PeerAuthentications for namespace shop"),
+        "{merged}"
+    );
+    assert_eq!(
+        body(&merged),
+        body(&single),
+        "policy through pods/proxy vs one agent"
+    );
+    drop(prom);
+
+    // One node down: the answer says so, names it, and still exits 0.
+    let Agents { a, b, all } = agents;
+    b.stop()?;
+    let (status, out, err) = all.report_with(
+        tb,
+        &[
+            "--namespace",
+            "shop",
+            "--output",
+            "json",
+            "--kubeconfig",
+            kc,
+        ],
+    )?;
+    assert!(status.success(), "one node missing is not a failure: {err}");
+    let got: Value = serde_json::from_str(&out)?;
+    assert_eq!(got["nodes"]["asked"], 2, "{out}");
+    assert_eq!(got["nodes"]["answered"], 1, "{out}");
+    assert_eq!(got["nodes"]["missing"][0]["pod"], "mtls-agent-b", "{out}");
+    assert_eq!(got["nodes"]["missing"][0]["node"], "node-b", "{out}");
+    let reason = got["nodes"]["missing"][0]["reason"].as_str().unwrap_or("");
+    assert!(reason.starts_with("proxy error"), "{reason}");
+    assert_eq!(err.lines().count(), 1, "one warning line: {err}");
+    assert!(
+        err.contains("1 of 2 nodes answered") && err.contains("mtls-agent-b"),
+        "{err}"
+    );
+    let (status, table, _) = all.report_with(tb, &["-n", "shop", "--kubeconfig", kc])?;
+    assert!(status.success());
+    assert!(
+        table.contains("1 of 2 nodes answered; missing: mtls-agent-b (node node-b): proxy error"),
+        "{table}"
+    );
+    // No node: exit 1, one line.
+    a.stop()?;
+    let (status, out, err) = all.report_with(tb, &["-n", "shop", "--kubeconfig", kc])?;
+    assert_eq!(status.code(), Some(1), "{out}{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("0 of 2 nodes answered"), "{err}");
+    all.stop()?;
     drop(double);
     node.destroy()
 }

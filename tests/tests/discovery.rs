@@ -142,7 +142,6 @@ fn default_flags_find_pod_interfaces_of_any_name_and_nothing_else() -> Result<()
     tb.destroy()
 }
 
-
 #[test]
 fn kubernetes_mode_names_pods_never_seen_on_a_watched_interface() -> Result<()> {
     ensure_root()?;

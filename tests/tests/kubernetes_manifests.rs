@@ -353,3 +353,49 @@ fn old_kernels_component_adds_only_sys_resource() -> Result<()> {
     );
     Ok(())
 }
+
+/// The report-users component grants users exactly what `report` through the API needs (get/list
+/// pods, get pods/proxy), in the agent namespace only, and changes nothing else.
+#[test]
+fn report_users_component_grants_pod_proxy_in_the_agent_namespace() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let deploy = dir.path().join("deploy");
+    copy_dir(&repo().join("deploy"), &deploy)?;
+    let overlay = deploy.join("overlays/report-users-test");
+    std::fs::create_dir_all(&overlay)?;
+    std::fs::write(
+        overlay.join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - ../../base\ncomponents:\n  - ../../components/report-users\n",
+    )?;
+    let yaml = kustomize(&overlay)?;
+    validate(&yaml)?;
+    let docs = documents(&yaml)?;
+    let base = documents(&kustomize(&repo().join("deploy/base"))?)?;
+    assert_eq!(
+        docs.len(),
+        base.len() + 2,
+        "only the ClusterRole and its RoleBinding"
+    );
+    let role = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "mtls-agent-report")
+        .context("ClusterRole mtls-agent-report")?;
+    assert_eq!(
+        role["rules"],
+        json!([
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+            {"apiGroups": [""], "resources": ["pods/proxy"], "verbs": ["get"]}
+        ])
+    );
+    let binding = find(&docs, "RoleBinding")?;
+    assert_eq!(binding["metadata"]["namespace"], "mtls-agent");
+    assert_eq!(binding["roleRef"]["name"], "mtls-agent-report");
+    // The binding's namespace is the one the agent pods live in, which `report` looks in.
+    let ds = find(&docs, "DaemonSet")?;
+    assert_eq!(ds["metadata"]["namespace"], "mtls-agent");
+    assert_eq!(
+        ds["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"],
+        "mtls-agent"
+    );
+    Ok(())
+}

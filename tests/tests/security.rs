@@ -103,6 +103,30 @@ fn api_token_protects_the_json_api_but_not_metrics_or_health() -> Result<()> {
     assert!(err.contains("401"), "{err}");
     let (st, _, err) = agent.report(&tb, &["--namespace", "shop", "--token-file", &wrong])?;
     assert_eq!(st.code(), Some(1), "{err}");
+    // Through the API server's pods/proxy (which keeps Authorization for itself), too.
+    let double = KubeDoubleProc::start(
+        &tb,
+        tb.node_netns(),
+        "127.0.0.1:6443".parse()?,
+        &kube_fixtures_dir(),
+    )?;
+    double.apply(
+        &tb,
+        KubeResource::Pods,
+        &agent_pod_json("mtls-agent-x", "node-x", &agent.url())?,
+    )?;
+    let kc = double.kubeconfig().to_str().unwrap();
+    let (st, out, err) = agent.report_with(
+        &tb,
+        &["-n", "shop", "--kubeconfig", kc, "--token-file", &tf],
+    )?;
+    assert!(st.success(), "{err}");
+    assert!(out.contains("1 of 1 nodes answered"), "{out}");
+    let (st, _, err) = agent.report_with(&tb, &["-n", "shop", "--kubeconfig", kc])?;
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("401"), "{err}");
+    drop(double);
     // A bad token file is a usage error naming the flag.
     let empty = write_file(tb.workdir(), "empty", "\n")?;
     let out = tb.output(

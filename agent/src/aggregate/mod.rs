@@ -750,6 +750,7 @@ impl Aggregator {
                 .map(|k| k.rules_for(namespace))
                 .unwrap_or_default(),
             what_if: None,
+            nodes: None,
         })
     }
 }

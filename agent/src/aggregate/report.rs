@@ -218,6 +218,9 @@ pub struct Report {
     /// `report --assume-policy`: what the assumed policies would reject.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub what_if: Option<crate::policy::whatif::WhatIf>,
+    /// Cluster mode (`report` through the API server): which agent pods answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<crate::cli::cluster::Nodes>,
 }
 
 /// The verdict rule of DESIGN.md: ready when judged inbound traffic was seen and none of it
@@ -318,6 +321,7 @@ mod tests {
             workloads: vec![],
             peer_authentications: vec![],
             what_if: None,
+            nodes: None,
         };
         let v = serde_json::to_value(&r).unwrap();
         assert_eq!(v["verdict"], "not_ready");

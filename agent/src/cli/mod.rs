@@ -4,6 +4,7 @@
 //! as one line on stderr naming the flag or file and what is wrong; 3 only for
 //! `report --assume-policy … --check` when the assumed policies would reject traffic.
 pub mod classify;
+pub mod cluster;
 pub mod policy;
 pub mod prometheus;
 pub mod report;
@@ -246,6 +247,7 @@ pub struct ReportArgs {
     /// Namespace to judge.
     #[arg(
         long,
+        short = 'n',
         value_name = "NS",
         required_unless_present = "all_namespaces",
         conflicts_with = "all_namespaces"
@@ -280,7 +282,7 @@ pub struct ReportArgs {
 #[derive(Debug, Args)]
 pub struct PolicyArgs {
     /// Namespace to write PeerAuthentications for.
-    #[arg(long, value_name = "NS")]
+    #[arg(long, short = 'n', value_name = "NS")]
     pub namespace: String,
     /// Only this workload of the namespace.
     #[arg(long, value_name = "W")]
@@ -307,9 +309,30 @@ fn parse_window(s: &str) -> Result<humantime::Duration, String> {
     Ok(d)
 }
 
+/// The name under which the binary is a kubectl plugin (`kubectl mtls ...`).
+pub const PLUGIN_NAME: &str = "kubectl-mtls";
+
 /// Parses the command line and runs it; returns the process exit code.
 pub fn main() -> u8 {
-    let cli = match Cli::try_parse() {
+    // Installed as `kubectl-mtls`, kubectl runs it as `kubectl mtls ...` (a kubectl plugin).
+    let plugin = std::env::args_os()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .is_some_and(|n| n.starts_with(PLUGIN_NAME));
+    let parsed = if plugin {
+        use clap::{CommandFactory as _, FromArgMatches as _};
+        Cli::command()
+            .bin_name("kubectl mtls")
+            .try_get_matches()
+            .and_then(|m| Cli::from_arg_matches(&m))
+    } else {
+        Cli::try_parse()
+    };
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;

@@ -339,6 +339,7 @@ impl Prometheus {
             workloads,
             peer_authentications: Vec::new(),
             what_if: None,
+            nodes: None,
         })
     }
 }

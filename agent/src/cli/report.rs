@@ -124,6 +124,9 @@ pub fn report(args: ReportArgs) -> anyhow::Result<()> {
             if let Some(w) = &report.what_if {
                 write!(stdout, "{}", render_what_if(w, width))?;
             }
+            if let Some(n) = &report.nodes {
+                writeln!(stdout, "\n{}", n.summary())?;
+            }
         }
     }
     stdout.flush()?;
@@ -564,6 +567,7 @@ mod tests {
             }],
             peer_authentications: vec![],
             what_if: None,
+            nodes: None,
         }
     }
 

@@ -1,12 +1,16 @@
 //! Where `report` and `policy` get their data: one trait, one implementation per way of asking
 //! (`--agent`: one node's JSON API; `--prometheus`: every agent's counters through PromQL), so
-//! every command works every way. A third way (every agent pod through the Kubernetes API's
-//! `pods/proxy`, merged) implements the same trait.
+//! every command works every way; `cluster`: every agent pod through the Kubernetes API's
+//! `pods/proxy`, merged).
+//!
+//! Which one (DESIGN.md): `--agent` if given, else `--prometheus`, else the cluster when a
+//! kubeconfig is found (`--kubeconfig`, `KUBECONFIG`, `~/.kube/config`, in-cluster), else the
+//! local agent at http://127.0.0.1:9477.
 use std::time::Duration;
 
 use clap::Args;
 
-use super::{prometheus::Prometheus, report::get_json};
+use super::{prometheus::Prometheus, report::get_json, usage};
 use crate::{aggregate::Report, export::http::NamespaceSummary};
 
 /// The report data of a namespace, however it is obtained.
@@ -29,9 +33,10 @@ pub trait Source {
 /// The flags that choose the source, shared by every command that asks one.
 #[derive(Debug, Args)]
 pub struct SourceArgs {
-    /// Base URL of a running agent (one node).
-    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9477")]
-    pub agent: String,
+    /// Base URL of a running agent (one node). Default: every agent of the cluster through the
+    /// API server when a kubeconfig is found, else http://127.0.0.1:9477.
+    #[arg(long, value_name = "URL")]
+    pub agent: Option<String>,
     /// Base URL of a Prometheus that scrapes every agent (cluster-wide).
     #[arg(long, value_name = "URL", conflicts_with = "agent")]
     pub prometheus: Option<String>,
@@ -42,16 +47,52 @@ pub struct SourceArgs {
     /// instead of the public web roots, e.g. the CA that signed the agent's --tls-cert.
     #[arg(long, value_name = "FILE")]
     pub ca_file: Option<std::path::PathBuf>,
+    /// Kubeconfig for asking every agent through the API server (default: KUBECONFIG,
+    /// ~/.kube/config, then in-cluster).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["agent", "prometheus"])]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// Kubeconfig context to use (default: the current context).
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["agent", "prometheus"])]
+    pub context: Option<String>,
+    /// Namespace of the agent pods (cluster mode).
+    #[arg(long, value_name = "NS", default_value = super::cluster::DEFAULT_AGENT_NAMESPACE)]
+    pub agent_namespace: String,
+    /// Label selector of the agent pods (cluster mode).
+    #[arg(long, value_name = "SELECTOR", default_value = super::cluster::DEFAULT_AGENT_SELECTOR)]
+    pub agent_selector: String,
+    /// How long each agent may take to answer (cluster mode); slower ones are reported missing.
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    pub agent_timeout: humantime::Duration,
 }
 
 impl SourceArgs {
     /// The source these flags name (after reading the token and CA files).
     pub fn open(&self) -> anyhow::Result<Box<dyn Source>> {
         super::report::init_client(self.token_file.as_deref(), self.ca_file.as_deref())?;
-        Ok(match &self.prometheus {
-            Some(url) => Box::new(Prometheus::new(url)?),
-            None => Box::new(AgentApi {
-                url: self.agent.clone(),
+        let kube = super::cluster::KubeArgs {
+            kubeconfig: self.kubeconfig.as_deref(),
+            context: self.context.as_deref(),
+        };
+        Ok(match (&self.agent, &self.prometheus) {
+            (Some(url), _) => Box::new(AgentApi { url: url.clone() }),
+            (None, Some(url)) => Box::new(Prometheus::new(url)?),
+            (None, None) if super::cluster::kubeconfig_found(&kube) => {
+                let token = match &self.token_file {
+                    Some(p) => Some(
+                        crate::export::http::read_token_file("--token-file", p).map_err(usage)?,
+                    ),
+                    None => None,
+                };
+                Box::new(super::cluster::Cluster::new(
+                    &kube,
+                    &self.agent_namespace,
+                    &self.agent_selector,
+                    self.agent_timeout.into(),
+                    token,
+                )?)
+            }
+            (None, None) => Box::new(AgentApi {
+                url: "http://127.0.0.1:9477".into(),
             }),
         })
     }
@@ -62,10 +103,24 @@ pub struct AgentApi {
     pub url: String,
 }
 
-fn window_query(window: Option<Duration>) -> Vec<(&'static str, String)> {
+pub(super) fn window_query(window: Option<Duration>) -> Vec<(&'static str, String)> {
     window
         .map(|w| vec![("window", w.as_secs().to_string())])
         .unwrap_or_default()
+}
+
+/// The query of the agent API's `/api/v1/report`.
+pub(super) fn report_query(
+    namespace: &str,
+    workload: Option<&str>,
+    window: Option<Duration>,
+) -> Vec<(&'static str, String)> {
+    let mut q = vec![("namespace", namespace.to_owned())];
+    if let Some(w) = workload {
+        q.push(("workload", w.to_owned()));
+    }
+    q.extend(window_query(window));
+    q
 }
 
 impl Source for AgentApi {
@@ -75,12 +130,11 @@ impl Source for AgentApi {
         workload: Option<&str>,
         window: Option<Duration>,
     ) -> anyhow::Result<Report> {
-        let mut q = vec![("namespace", namespace.to_owned())];
-        if let Some(w) = workload {
-            q.push(("workload", w.to_owned()));
-        }
-        q.extend(window_query(window));
-        get_json(&self.url, "/api/v1/report", &q)
+        get_json(
+            &self.url,
+            "/api/v1/report",
+            &report_query(namespace, workload, window),
+        )
     }
 
     fn namespaces(&self, window: Option<Duration>) -> anyhow::Result<Vec<NamespaceSummary>> {

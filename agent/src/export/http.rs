@@ -247,6 +247,10 @@ pub fn read_token_file(flag: &str, path: &std::path::Path) -> Result<String, Str
     Ok(token.to_owned())
 }
 
+/// The header that carries the API token through the Kubernetes API server's `pods/proxy`,
+/// which consumes `Authorization` for its own authentication (`report` in cluster mode).
+pub const PROXIED_TOKEN_HEADER: &str = "x-mtls-agent-authorization";
+
 /// With `Some(token)`, every path except /metrics and /healthz answers 401 unless the request
 /// carries `Authorization: Bearer <token>`.
 pub fn with_api_token(app: Router, token: Option<String>) -> Router {
@@ -267,11 +271,15 @@ async fn require_token(
     if OPEN_PATHS.contains(&req.uri().path()) {
         return next.run(req).await;
     }
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
-    if given.is_some_and(|g| constant_time_eq(g, &token)) {
+    let ok = [header::AUTHORIZATION.as_str(), PROXIED_TOKEN_HEADER]
+        .into_iter()
+        .any(|name| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+                .is_some_and(|g| constant_time_eq(g, &token))
+        });
+    if ok {
         return next.run(req).await;
     }
     let mut r = error(

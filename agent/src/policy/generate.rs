@@ -328,6 +328,7 @@ pub(crate) mod tests {
             workloads,
             peer_authentications: vec![],
             what_if: None,
+            nodes: None,
         }
     }
 
