@@ -78,7 +78,7 @@ impl Agent {
     }
 
     /// Starts `mtls-agent run --kubernetes --kubeconfig K --node-name N` (identities from the
-    /// API double), likewise.
+    /// API double), likewise; an empty `node_name` leaves `--node-name` out.
     pub fn start_kubernetes(
         tb: &Testbed,
         bin: &Path,
@@ -91,7 +91,10 @@ impl Agent {
         let k = kubeconfig
             .to_str()
             .context("kubeconfig path is not UTF-8")?;
-        let identity = ["--kubernetes", "--kubeconfig", k, "--node-name", node_name];
+        let mut identity = vec!["--kubernetes", "--kubeconfig", k];
+        if !node_name.is_empty() {
+            identity.extend(["--node-name", node_name]);
+        }
         Self::start_with(tb, &[], bin, &identity, globs, extra, expect_interfaces)
     }
 
@@ -105,11 +108,7 @@ impl Agent {
         extra: &[&str],
         expect_interfaces: usize,
     ) -> Result<Agent> {
-        let k = kubeconfig
-            .to_str()
-            .context("kubeconfig path is not UTF-8")?;
-        let identity = ["--kubernetes", "--kubeconfig", k];
-        Self::start_with(tb, &[], bin, &identity, globs, extra, expect_interfaces)
+        Self::start_kubernetes(tb, bin, kubeconfig, "", globs, extra, expect_interfaces)
     }
 
     fn start_with(
