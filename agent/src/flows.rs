@@ -11,7 +11,10 @@
 //!   as soon as the verdict is final and that side was seen local (long-lived connections are not
 //!   held back until they close) or, without a verdict, when the connection ends;
 //! - it ends when every interface that saw it reported the close, or after a short grace period
-//!   (a late close from the other interface lands on a tombstone, not on a new connection).
+//!   (a late close from the other interface lands on a tombstone, not on a new connection);
+//! - a connection this node sees in one direction only (the kernel proved that the other
+//!   direction passes unseen: `EventMeta::one_way`) is counted as `unknown` with evidence
+//!   `one_direction`, never classified from its half.
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -21,7 +24,9 @@ use std::{
 use crate::{
     aggregate::ConnRecord,
     capture::events::{Event, EventMeta, FlowId, Opener},
-    classify::{ConnClassifier, ConnMeta, Direction, ResumptionCache, Security, Sides, Verdict},
+    classify::{
+        ConnClassifier, ConnMeta, Direction, Evidence, ResumptionCache, Security, Sides, Verdict,
+    },
 };
 
 #[derive(Debug, Clone)]
@@ -156,6 +161,8 @@ struct Conn {
     closed_ns: Option<u64>,
     /// The server sent payload.
     server_data: bool,
+    /// This node sees the connection in one direction only (the kernel's proof, `meta.one_way`).
+    one_way: bool,
     midstream: bool,
     last_activity: Instant,
     closing_since: Option<Instant>,
@@ -250,14 +257,16 @@ impl Tracker {
             };
             let mut v = c.finish(&mut self.cache);
             if conn.lost_data && v.security == Security::Unknown {
-                v.evidence = crate::classify::Evidence::EventsLost;
+                v.evidence = Evidence::EventsLost;
             }
             decide(&mut conn, v, wall);
             count_sides(&mut conn, out);
         }
         write_recent(&mut conn, out);
         if let Some(security) = conn.security {
+            // Seen in one direction only, the server's answer may have passed unseen.
             let rejected = !conn.server_data
+                && !conn.one_way
                 && match (conn.first_client_data_ns, conn.closed_ns) {
                     (Some(first), Some(closed)) => closed.saturating_sub(first) <= REJECT_WITHIN_NS,
                     _ => false,
@@ -367,6 +376,7 @@ fn conn_entry<'a>(
             first_client_data_ns: None,
             closed_ns: None,
             server_data: false,
+            one_way: false,
             midstream,
             last_activity: now,
             closing_since: None,
@@ -388,6 +398,9 @@ fn on_conn_event(
         conn.views.push(meta.flow);
     }
     conn.lost_data |= meta.lost;
+    // The other side answered (unseen): a connection, not a refused attempt.
+    conn.one_way |= meta.one_way;
+    conn.established |= meta.one_way;
     let client_is_lo = conn.client_is_lo(meta);
     let (ci, si) = if client_is_lo { (0, 1) } else { (1, 0) };
     let server_here = if client_is_lo {
@@ -409,7 +422,7 @@ fn on_conn_event(
     conn.bytes[0] = conn.bytes[0].max(meta.bytes[ci]);
     conn.bytes[1] = conn.bytes[1].max(meta.bytes[si]);
     conn.established |= meta.isn[si].is_some() || meta.opener == Opener::Unknown;
-    match ev {
+    let ended = match ev {
         Event::Data {
             lo_to_hi,
             seq,
@@ -433,6 +446,7 @@ fn on_conn_event(
                     Direction::ToClient
                 };
                 if c.on_segment(dir, *seq, payload, *wire_len, cache)
+                    && !conn.one_way
                     && let Some(v) = c.verdict().cloned()
                 {
                     decide(conn, v, wall);
@@ -440,7 +454,7 @@ fn on_conn_event(
             }
             false
         }
-        Event::Bytes { .. } => false,
+        Event::Bytes { .. } | Event::OneWay { .. } => false,
         Event::Closed { meta } => {
             conn.closed_ns.get_or_insert(meta.ts_ns);
             if !conn.closed_views.contains(&meta.flow) {
@@ -449,7 +463,31 @@ fn on_conn_event(
             conn.closing_since.get_or_insert(now);
             conn.views.iter().all(|v| conn.closed_views.contains(v))
         }
+    };
+    if conn.one_way {
+        decide_one_way(conn, wall);
     }
+    ended
+}
+
+/// A connection seen in one direction only is `unknown` with evidence `one_direction`, final at
+/// once: half of the rules' input is missing, and what a half looks like is not a class (a
+/// client's plaintext request answered by a TLS-terminating proxy, a ClientHello whose answer
+/// asked for a certificate). The attributes its half shows (SNI, ALPN, mesh) are kept; the
+/// classifier runs on a throw-away resumption cache so a half handshake teaches nothing.
+fn decide_one_way(conn: &mut Conn, wall: SystemTime) {
+    if conn.security.is_some() {
+        return;
+    }
+    let Some(mut c) = conn.classifier.take() else {
+        return;
+    };
+    let mut v = c.finish(&mut ResumptionCache::new(0));
+    v.security = Security::Unknown;
+    v.evidence = Evidence::OneDirection;
+    v.protocol = None;
+    v.resumed = false;
+    decide(conn, v, wall);
 }
 
 /// Reports the payload bytes of a counted connection not reported yet.
@@ -548,6 +586,7 @@ mod tests {
             events: [0, 1],
             rst: false,
             lost: false,
+            one_way: false,
             // The server is `lo`: interface 7 is the client's veth, every other the server's.
             local: [ifindex != 7, ifindex == 7],
         }
@@ -1059,5 +1098,239 @@ mod tests {
         let recs = classified(&out);
         assert_eq!(recs.len(), 1);
         assert_ne!(recs[0].verdict.security, Security::Plaintext);
+    }
+
+    /// The kernel's bookkeeping that the one-way rule reads (ebpf/src/flow.rs: ISNs from SYN and
+    /// SYN-ACK, payload bytes from sequence numbers, FINs), with the rule checked before each
+    /// packet is accounted, as the program does. Pure ACKs never reach the program.
+    #[derive(Default)]
+    struct Wire {
+        st: mtls_agent_common::FlowState,
+    }
+
+    /// Packets of the client (`hi` in [`flow`]) and of the server (`lo`).
+    const C: u8 = mtls_agent_common::DIR_HI_TO_LO;
+    const S: u8 = mtls_agent_common::DIR_LO_TO_HI;
+
+    impl Wire {
+        /// Returns whether this packet marked the connection one-way.
+        fn pkt(&mut self, dir: u8, flags: u8, seq: u32, ack: u32, len: u32) -> bool {
+            use mtls_agent_common::*;
+            if len == 0 && flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
+                return false;
+            }
+            let st = &mut self.st;
+            let newly = st.flags2 & FLOW2_ONE_WAY == 0 && proves_one_way(st, dir, flags, ack);
+            if newly {
+                st.flags2 |= FLOW2_ONE_WAY;
+            }
+            let d = dir as usize;
+            let bit = |d: usize| if d == 0 { FLOW_ISN_LO } else { FLOW_ISN_HI };
+            if flags & TCP_SYN != 0 {
+                st.isn[d] = seq;
+                st.flags |= bit(d);
+                if flags & TCP_ACK != 0 && st.flags & bit(d ^ 1) == 0 {
+                    st.isn[d ^ 1] = ack.wrapping_sub(1);
+                    st.flags |= bit(d ^ 1);
+                }
+            }
+            if len > 0 {
+                if st.flags & bit(d) == 0 && st.dir[d].hi == 0 {
+                    st.isn[d] = seq.wrapping_sub(1);
+                }
+                let end = seq
+                    .wrapping_sub(st.isn[d])
+                    .wrapping_sub(1)
+                    .wrapping_add(len);
+                st.dir[d].hi = st.dir[d].hi.max(end);
+            }
+            if flags & TCP_FIN != 0 {
+                st.flags |= if d == 0 { FLOW_FIN_LO } else { FLOW_FIN_HI };
+            }
+            newly
+        }
+
+        fn one_way(&self) -> bool {
+            self.st.flags2 & mtls_agent_common::FLOW2_ONE_WAY != 0
+        }
+    }
+
+    const SYN: u8 = mtls_agent_common::TCP_SYN;
+    const ACK: u8 = mtls_agent_common::TCP_ACK;
+    const FIN: u8 = mtls_agent_common::TCP_FIN | ACK;
+    const RST: u8 = mtls_agent_common::TCP_RST;
+
+    #[test]
+    fn one_direction_is_proved_by_what_the_other_side_answered() {
+        // The client's node behind bpf_redirect_peer: the client's SYN and request, never the
+        // SYN-ACK. The request carries ACK: the handshake completed unseen.
+        let mut w = Wire::default();
+        assert!(!w.pkt(C, SYN, 1000, 0, 0));
+        assert!(
+            w.pkt(C, ACK, 1001, 5001, 300),
+            "request after an unseen SYN-ACK"
+        );
+        // No data at all: the client's FIN proves it as well.
+        let mut w = Wire::default();
+        w.pkt(C, SYN, 1000, 0, 0);
+        assert!(w.pkt(C, FIN, 1001, 5001, 0));
+        // The server's node: the SYN-ACK (which names the client's ISN) and the answer, which
+        // acknowledges 300 request bytes never seen.
+        let mut w = Wire::default();
+        assert!(!w.pkt(S, SYN | ACK, 5000, 1001, 0));
+        assert!(w.pkt(S, ACK, 5001, 1301, 1000));
+        // A server that speaks first: its greeting acknowledges the SYN only; its FIN then
+        // acknowledges the client's unseen FIN.
+        let mut w = Wire::default();
+        w.pkt(S, SYN | ACK, 5000, 1001, 0);
+        assert!(!w.pkt(S, ACK, 5001, 1001, 80));
+        assert!(w.pkt(S, FIN, 5081, 1002, 0));
+        // An RST that acknowledges unseen bytes (a sidecar refusing the request).
+        let mut w = Wire::default();
+        w.pkt(S, SYN | ACK, 5000, 1001, 0);
+        assert!(w.pkt(S, RST | ACK, 5001, 1301, 0));
+    }
+
+    #[test]
+    fn one_direction_is_never_claimed_for_one_sided_connections() {
+        // Closed port: SYN, RST-ACK of the SYN (seen, or not seen at all).
+        let mut w = Wire::default();
+        w.pkt(C, SYN, 1000, 0, 0);
+        w.pkt(S, RST | ACK, 0, 1001, 0);
+        assert!(!w.one_way());
+        let mut w = Wire::default();
+        for _ in 0..3 {
+            w.pkt(C, SYN, 1000, 0, 0);
+        }
+        assert!(
+            !w.one_way(),
+            "unanswered SYNs (timeout, or an RST this node missed)"
+        );
+        // A server that never answers: the client's request and FIN, nothing back but ACKs.
+        let mut w = Wire::default();
+        w.pkt(C, SYN, 1000, 0, 0);
+        w.pkt(S, SYN | ACK, 5000, 1001, 0);
+        w.pkt(C, ACK, 1001, 5001, 300);
+        w.pkt(C, ACK, 1301, 5001, 300);
+        w.pkt(C, FIN, 1601, 5001, 0);
+        w.pkt(S, FIN, 5001, 1602, 0);
+        assert!(!w.one_way());
+        // A whole exchange seen both ways, retransmission and half-close included.
+        let mut w = Wire::default();
+        w.pkt(C, SYN, 1000, 0, 0);
+        w.pkt(S, SYN | ACK, 5000, 1001, 0);
+        w.pkt(C, ACK, 1001, 5001, 517);
+        w.pkt(S, ACK, 5001, 1518, 1400);
+        w.pkt(S, ACK, 5001, 1518, 1400);
+        w.pkt(C, ACK, 1518, 6401, 80);
+        w.pkt(C, FIN, 1598, 6401, 0);
+        w.pkt(S, ACK, 6401, 1599, 200);
+        w.pkt(S, FIN, 6601, 1599, 0);
+        assert!(!w.one_way());
+        // Picked up mid-stream (no ISN): acknowledgement numbers cannot be placed.
+        let mut w = Wire::default();
+        w.pkt(C, ACK, 77_000, 99_000, 100);
+        w.pkt(S, ACK, 99_000, 77_100, 100);
+        w.pkt(S, ACK, 99_100, 80_000, 100);
+        w.pkt(C, FIN, 77_100, 99_200, 0);
+        assert!(!w.one_way());
+    }
+
+    #[test]
+    fn a_connection_seen_in_one_direction_is_unknown_with_its_evidence() {
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let one_way = |local: [bool; 2], server_isn: Option<u32>, ts| EventMeta {
+            local,
+            one_way: true,
+            ..meta(3, 1000, server_isn, ts)
+        };
+        // The client's node: the plaintext request would decide `plaintext`; seen one way, it
+        // is `unknown`, counted once for the client's side, final at once.
+        let mut t = Tracker::new(TrackerConfig::default());
+        let mut out = Vec::new();
+        let client_node = |ts| one_way([false, true], None, ts);
+        t.on_event(&data(client_node(1), true, 1001, GET), now, wall, &mut out);
+        t.on_event(
+            &Event::OneWay {
+                meta: client_node(1),
+            },
+            now,
+            wall,
+            &mut out,
+        );
+        let recs = classified(&out);
+        assert_eq!(recs.len(), 1, "{out:?}");
+        assert_eq!(recs[0].verdict.security, Security::Unknown);
+        assert_eq!(recs[0].verdict.evidence, Evidence::OneDirection);
+        assert_eq!(recs[0].verdict.protocol, None);
+        assert_eq!(
+            recs[0].sides,
+            Sides {
+                client: true,
+                server: false
+            }
+        );
+        // One FIN closes it (the kernel's rule for one-way entries); not a rejection.
+        out.clear();
+        t.on_event(
+            &Event::Closed {
+                meta: client_node(2),
+            },
+            now,
+            wall,
+            &mut out,
+        );
+        assert!(classified(&out).is_empty(), "counted once");
+        assert!(
+            matches!(
+                out.as_slice(),
+                [
+                    ..,
+                    Output::Ended {
+                        security: Security::Unknown,
+                        rejected: false,
+                        ..
+                    }
+                ]
+            ),
+            "{out:?}"
+        );
+        // The server's node, told by the header-only event before any data event: the
+        // inbound side, not dropped as a refused attempt although no payload was seen.
+        let mut t = Tracker::new(TrackerConfig::default());
+        let mut out = Vec::new();
+        let server_node = |ts| EventMeta {
+            events: [0, 0],
+            ..one_way([true, false], Some(5000), ts)
+        };
+        t.on_event(
+            &Event::OneWay {
+                meta: server_node(1),
+            },
+            now,
+            wall,
+            &mut out,
+        );
+        t.on_event(
+            &Event::Closed {
+                meta: server_node(2),
+            },
+            now,
+            wall,
+            &mut out,
+        );
+        let recs = classified(&out);
+        assert_eq!(recs.len(), 1, "{out:?}");
+        assert_eq!(recs[0].verdict.evidence.kind(), "one_direction");
+        assert_eq!(
+            recs[0].sides,
+            Sides {
+                client: false,
+                server: true
+            }
+        );
+        // The same request seen both ways stays `plaintext`.
+        let out = one_interface([false, true], Opener::Hi);
+        assert_eq!(classified(&out)[0].verdict.security, Security::Plaintext);
     }
 }

@@ -94,6 +94,65 @@ pub const FLOW_LOCAL_HI: u8 = 1 << 7;
 /// An event of this connection could not be written (ring buffer full): its capture is
 /// incomplete, and the agent says `events_lost` instead of guessing.
 pub const FLOW2_LOST: u8 = 1 << 0;
+/// This node sees the connection in one direction only: a packet acknowledged (or, from the
+/// endpoint that sent the SYN, answered) what the other direction sent although none of it
+/// passed any hook here. Where a CNI hands packets into a pod past the host-side veth (Cilium's
+/// `bpf_redirect_peer`), the client's node sees only what the client sends and the server's
+/// node only what the server sends. The agent counts such a connection as `unknown` with
+/// evidence `one_direction` instead of guessing; the capture stops (nothing more decides it)
+/// and one FIN closes the entry (the other FIN would never be seen).
+pub const FLOW2_ONE_WAY: u8 = 1 << 1;
+
+/// TCP header flags (the program's parser and the rules below read them).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// The [`FLOW2_ONE_WAY`] rule, apart from the program so it can be tested on the host: whether a
+/// packet of canonical direction `dir` with TCP `flags` and acknowledgement number `ack`,
+/// checked against the entry *before* the packet is accounted, proves that the other direction
+/// carried packets no hook of this node saw. Proof, never a guess:
+///
+/// - it acknowledges bytes of the other direction beyond those seen (its payload, and its FIN
+///   when seen): the sender received them, and on a pod's veth they would have passed a hook
+///   here first;
+/// - or it comes from the endpoint that sent the SYN, is not a SYN or RST, carries ACK, and the
+///   SYN-ACK was never seen: that endpoint completed a handshake this node did not see.
+///
+/// A SYN nobody answers, a SYN answered by RST (which acknowledges the SYN only), a server that
+/// never answers, and a connection picked up mid-stream (no ISN known) never qualify.
+#[inline(always)]
+pub fn proves_one_way(st: &FlowState, dir: u8, flags: u8, ack: u32) -> bool {
+    if flags & TCP_ACK == 0 || flags & TCP_SYN != 0 {
+        return false;
+    }
+    let own = dir as usize & 1;
+    let peer = own ^ 1;
+    let isn_bit = |d: usize| if d == 0 { FLOW_ISN_LO } else { FLOW_ISN_HI };
+    let fin_bit = |d: usize| if d == 0 { FLOW_FIN_LO } else { FLOW_FIN_HI };
+    if st.flags & isn_bit(peer) == 0 {
+        return st.flags & isn_bit(own) != 0 && flags & TCP_RST == 0;
+    }
+    // Offset just past the peer's last acknowledged byte, and past what was seen of it.
+    let acked = ack.wrapping_sub(st.isn[peer]).wrapping_sub(1);
+    let seen = st.dir[peer]
+        .hi
+        .wrapping_add((st.flags & fin_bit(peer) != 0) as u32);
+    (acked.wrapping_sub(seen) as i32) > 0
+}
+
+/// Whether a flow-table entry's connection is over: an RST, FINs from both sides, or, for a
+/// connection seen in one direction only ([`FLOW2_ONE_WAY`]), a FIN from the side that is seen.
+/// The program sends the closed event and the agent's garbage collection deletes the entry by
+/// the same rule.
+#[inline(always)]
+pub const fn flow_ended(flags: u8, flags2: u8) -> bool {
+    let both_fins = FLOW_FIN_LO | FLOW_FIN_HI;
+    flags & FLOW_RST != 0
+        || flags & both_fins == both_fins
+        || (flags2 & FLOW2_ONE_WAY != 0 && flags & both_fins != 0)
+}
 
 /// Capture modes of one direction ([`DirState::mode`]).
 /// Nothing seen yet at stream offset 0: the first segment decides between TLS and the rest.
@@ -175,6 +234,9 @@ pub const EVENT_DATA: u8 = 1;
 pub const EVENT_CLOSED: u8 = 2;
 /// A long-lived connection's byte counts crossed another 64 MiB in one direction.
 pub const EVENT_BYTES: u8 = 3;
+/// The connection was found to be seen in one direction only ([`FLOW2_ONE_WAY`]): sent once,
+/// header only, so the agent learns it even when no data event follows.
+pub const EVENT_ONE_WAY: u8 = 4;
 
 /// Progress events are sent each time a direction's payload crosses a multiple of 2^this.
 pub const BYTES_EVENT_SHIFT: u32 = 26;

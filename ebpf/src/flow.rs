@@ -7,8 +7,9 @@ use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use aya_log_ebpf::debug;
 use mtls_agent_common::{
     BYTES_EVENT_SHIFT, CAP_DONE, CAP_MID, CLIENT_HI, CLIENT_LO, CLIENT_UNKNOWN, DIR_LO_TO_HI,
-    EVENT_BYTES, EVENT_CLOSED, EventHeader, FLOW_CLOSED_SENT, FLOW_FIN_HI, FLOW_FIN_LO,
-    FLOW_ISN_HI, FLOW_ISN_LO, FLOW_LOCAL_HI, FLOW_LOCAL_LO, FLOW_RST, FLOW2_LOST, FlowState, stats,
+    EVENT_BYTES, EVENT_CLOSED, EVENT_ONE_WAY, EventHeader, FLOW_CLOSED_SENT, FLOW_FIN_HI,
+    FLOW_FIN_LO, FLOW_ISN_HI, FLOW_ISN_LO, FLOW_LOCAL_HI, FLOW_LOCAL_LO, FLOW_RST, FLOW2_LOST,
+    FLOW2_ONE_WAY, FlowState, flow_ended, proves_one_way, stats,
 };
 
 use crate::{
@@ -65,6 +66,35 @@ fn is_reusable(st: &FlowState) -> bool {
     st.flags & (FLOW_CLOSED_SENT | FLOW_FIN_LO | FLOW_FIN_HI | FLOW_RST) != 0
         || st.dir[0].hi != 0
         || st.dir[1].hi != 0
+}
+
+/// `FLOW_FIN_*` bit of a direction.
+#[inline(always)]
+fn fin_bit(d: usize) -> u8 {
+    if d == 0 { FLOW_FIN_LO } else { FLOW_FIN_HI }
+}
+
+/// Marks the connection seen in one direction only ([`FLOW2_ONE_WAY`]) when this packet proves
+/// that the other direction passes this node unseen (`proves_one_way`, in the common crate so
+/// it is tested on the host); true the first time.
+#[inline(always)]
+pub fn one_way(st: &mut FlowState, pkt: &Packet) -> bool {
+    if st.flags2 & FLOW2_ONE_WAY != 0 || !proves_one_way(st, pkt.dir, pkt.flags, pkt.ack) {
+        return false;
+    }
+    st.flags2 |= FLOW2_ONE_WAY;
+    true
+}
+
+/// After [`one_way`]: nothing more decides this connection's class, so both directions stop
+/// copying (a client direction would otherwise wait for a ServerHello it never sees), and the
+/// agent is told at once.
+#[inline(always)]
+pub fn stop_one_way(ctx: &TcContext, pkt: &Packet, st: &mut FlowState) {
+    st.dir[0].mode = CAP_DONE;
+    st.dir[1].mode = CAP_DONE;
+    st.last_seen_ns = unsafe { bpf_ktime_get_ns() };
+    send_header(ctx, pkt, st, EVENT_ONE_WAY);
 }
 
 /// Creates the entry for a connection seen for the first time on this node. The client is
@@ -152,24 +182,18 @@ pub fn account(ctx: &TcContext, pkt: &Packet, st: &mut FlowState, d: usize, off:
     }
 }
 
-/// FIN from both sides or an RST: the closed event, once per entry.
+/// FIN from both sides or an RST (or one FIN of a connection seen in one direction only): the
+/// closed event, once per entry.
 #[inline(always)]
 pub fn close(ctx: &TcContext, pkt: &Packet, st: &mut FlowState) {
     if pkt.flags & TCP_RST != 0 {
         st.flags |= FLOW_RST;
     } else if pkt.flags & TCP_FIN != 0 {
-        st.flags |= if pkt.dir == DIR_LO_TO_HI {
-            FLOW_FIN_LO
-        } else {
-            FLOW_FIN_HI
-        };
+        st.flags |= fin_bit(pkt.dir as usize & 1);
     } else {
         return;
     }
-    let both_fins = FLOW_FIN_LO | FLOW_FIN_HI;
-    if st.flags & FLOW_CLOSED_SENT == 0
-        && (st.flags & FLOW_RST != 0 || st.flags & both_fins == both_fins)
-    {
+    if st.flags & FLOW_CLOSED_SENT == 0 && flow_ended(st.flags, st.flags2) {
         st.flags |= FLOW_CLOSED_SENT;
         st.last_seen_ns = unsafe { bpf_ktime_get_ns() };
         send_header(ctx, pkt, st, EVENT_CLOSED);

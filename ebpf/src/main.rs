@@ -5,8 +5,10 @@
 //! lookup in the flow table ([`flow`]: one entry per connection on this node, both directions
 //! and both veths of a same-node connection in it), the payload's end sequence number for the
 //! byte counts, and, while a direction is still undecided, [`capture`]: copy exactly the bytes
-//! the verdict rules read, each byte once however many veths or retransmissions carry it. FIN
-//! from both sides or an RST sends a closed event. Every path returns `TC_ACT_UNSPEC`
+//! the verdict rules read, each byte once however many veths or retransmissions carry it. A
+//! packet that proves the other direction passes this node unseen marks the connection one-way
+//! (`flow::one_way`: the capture stops, the agent is told). FIN from both sides or an RST sends
+//! a closed event. Every path returns `TC_ACT_UNSPEC`
 //! (`TCX_NEXT`): the packet continues unchanged to the next program and the stack.
 #![no_std]
 #![no_main]
@@ -102,6 +104,8 @@ fn try_observe(ctx: &TcContext, ingress: bool) -> Result<(), ()> {
     let state = flow::entry(ctx, pkt, ingress)?;
     // SAFETY: `state` points into the flow table's value for this key.
     let st = unsafe { &mut *state };
+    // Before the capture, so this packet's data event already says so.
+    let one_way = flow::one_way(st, pkt);
     if pkt.payload_len > 0 {
         let d = pkt.dir as usize & 1;
         let off = flow::payload_offset(st, pkt, d);
@@ -109,6 +113,9 @@ fn try_observe(ctx: &TcContext, ingress: bool) -> Result<(), ()> {
         if st.dir[d].mode != mtls_agent_common::CAP_DONE {
             capture::segment(ctx, pkt, st, d, off);
         }
+    }
+    if one_way {
+        flow::stop_one_way(ctx, pkt, st);
     }
     flow::close(ctx, pkt, st);
     Ok(())

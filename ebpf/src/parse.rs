@@ -13,10 +13,7 @@ const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_TCP: u8 = 6;
 
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
+pub use mtls_agent_common::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 /// What one packet told us, after parsing. 8-byte aligned so that [`zeroed_packet`] can clear it
 /// with 64-bit stores.
@@ -25,7 +22,8 @@ pub struct Packet {
     pub key: FlowKey,
     pub dir: u8,
     pub seq: u32,
-    /// Acknowledgement number (read for SYN-ACKs: it names the client's ISN).
+    /// Acknowledgement number: a SYN-ACK's names the client's ISN; any packet's tells what the
+    /// sender received of the other direction (`flow::one_way`).
     pub ack: u32,
     pub flags: u8,
     pub payload_off: u32,

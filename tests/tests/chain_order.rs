@@ -6,57 +6,18 @@
 //! The pods' veths are taken off the bridge, so the redirector is the only way between them:
 //! every successful request proves it redirected.
 //!
-//! For the lead: `redirected_bed` is the bed to extend into "classified exactly as without the
-//! redirector" once connections seen in one direction per veth are merged (issue 19, item 2).
+//! For the lead: `redirected_bed` (faults_util, shared with partial_sight.rs) is the bed to extend
+//! into "classified exactly as without the redirector" once connections seen in one direction
+//! per veth are merged (issue 19, item 2).
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
-use mtls_agent_testbed::{
-    rtnl::{Redirect, Redirector},
-    *,
-};
+use mtls_agent_testbed::{rtnl::Redirect, *};
 
 mod faults_util;
 use faults_util::*;
 
 const TCX_QUERY: &str = env!("CARGO_BIN_EXE_tcx-query");
-
-/// Where the redirector sits.
-#[derive(Clone, Copy)]
-enum Hook {
-    Tcx,
-    /// A direct-action clsact filter at priority 1.
-    Clsact,
-}
-
-/// Two pods whose host veths are off the bridge, joined only by a redirector on both host
-/// veths' ingress, attached before any agent starts. Returns the bed, server, client, inventory
-/// and the redirector (keep it alive).
-fn redirected_bed(
-    family: &str,
-    how: Redirect,
-    hook: Hook,
-) -> Result<(Testbed, Pod, Pod, std::path::PathBuf, Redirector)> {
-    let (tb, server, client, inv) = two_pod_bed(family)?;
-    let node = tb.node_netns().to_owned();
-    for p in [&server, &client] {
-        tb.run(&node, &["ip", "link", "set", &p.host_if, "nomaster"])?;
-    }
-    let pairs = [
-        (client.host_if.as_str(), server.host_if.as_str()),
-        (server.host_if.as_str(), client.host_if.as_str()),
-    ];
-    let r = match hook {
-        Hook::Tcx => Redirector::tcx(&node, &pairs, how)?,
-        Hook::Clsact => {
-            for p in [&server, &client] {
-                tb.run(&node, &["tc", "qdisc", "add", "dev", &p.host_if, "clsact"])?;
-            }
-            Redirector::clsact(&node, &pairs, how, 1)?
-        }
-    };
-    Ok((tb, server, client, inv, r))
-}
 
 fn tcp_packets(tb: &Testbed, agent: &Agent) -> Result<f64> {
     Ok(metric_value(&agent.metrics(tb)?, "mtls_agent_tcp_packets_total", &[]).unwrap_or(0.0))

@@ -11,7 +11,7 @@ use std::{
 };
 
 use crate::{
-    classify::{Mesh, Security, Sides, Verdict},
+    classify::{Evidence, Mesh, Security, Sides, Verdict},
     export::metrics::Metrics,
     identity::{Resolver, Workload},
 };
@@ -118,6 +118,8 @@ struct Bucket {
     ports: HashMap<u16, u64>,
     /// Connections the server reset or closed right after the client's first bytes.
     rejected: u64,
+    /// Inbound connections seen in one direction only (evidence `one_direction`).
+    one_direction: u64,
 }
 
 #[derive(Debug, Default)]
@@ -142,6 +144,7 @@ struct Totals {
     blockers: HashMap<BlockerKey, BlockerAcc>,
     ports: HashMap<u16, u64>,
     rejected: u64,
+    one_direction: u64,
 }
 
 impl WorkloadStats {
@@ -174,6 +177,7 @@ impl WorkloadStats {
             t.inbound.add(&b.inbound);
             t.compliant += b.compliant;
             t.rejected += b.rejected;
+            t.one_direction += b.one_direction;
             for (p, n) in &b.ports {
                 *t.ports.entry(*p).or_default() += n;
             }
@@ -329,6 +333,7 @@ impl Aggregator {
                     .inc();
             }
         }
+        let one_direction = rec.verdict.evidence == Evidence::OneDirection;
         if rec.sides.client
             && let Some(c) = &client_wl
         {
@@ -336,6 +341,12 @@ impl Aggregator {
                 .connections
                 .with_label_values(&[&c.namespace, &c.name, "outbound", sec.as_str()])
                 .inc();
+            if one_direction {
+                self.metrics
+                    .one_direction
+                    .with_label_values(&[&c.namespace, &c.name, "outbound"])
+                    .inc();
+            }
         }
         if !rec.sides.server {
             return;
@@ -347,6 +358,12 @@ impl Aggregator {
             .connections
             .with_label_values(&[&server.namespace, &server.name, "inbound", sec.as_str()])
             .inc();
+        if one_direction {
+            self.metrics
+                .one_direction
+                .with_label_values(&[&server.namespace, &server.name, "inbound"])
+                .inc();
+        }
 
         let exempt = exemption::exemption(
             &self.cfg.exempt_ports,
@@ -370,6 +387,7 @@ impl Aggregator {
         let max_labels = self.cfg.max_blocking_clients;
         let stats = self.workloads.entry(server.clone()).or_default();
         let bucket = stats.bucket_mut(start);
+        bucket.one_direction += one_direction as u64;
         if exempt {
             bucket.inbound.exempt += 1;
         } else {
@@ -658,6 +676,7 @@ impl Aggregator {
         let mut inbound = Inbound::default();
         let mut compliant = 0;
         let mut rejected = 0;
+        let mut one_direction = 0;
         let mut workloads = Vec::new();
         let mut blockers = Vec::new();
         for w in known {
@@ -672,6 +691,7 @@ impl Aggregator {
             inbound.add(&t.inbound);
             compliant += t.compliant;
             rejected += t.rejected;
+            one_direction += t.one_direction;
             let mut ports: Vec<PortReport> = t
                 .ports
                 .iter()
@@ -693,6 +713,7 @@ impl Aggregator {
                 mtls_ratio: report::ratio(&t.inbound, t.compliant),
                 compliant: t.compliant,
                 rejected: t.rejected,
+                one_direction: t.one_direction,
                 mode: self
                     .resolver
                     .mode(&w.namespace, &w.name, 0)
@@ -738,6 +759,8 @@ impl Aggregator {
             mtls_ratio: report::ratio(&inbound, compliant),
             compliant,
             rejected,
+            one_direction,
+            warnings: Vec::new(),
             peer_authentication: self
                 .resolver
                 .namespace_mode(namespace)

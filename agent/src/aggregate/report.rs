@@ -168,6 +168,9 @@ pub struct WorkloadReport {
     /// (what a sidecar in STRICT does to plaintext): already breaking, not only would-break.
     #[serde(default)]
     pub rejected: u64,
+    /// Inbound connections seen in one direction only (counted as `unknown`, or `exempt`).
+    #[serde(default)]
+    pub one_direction: u64,
     /// Effective PeerAuthentication mode of the workload (Kubernetes mode; null otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
@@ -206,6 +209,14 @@ pub struct Report {
     /// Inbound connections rejected right after the client's first bytes (see WorkloadReport).
     #[serde(default)]
     pub rejected: u64,
+    /// Inbound connections the agents saw in one direction only: counted as `unknown` (or
+    /// `exempt`) with evidence `one_direction`, never classified from their half.
+    #[serde(default)]
+    pub one_direction: u64,
+    /// What the reader must know before trusting the verdict (`report` fills it, see
+    /// [`warnings`]): e.g. that it rests on connections seen in one direction only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// The namespace's PeerAuthentication mode (Kubernetes mode; absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_authentication: Option<String>,
@@ -247,6 +258,32 @@ pub fn sort_blockers(blockers: &mut [Blocker]) {
             .then_with(|| a.client.address.cmp(&b.client.address))
             .then_with(|| a.security.cmp(&b.security))
     });
+}
+
+/// The warnings a report carries, from its counts (so every source, agent, Prometheus or the
+/// cluster merge, gets the same): a verdict that rests on connections seen in one direction only
+/// is not proof either way, since the missing half may hold what decides them.
+pub fn warnings(r: &Report) -> Vec<String> {
+    let mut w = Vec::new();
+    if r.one_direction > 0 {
+        let whom: Vec<&str> = r
+            .workloads
+            .iter()
+            .filter(|w| w.one_direction > 0)
+            .map(|w| w.name.as_str())
+            .collect();
+        w.push(format!(
+            "partial sight: {} of {} inbound connections{} were seen in one direction only (counted as unknown, evidence one_direction): the verdict rests on one-direction data; make the agent see both directions (a CNI that redirects into pods past the host-side veth, e.g. Cilium's bpf_redirect_peer, hides one)",
+            r.one_direction,
+            r.inbound.judged() + r.inbound.exempt,
+            if whom.is_empty() {
+                String::new()
+            } else {
+                format!(" (to {})", whom.join(", "))
+            },
+        ));
+    }
+    w
 }
 
 pub fn ratio(inbound: &Inbound, compliant: u64) -> Option<f64> {
@@ -297,6 +334,8 @@ mod tests {
             mtls_ratio: Some(0.0),
             compliant: 0,
             rejected: 0,
+            one_direction: 0,
+            warnings: Vec::new(),
             peer_authentication: None,
             blockers: vec![Blocker {
                 client: ClientRef {

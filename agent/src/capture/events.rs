@@ -5,8 +5,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use mtls_agent_common::{
     CHUNK_BYTES, CLIENT_HI, CLIENT_LO, DIR_LO_TO_HI, EVENT_BYTES, EVENT_CLOSED, EVENT_DATA,
-    EventHeader, FAMILY_V4, FLOW_ISN_HI, FLOW_ISN_LO, FLOW_LOCAL_HI, FLOW_LOCAL_LO, FLOW_RST,
-    FLOW2_LOST, FlowKey, FlowState,
+    EVENT_ONE_WAY, EventHeader, FAMILY_V4, FLOW_ISN_HI, FLOW_ISN_LO, FLOW_LOCAL_HI, FLOW_LOCAL_LO,
+    FLOW_RST, FLOW2_LOST, FLOW2_ONE_WAY, FlowKey, FlowState,
 };
 
 /// A connection's two endpoints in canonical order (`lo` < `hi`), without the interface: the
@@ -59,6 +59,9 @@ pub struct EventMeta {
     pub rst: bool,
     /// An event of this connection could not be written (ring buffer full).
     pub lost: bool,
+    /// This node sees the connection in one direction only: the kernel saw a packet acknowledge
+    /// or answer traffic of the other direction that no hook here saw (`FLOW2_ONE_WAY`).
+    pub one_way: bool,
     /// Which endpoint (`lo`, `hi`) lives behind this interface, as the hook that saw the packet
     /// tells (ingress: the sender, egress: the receiver).
     pub local: [bool; 2],
@@ -95,6 +98,7 @@ impl EventMeta {
             events: h.events,
             rst: h.flags & FLOW_RST != 0,
             lost: h.flags2 & FLOW2_LOST != 0,
+            one_way: h.flags2 & FLOW2_ONE_WAY != 0,
             local: [h.flags & FLOW_LOCAL_LO != 0, h.flags & FLOW_LOCAL_HI != 0],
         }
     }
@@ -148,12 +152,20 @@ pub enum Event<'a> {
     Bytes {
         meta: EventMeta,
     },
+    /// The kernel found that this node sees the connection in one direction only (once per
+    /// connection; `meta.one_way` is set).
+    OneWay {
+        meta: EventMeta,
+    },
 }
 
 impl Event<'_> {
     pub fn meta(&self) -> &EventMeta {
         match self {
-            Event::Data { meta, .. } | Event::Closed { meta } | Event::Bytes { meta } => meta,
+            Event::Data { meta, .. }
+            | Event::Closed { meta }
+            | Event::Bytes { meta }
+            | Event::OneWay { meta } => meta,
         }
     }
 }
@@ -208,6 +220,7 @@ pub fn decode(record: &[u8]) -> Result<Event<'_>, DecodeError> {
         }
         EVENT_CLOSED => Ok(Event::Closed { meta }),
         EVENT_BYTES => Ok(Event::Bytes { meta }),
+        EVENT_ONE_WAY => Ok(Event::OneWay { meta }),
         other => Err(DecodeError::UnknownKind(other)),
     }
 }

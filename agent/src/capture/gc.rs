@@ -24,8 +24,7 @@ use std::{
 
 use aya::maps::{HashMap, MapData};
 use mtls_agent_common::{
-    CLIENT_UNKNOWN, FLOW_CLOSED_SENT, FLOW_FIN_HI, FLOW_FIN_LO, FLOW_ISN_HI, FLOW_ISN_LO, FLOW_RST,
-    FlowKey, FlowState,
+    CLIENT_UNKNOWN, FLOW_CLOSED_SENT, FLOW_ISN_HI, FLOW_ISN_LO, FlowKey, FlowState, flow_ended,
 };
 use tracing::{debug, warn};
 
@@ -63,8 +62,7 @@ impl Garbage {
 /// `bpf_ktime_get_ns`.
 pub fn garbage(st: &FlowState, attached: &BTreeSet<u32>, now_ns: u64) -> Option<Garbage> {
     let idle = now_ns.saturating_sub(st.last_seen_ns) >= CLOSED_LINGER.as_nanos() as u64;
-    let both_fins = FLOW_FIN_LO | FLOW_FIN_HI;
-    let ended = st.flags & FLOW_RST != 0 || st.flags & both_fins == both_fins;
+    let ended = flow_ended(st.flags, st.flags2);
     if ended && st.flags & FLOW_CLOSED_SENT == 0 && idle {
         return Some(Garbage::Unreported);
     }
@@ -202,7 +200,7 @@ pub fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mtls_agent_common::{CLIENT_LO, FLOW_FIN_LO};
+    use mtls_agent_common::{CLIENT_LO, FLOW_FIN_HI, FLOW_FIN_LO, FLOW_RST, FLOW2_ONE_WAY};
 
     const S: u64 = 1_000_000_000;
 
@@ -234,6 +232,37 @@ mod tests {
             ..st
         };
         assert_eq!(garbage(&reported, &attached, 22 * S), Some(Garbage::Closed));
+    }
+
+    #[test]
+    fn one_fin_ends_a_connection_seen_in_one_direction_only() {
+        let attached = BTreeSet::from([7]);
+        // The client's node under bpf_redirect_peer: the client's FIN, never the server's.
+        let half = FlowState {
+            ifindex: 7,
+            client: CLIENT_LO,
+            flags: FLOW_ISN_LO | FLOW_FIN_LO,
+            last_seen_ns: 20 * S,
+            ..FlowState::default()
+        };
+        assert_eq!(
+            garbage(&half, &attached, 30 * S),
+            None,
+            "both directions seen"
+        );
+        let one_way = FlowState {
+            flags2: FLOW2_ONE_WAY,
+            ..half
+        };
+        assert_eq!(
+            garbage(&one_way, &attached, 30 * S),
+            Some(Garbage::Unreported)
+        );
+        let both = FlowState {
+            flags: half.flags | FLOW_FIN_HI,
+            ..half
+        };
+        assert!(flow_ended(both.flags, both.flags2));
     }
 
     #[test]

@@ -182,6 +182,10 @@ pub enum Evidence {
     EventsLost,
     /// A plaintext TLS alert ended the handshake before the deciding message.
     HandshakeAlert,
+    /// This node saw the connection in one direction only (the kernel saw one side acknowledge
+    /// or answer traffic of the other that never passed a hook here, e.g. behind a CNI's
+    /// `bpf_redirect_peer`): the rules need both, so nothing is guessed.
+    OneDirection,
     /// The client spoke TLS but the server answered with something that is not TLS.
     ServerNotTls,
     /// The bytes claim to be TLS but cannot be parsed (or are too large to hold).
@@ -210,6 +214,7 @@ impl Evidence {
             Evidence::HandshakeIncomplete => "handshake_incomplete",
             Evidence::EventsLost => "events_lost",
             Evidence::HandshakeAlert => "handshake_alert",
+            Evidence::OneDirection => "one_direction",
             Evidence::ServerNotTls => "server_not_tls",
             Evidence::Malformed => "malformed",
         }

@@ -356,7 +356,7 @@ fn later(a: &str, b: &str) -> bool {
 pub fn merge(namespace: &str, workload: Option<&str>, reports: Vec<Report>) -> Report {
     type BlockerKey = (Option<String>, Option<String>, String, String, u16, String);
     let mut total = Inbound::default();
-    let (mut compliant, mut rejected, mut window) = (0, 0, 0);
+    let (mut compliant, mut rejected, mut one_direction, mut window) = (0, 0, 0, 0);
     let mut peer_authentication = None;
     let mut pas: Vec<crate::policy::Rule> = Vec::new();
     let mut blockers: BTreeMap<BlockerKey, Blocker> = BTreeMap::new();
@@ -365,6 +365,7 @@ pub fn merge(namespace: &str, workload: Option<&str>, reports: Vec<Report>) -> R
         total.add(&r.inbound);
         compliant += r.compliant;
         rejected += r.rejected;
+        one_direction += r.one_direction;
         // Every node covers at least the shortest window (an agent clips it to its uptime).
         window = match window {
             0 => r.window_seconds,
@@ -408,6 +409,7 @@ pub fn merge(namespace: &str, workload: Option<&str>, reports: Vec<Report>) -> R
                     m.inbound.add(&w.inbound);
                     m.compliant += w.compliant;
                     m.rejected += w.rejected;
+                    m.one_direction += w.one_direction;
                     // A workload with a pod without a sidecar is not covered.
                     m.sidecar &= w.sidecar;
                     m.mode = m.mode.take().or(w.mode);
@@ -451,6 +453,8 @@ pub fn merge(namespace: &str, workload: Option<&str>, reports: Vec<Report>) -> R
         mtls_ratio: ratio(&total, compliant),
         compliant,
         rejected,
+        one_direction,
+        warnings: Vec::new(),
         peer_authentication,
         blockers,
         workloads,
@@ -498,6 +502,8 @@ mod tests {
             mtls_ratio: ratio(&inbound, compliant),
             compliant,
             rejected: 1,
+            one_direction: inbound.unknown,
+            warnings: Vec::new(),
             peer_authentication: None,
             blockers,
             workloads: vec![WorkloadReport {
@@ -508,6 +514,7 @@ mod tests {
                 mtls_ratio: ratio(&inbound, compliant),
                 compliant,
                 rejected: 1,
+                one_direction: inbound.unknown,
                 mode: None,
                 ports: vec![PortReport {
                     port: 8080,
@@ -566,6 +573,7 @@ mod tests {
         assert_eq!(m.verdict, Readiness::NotReady);
         assert_eq!(m.mtls_ratio, Some(0.5));
         assert_eq!(m.rejected, 3);
+        assert_eq!(m.one_direction, 0);
         assert_eq!(m.blockers.len(), 1);
         assert_eq!(m.blockers[0].connections, 3);
         assert_eq!(m.blockers[0].last_seen, "2026-12-04T05:10:00Z");
@@ -575,6 +583,20 @@ mod tests {
         assert_eq!(w.inbound.judged(), 6);
         assert!(!w.sidecar, "one pod without a sidecar");
         assert_eq!(w.ports[0].connections, 6);
+        // Connections seen in one direction only add up like the rest.
+        let one_way = Inbound {
+            unknown: 2,
+            ..Default::default()
+        };
+        let m = merge(
+            "shop",
+            None,
+            vec![
+                node(one_way, 0, vec![], true),
+                node(one_way, 0, vec![], true),
+            ],
+        );
+        assert_eq!((m.one_direction, m.workloads[0].one_direction), (4, 4));
     }
 
     #[test]

@@ -141,8 +141,8 @@ impl Prometheus {
         let label = |s: &Sample, k: &str| s.metric.get(k).cloned().unwrap_or_default();
 
         // Workloads and their sidecar state.
-        // (sidecar, inbound, compliant, rejected) per workload.
-        let mut workloads: BTreeMap<String, (bool, Inbound, u64, u64)> = BTreeMap::new();
+        // (sidecar, inbound, compliant, rejected, one direction) per workload.
+        let mut workloads: BTreeMap<String, (bool, Inbound, u64, u64, u64)> = BTreeMap::new();
         for s in self.query(&format!(
             "max by (workload, sidecar) (max_over_time(mtls_agent_workload_info{{{sel}}}[{w}]))"
         ))? {
@@ -169,10 +169,13 @@ impl Prometheus {
         }
         for s in &inbound {
             let n = count(s);
-            let entry =
-                workloads
-                    .entry(label(s, "workload"))
-                    .or_insert((true, Inbound::default(), 0, 0));
+            let entry = workloads.entry(label(s, "workload")).or_insert((
+                true,
+                Inbound::default(),
+                0,
+                0,
+                0,
+            ));
             match (label(s, "strict").as_str(), label(s, "security").as_str()) {
                 ("exempt", _) => entry.1.exempt += n,
                 (strict, sec) => {
@@ -197,6 +200,17 @@ impl Prometheus {
         ))? {
             if let Some(e) = workloads.get_mut(&label(&s, "workload")) {
                 e.3 += count(&s);
+            }
+        }
+        // Inbound connections seen in one direction only (the report's partial-sight warning).
+        for s in self.query(&window_sum(
+            "mtls_agent_one_direction_connections_total",
+            &format!("{sel},direction=\"inbound\""),
+            "workload",
+            &w,
+        ))? {
+            if let Some(e) = workloads.get_mut(&label(&s, "workload")) {
+                e.4 += count(&s);
             }
         }
 
@@ -300,12 +314,14 @@ impl Prometheus {
         let mut total = Inbound::default();
         let mut compliant = 0;
         let mut rejected = 0;
+        let mut one_direction = 0;
         let workloads: Vec<WorkloadReport> = workloads
             .into_iter()
-            .map(|(name, (sidecar, inbound, comp, rej))| {
+            .map(|(name, (sidecar, inbound, comp, rej, w1))| {
                 total.add(&inbound);
                 compliant += comp;
                 rejected += rej;
+                one_direction += w1;
                 WorkloadReport {
                     verdict: readiness(&inbound, comp),
                     inbound,
@@ -313,6 +329,7 @@ impl Prometheus {
                     mtls_ratio: ratio(&inbound, comp),
                     compliant: comp,
                     rejected: rej,
+                    one_direction: w1,
                     // Modes are the agent's knowledge, not metrics.
                     mode: None,
                     ports: {
@@ -334,6 +351,8 @@ impl Prometheus {
             mtls_ratio: ratio(&total, compliant),
             compliant,
             rejected,
+            one_direction,
+            warnings: Vec::new(),
             peer_authentication: None,
             blockers,
             workloads,

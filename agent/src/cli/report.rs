@@ -92,6 +92,7 @@ pub fn report(args: ReportArgs) -> anyhow::Result<()> {
         .as_deref()
         .ok_or_else(|| usage("--namespace or --all-namespaces is required"))?;
     let mut report = source.report(namespace, args.workload.as_deref(), window)?;
+    report.warnings = crate::aggregate::report::warnings(&report);
     if !assumed.is_empty() {
         let mut set = PolicySet::new(&args.istio_root_namespace);
         for r in &report.peer_authentications {
@@ -391,6 +392,12 @@ pub fn render_table(r: &Report, width: u16) -> String {
             r.rejected
         );
     }
+    for w in &r.warnings {
+        s += &format!(
+            "{} {w}\n",
+            "warning:".if_supports_color(Stream::Stdout, |t| t.yellow())
+        );
+    }
     if !r.blockers.is_empty() {
         s += "\nBlockers — these connections would break under STRICT:\n";
         let mut t = table(width);
@@ -523,6 +530,8 @@ mod tests {
             mtls_ratio: Some(1.0 / 3.0),
             compliant: 1,
             rejected: 2,
+            one_direction: 2,
+            warnings: Vec::new(),
             peer_authentication: Some("STRICT".into()),
             blockers: vec![Blocker {
                 client: ClientRef {
@@ -557,6 +566,7 @@ mod tests {
                 mtls_ratio: Some(1.0 / 3.0),
                 compliant: 1,
                 rejected: 2,
+                one_direction: 2,
                 mode: Some("STRICT".into()),
                 ports: vec![crate::aggregate::PortReport {
                     port: 8080,
@@ -585,6 +595,17 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("rejected: 2 inbound"), "{t}");
+        assert!(
+            !t.contains("partial sight"),
+            "warnings are filled by `report`: {t}"
+        );
+        let mut warned = sample();
+        warned.warnings = crate::aggregate::report::warnings(&warned);
+        let t = render_table(&warned, 200);
+        assert!(
+            t.contains("warning: partial sight: 2 of 4 inbound connections (to web) were seen in one direction only"),
+            "{t}"
+        );
         assert!(t.contains("8080 (STRICT)"), "{t}");
     }
 

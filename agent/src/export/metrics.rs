@@ -29,6 +29,8 @@ pub struct Metrics {
     pub workload_info: IntGaugeVec,
     pub strict_intended: IntGaugeVec,
     pub rejected: IntCounterVec,
+    /// Sides of connections this node saw in one direction only (evidence `one_direction`).
+    pub one_direction: IntCounterVec,
     pub identity_last_sync: Gauge,
     pub blocking_overflow: IntCounterVec,
     /// Judged inbound connections per server port (bounded, issue 12: port-level policies).
@@ -164,6 +166,12 @@ impl Metrics {
             "mtls_agent_rejected_connections_total",
             "Inbound connections the server reset or closed right after the client's first bytes without answering (what a STRICT sidecar does to plaintext).",
             &["namespace", "workload", "security"],
+        );
+        let one_direction = counter_vec(
+            &r,
+            "mtls_agent_one_direction_connections_total",
+            "Connections this node saw in one direction only (a packet acknowledged traffic of the other direction that no hook here saw), counted as unknown with evidence one_direction; each side by the node that hosts it.",
+            &["namespace", "workload", "direction"],
         );
         let strict_intended = IntGaugeVec::new(
             Opts::new(
@@ -354,6 +362,7 @@ impl Metrics {
             workload_info,
             strict_intended,
             rejected,
+            one_direction,
             identity_last_sync,
             blocking_overflow,
             inbound_port,

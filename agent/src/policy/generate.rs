@@ -271,6 +271,7 @@ pub(crate) mod tests {
             mtls_ratio: report::ratio(&inbound, compliant),
             compliant,
             rejected: 0,
+            one_direction: 0,
             mode: None,
             ports: ports
                 .iter()
@@ -323,6 +324,8 @@ pub(crate) mod tests {
             mtls_ratio: report::ratio(&inbound, compliant),
             compliant,
             rejected: 0,
+            one_direction: 0,
+            warnings: Vec::new(),
             peer_authentication: None,
             blockers,
             workloads,

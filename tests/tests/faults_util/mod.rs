@@ -9,7 +9,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use mtls_agent_testbed::*;
+use mtls_agent_testbed::{
+    rtnl::{Redirect, Redirector},
+    *,
+};
 use serde_json::Value;
 
 /// The two-pod bed most fault tests use: `server` (shop/web, 198.18.0.10, with a sidecar) and
@@ -346,4 +349,43 @@ pub fn conns(m: &str, ns: &str, wl: &str, dir: &str, sec: &str) -> f64 {
         ],
     )
     .unwrap_or(0.0)
+}
+
+/// Where the redirector sits.
+#[derive(Clone, Copy)]
+pub enum Hook {
+    Tcx,
+    /// A direct-action clsact filter at priority 1.
+    Clsact,
+}
+
+/// Two pods ([`two_pod_bed`]) whose host veths are off the bridge, joined only by a Cilium-like
+/// redirector on both host veths' ingress, attached before any agent starts (issue 19). With
+/// [`Redirect::Peer`] (`bpf_redirect_peer`) no host-side egress hook sees a packet, so a hook on
+/// one pod's host veth sees only what that pod sends. Returns the bed, server, client, inventory
+/// and the redirector (keep it alive).
+pub fn redirected_bed(
+    family: &str,
+    how: Redirect,
+    hook: Hook,
+) -> Result<(Testbed, Pod, Pod, std::path::PathBuf, Redirector)> {
+    let (tb, server, client, inv) = two_pod_bed(family)?;
+    let node = tb.node_netns().to_owned();
+    for p in [&server, &client] {
+        tb.run(&node, &["ip", "link", "set", &p.host_if, "nomaster"])?;
+    }
+    let pairs = [
+        (client.host_if.as_str(), server.host_if.as_str()),
+        (server.host_if.as_str(), client.host_if.as_str()),
+    ];
+    let r = match hook {
+        Hook::Tcx => Redirector::tcx(&node, &pairs, how)?,
+        Hook::Clsact => {
+            for p in [&server, &client] {
+                tb.run(&node, &["tc", "qdisc", "add", "dev", &p.host_if, "clsact"])?;
+            }
+            Redirector::clsact(&node, &pairs, how, 1)?
+        }
+    };
+    Ok((tb, server, client, inv, r))
 }
