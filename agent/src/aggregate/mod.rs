@@ -1033,4 +1033,49 @@ mod tests {
         ));
         assert!(text.contains("mtls_agent_inbound_connections_total{namespace=\"shop\",security=\"mtls\",strict=\"compliant\",workload=\"web\"} 1"));
     }
+
+    #[test]
+    fn one_direction_sides_are_counted_and_reported() {
+        let mut a = agg(Duration::from_secs(900), 20);
+        let now = SystemTime::now();
+        // batch (legacy) → web (shop), both on this node's inventory; this node hosts the
+        // server's side only, as the server's node behind bpf_redirect_peer.
+        let mut r = rec(
+            "198.18.0.30:40000",
+            "198.18.0.20:8080",
+            Security::Unknown,
+            Mesh::None,
+            now,
+        );
+        r.verdict.evidence = Evidence::OneDirection;
+        r.sides = Sides {
+            client: false,
+            server: true,
+        };
+        a.record(&r);
+        // An ordinary unknown is not partial sight.
+        a.record(&rec(
+            "198.18.0.30:40001",
+            "198.18.0.20:8080",
+            Security::Unknown,
+            Mesh::None,
+            now,
+        ));
+        let rep = a.report("shop", None).unwrap();
+        assert_eq!(rep.verdict, Readiness::NotReady);
+        assert_eq!(rep.inbound.unknown, 2);
+        assert_eq!(rep.one_direction, 1);
+        assert_eq!(
+            rep.workloads.iter().map(|w| w.one_direction).sum::<u64>(),
+            1
+        );
+        assert_eq!(report::warnings(&rep).len(), 1);
+        let text = a.metrics.render();
+        assert!(text.contains("mtls_agent_one_direction_connections_total{direction=\"inbound\",namespace=\"shop\",workload=\"web\"} 1"), "{text}");
+        assert!(
+            !text.contains("mtls_agent_one_direction_connections_total{direction=\"outbound\""),
+            "the client's side is its own node's: {text}"
+        );
+        assert!(text.contains("mtls_agent_verdict_evidence_total{evidence=\"one_direction\",security=\"unknown\"} 1"), "{text}");
+    }
 }
