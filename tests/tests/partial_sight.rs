@@ -5,7 +5,7 @@
 //! by each node: each node counts its side as `unknown` with evidence `one_direction` (never
 //! guessed into a class), the one-direction counter counts it once per side, the flow-table
 //! entries are still freed (one FIN ends a one-way entry), and `report` warns in the table and
-//! in JSON. An agent on both veths (one node hosting both pods) sees both directions through the
+//! in JSON, from one agent and from a real Prometheus scraping both nodes. An agent on both veths (one node hosting both pods) sees both directions through the
 //! redirector and classifies the same traffic as usual, with no warning. Needs root; fails,
 //! never skips.
 use std::time::{Duration, Instant};
@@ -188,6 +188,36 @@ fn connections_seen_in_one_direction_are_unknown_counted_and_warned() -> Result<
         "{table}"
     );
     assert!(table.contains("one_direction"), "{table}");
+    // The cluster through Prometheus (scraping the two one-direction nodes): the same count and
+    // the same warning, in JSON and in the table.
+    let prom = Prometheus::start(
+        &tb,
+        &[&client_node, &server_node].map(|a| a.url().trim_start_matches("http://").to_owned()),
+        None,
+    )?;
+    wait_for(&tb, "both nodes scraped", Duration::from_secs(30), || {
+        Ok(prom
+            .scalar(&tb, "sum(mtls_agent_one_direction_connections_total)")?
+            .and_then(|v| v.parse::<f64>().ok())
+            == Some(2.0 * n))
+    })?;
+    let via_prom = ["--namespace", "shop", "--prometheus", &prom.url()];
+    let (status, out, err) =
+        both.report_with(&tb, &[&via_prom[..], &["--output", "json"]].concat())?;
+    assert!(status.success(), "{err}");
+    let j: Value = serde_json::from_str(&out)?;
+    assert_eq!(j["verdict"], "not_ready", "{j:#}");
+    assert_eq!(j["one_direction"], 3 * N, "{j:#}");
+    assert!(
+        j["warnings"][0]
+            .as_str()
+            .is_some_and(|w| w.starts_with("partial sight: 6 of 6 inbound connections (to web)")),
+        "{j:#}"
+    );
+    let (_, table, err) = both.report_with(&tb, &via_prom)?;
+    assert!(table.contains("warning: partial sight"), "{table}{err}");
+    drop(prom);
+
     // The node that sees both directions has nothing to warn about.
     let j = both.report_json(&tb, "shop", None)?;
     assert_eq!(j["one_direction"], 0, "{j:#}");
