@@ -53,7 +53,7 @@ enum Cmd {
         /// target/bench/BENCHMARKS.quick.md instead of BENCHMARKS.md.
         #[arg(long)]
         quick: bool,
-        /// Repetitions of every scenario and observer (default 3, quick 1).
+        /// Repetitions of every scenario and observer (default 5, quick 1).
         #[arg(long)]
         reps: Option<usize>,
         /// Seconds of traffic per run (default 10, quick 3).
@@ -65,6 +65,10 @@ enum Cmd {
         /// Only these scenarios (bulk, small, tls-churn, tcp-churn, idle), comma-separated.
         #[arg(long = "scenario", value_delimiter = ',')]
         scenarios: Vec<String>,
+        /// Only these observers (A: none, R: parse-only reference, B: mtls-agent, C: tshark),
+        /// comma-separated; ratios need A in the run.
+        #[arg(long = "observer", value_delimiter = ',')]
+        observers: Vec<String>,
         /// Where to write the report.
         #[arg(long)]
         output: Option<PathBuf>,
@@ -173,6 +177,7 @@ fn main() -> std::process::ExitCode {
             seconds,
             idle_flows,
             scenarios,
+            observers,
             output,
         } => setup::setup().and_then(|_| {
             let (agent, tool) = build_bench()?;
@@ -186,6 +191,7 @@ fn main() -> std::process::ExitCode {
                     idle_flows,
                     output,
                     scenarios,
+                    observers,
                 },
             )
         }),

@@ -7,6 +7,7 @@ pub mod gc;
 pub mod links;
 pub mod netlink;
 pub mod reaper;
+pub mod reference;
 pub mod tcnl;
 
 use aya::{
@@ -45,7 +46,8 @@ pub fn check_btf() -> Result<(), CaptureError> {
 }
 
 /// The compiled eBPF object, built by aya-build in build.rs.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mtls-agent"));
+pub(crate) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mtls-agent"));
 
 /// Kernel-side settings, chosen at load time.
 #[derive(Debug, Clone)]
@@ -292,7 +294,7 @@ fn programs(ebpf: &mut Ebpf) -> (&mut SchedClassifier, &mut SchedClassifier) {
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
-fn bump_memlock_rlimit() {
+pub(crate) fn bump_memlock_rlimit() {
     let rlim = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,
