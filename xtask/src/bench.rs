@@ -225,7 +225,7 @@ impl Plan {
         Ok(Plan {
             quick: o.quick,
             reps: o.reps.unwrap_or(if o.quick { 1 } else { 5 }).max(1),
-            secs: o.seconds.unwrap_or(if o.quick { 3 } else { 10 }).max(1),
+            secs: o.seconds.unwrap_or(if o.quick { 2 } else { 10 }).max(1),
             idle_flows: o
                 .idle_flows
                 .unwrap_or(if o.quick { 20_000 } else { 100_000 }),

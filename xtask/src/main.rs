@@ -49,14 +49,14 @@ enum Cmd {
     /// Setup, build, then measure the agent's cost against no program and a tshark capture on
     /// a namespace pair (bulk, small messages, TLS/TCP churn, idle flows); writes BENCHMARKS.md.
     Bench {
-        /// Short run (1 repetition, 3 s per run, 20k idle flows) writing
+        /// Short run (1 repetition, 2 s per run, 20k idle flows; under 2 minutes) writing
         /// target/bench/BENCHMARKS.quick.md instead of BENCHMARKS.md.
         #[arg(long)]
         quick: bool,
         /// Repetitions of every scenario and observer (default 5, quick 1).
         #[arg(long)]
         reps: Option<usize>,
-        /// Seconds of traffic per run (default 10, quick 3).
+        /// Seconds of traffic per run (default 10, quick 2).
         #[arg(long)]
         seconds: Option<u64>,
         /// Idle flows to open in the idle scenario (default 100000, quick 20000).
