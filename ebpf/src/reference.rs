@@ -9,14 +9,14 @@ use crate::parse;
 
 /// Parse-only reference at TC ingress.
 #[classifier]
-pub fn mtls_ref_ingress(ctx: TcContext) -> i32 {
+pub fn mtlsref_ingress(ctx: TcContext) -> i32 {
     parse_only(&ctx);
     TC_ACT_UNSPEC
 }
 
 /// Parse-only reference at TC egress.
 #[classifier]
-pub fn mtls_ref_egress(ctx: TcContext) -> i32 {
+pub fn mtlsref_egress(ctx: TcContext) -> i32 {
     parse_only(&ctx);
     TC_ACT_UNSPEC
 }

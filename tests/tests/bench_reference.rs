@@ -32,7 +32,7 @@ fn bench_reference_attaches_only_the_parse_only_programs_and_detaches_on_sigterm
     for iface in [&srv.host_if, &cli.host_if] {
         let (i, e) = tcx_programs(&tb, TCX_QUERY, &node, iface)?;
         ensure!(
-            i == ["mtls_ref_ingress"] && e == ["mtls_ref_egress"],
+            i == ["mtlsref_ingress"] && e == ["mtlsref_egress"],
             "{iface}: ingress {i:?}, egress {e:?}"
         );
     }

@@ -120,7 +120,7 @@ fn bpftool_progs() -> anyhow::Result<Vec<serde_json::Value>> {
 
 /// Program names of the agent (observer B) and of the parse-only reference (observer R).
 pub const AGENT: [&str; 2] = ["mtls_ingress", "mtls_egress"];
-pub const REFERENCE: [&str; 2] = ["mtls_ref_ingress", "mtls_ref_egress"];
+pub const REFERENCE: [&str; 2] = ["mtlsref_ingress", "mtlsref_egress"];
 
 fn named(p: &serde_json::Value, names: [&str; 2]) -> bool {
     p["name"].as_str().is_some_and(|n| names.contains(&n))
