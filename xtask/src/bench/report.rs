@@ -760,6 +760,119 @@ mod tests {
         assert_eq!(median(vec![]), None);
     }
 
+    fn plan(scenarios: Vec<Scenario>) -> Plan {
+        Plan {
+            quick: true,
+            reps: 1,
+            secs: 2,
+            idle_flows: 20_000,
+            tls_clients: 4,
+            churn_threads: 8,
+            scenarios,
+            observers: Variant::ALL.to_vec(),
+        }
+    }
+
+    fn row<'a>(md: &'a str, start: &str) -> &'a str {
+        md.lines()
+            .find(|l| l.starts_with(&format!("| {start}")))
+            .unwrap_or_else(|| panic!("no row {start:?} in\n{md}"))
+    }
+
+    /// The targets rows are computed from the samples: B's paired ratio to A, B's eBPF ns/run
+    /// over R's, ring bytes per connection (payload plus one header per event), the agent's
+    /// CPU per connection; what the run did not measure says so instead of passing.
+    #[test]
+    fn targets_from_samples() {
+        let sample = |value: f64, ns: Option<(u64, u64)>| Sample {
+            value,
+            wall_s: 2.0,
+            bpf_runs: ns.map(|x| x.0),
+            bpf_ns: ns.map(|x| x.1),
+            ..Sample::default()
+        };
+        let mut b_churn = sample(19_000.0, Some((1_000, 300_000)));
+        b_churn.made = Some(1_000);
+        b_churn.cpu_s = Some(0.004);
+        b_churn.lost = Some(0.0);
+        b_churn.copied = Some(110_000.0);
+        b_churn.events = Some(3_000.0);
+        b_churn.rss_kib = Some(30 * 1024);
+        let results = vec![
+            (Scenario::Bulk, Variant::Bare, 0, sample(10.0, None)),
+            (
+                Scenario::Bulk,
+                Variant::Reference,
+                0,
+                sample(9.9, Some((1_000, 100_000))),
+            ),
+            (
+                Scenario::Bulk,
+                Variant::Agent,
+                0,
+                sample(9.7, Some((1_000, 140_000))),
+            ),
+            (Scenario::Small, Variant::Bare, 0, sample(100.0, None)),
+            (
+                Scenario::Small,
+                Variant::Reference,
+                0,
+                sample(99.0, Some((1_000, 100_000))),
+            ),
+            (
+                Scenario::Small,
+                Variant::Agent,
+                0,
+                sample(98.0, Some((1_000, 160_000))),
+            ),
+            (Scenario::TcpChurn, Variant::Bare, 0, sample(20_000.0, None)),
+            (Scenario::TcpChurn, Variant::Agent, 0, b_churn),
+        ];
+        let p = plan(vec![Scenario::Bulk, Scenario::Small, Scenario::TcpChurn]);
+        let md = render(&Run {
+            plan: &p,
+            machine: &[],
+            started: std::time::UNIX_EPOCH,
+            elapsed: Duration::from_secs(60),
+            results: &results,
+            failures: &[],
+        });
+        assert!(row(&md, "bulk: B ≥ 98% of A").contains("97.0% (1.0 points short)"));
+        assert!(row(&md, "bulk: B ≥ 98% of A").ends_with("| **no** |"));
+        assert!(row(&md, "small: B ≥ 97% of A").ends_with("98.0% | yes |"));
+        assert!(row(&md, "tcp-churn: B ≥ 95% of A").ends_with("95.0% | yes |"));
+        let ebpf = row(&md, "eBPF ns/run");
+        assert!(
+            ebpf.contains("bulk: B 140.0 ns, R 100.0 ns = 1.40×"),
+            "{ebpf}"
+        );
+        assert!(
+            ebpf.contains("small: B 160.0 ns, R 100.0 ns = 1.60×"),
+            "{ebpf}"
+        );
+        assert!(ebpf.ends_with("| **no** |"), "{ebpf}");
+        // 110 B payload + 3 events × 96 B per connection.
+        let ring = row(&md, "tcp-churn: ring bytes");
+        assert!(
+            ring.contains("398 B/connection (110 B payload + 3.00 events × 96 B header) | yes"),
+            "{ring}"
+        );
+        assert!(row(&md, "tls-churn: ring bytes").ends_with("| not in this run | not measured |"));
+        let cpu = row(&md, "tcp-churn: agent ≤ 5 µs");
+        assert!(
+            cpu.contains("4.00 µs per connection (agent process; 4.30 µs"),
+            "{cpu}"
+        );
+        assert!(cpu.ends_with("| yes |"), "{cpu}");
+        // Not every scenario ran: zero losses are not a pass.
+        assert!(
+            row(&md, "0 events lost")
+                .ends_with("not every scenario ran, so not judged | not measured |")
+        );
+        // B's row of the churn table: ring bytes (payload) and events per connection.
+        assert!(md.contains("| 398 (110) | 3.00 | 0 |"), "{md}");
+    }
+
     #[test]
     fn dates() {
         assert_eq!(utc(0), "1970-01-01 00:00");
