@@ -123,12 +123,7 @@ impl Capture {
             .map_err(CaptureError::Load)?;
         start_ebpf_log(&mut ebpf);
         for name in [names::PROG_INGRESS, names::PROG_EGRESS] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(CaptureError::Map(name, "missing from object".into()))?
-                .try_into()
-                .map_err(|e| CaptureError::Program(name, e))?;
-            prog.load().map_err(|e| CaptureError::Program(name, e))?;
+            load_classifier(&mut ebpf, name)?;
         }
         let mut prog_ids = Vec::new();
         let (i, e) = programs(&mut ebpf);
@@ -291,6 +286,20 @@ fn programs(ebpf: &mut Ebpf) -> (&mut SchedClassifier, &mut SchedClassifier) {
         // Checked in `load`: both programs exist and are classifiers.
         _ => unreachable!("programs checked at load"),
     }
+}
+
+/// Loads the classifier `name` of the object into the kernel (not attached yet).
+pub(crate) fn load_classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, CaptureError> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or(CaptureError::Map(name, "missing from object".into()))?
+        .try_into()
+        .map_err(|e| CaptureError::Program(name, e))?;
+    prog.load().map_err(|e| CaptureError::Program(name, e))?;
+    Ok(prog)
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.

@@ -10,7 +10,10 @@ use aya::{
 use mtls_agent_common::names;
 use tracing::{info, warn};
 
-use super::{CaptureError, EBPF_OBJECT, Globs, bump_memlock_rlimit, check_btf, list_interfaces};
+use super::{
+    CaptureError, EBPF_OBJECT, Globs, bump_memlock_rlimit, check_btf, list_interfaces,
+    load_classifier,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReferenceError {
@@ -66,12 +69,7 @@ pub fn run(globs: &[String]) -> Result<(), ReferenceError> {
         (names::PROG_REF_INGRESS, TcAttachType::Ingress),
         (names::PROG_REF_EGRESS, TcAttachType::Egress),
     ] {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or(CaptureError::Map(name, "missing from object".into()))?
-            .try_into()
-            .map_err(|e| CaptureError::Program(name, e))?;
-        prog.load().map_err(|e| CaptureError::Program(name, e))?;
+        let prog = load_classifier(&mut ebpf, name)?;
         for iface in &ifaces {
             let id = prog
                 .attach_with_options(iface, hook, TcAttachOptions::TcxOrder(LinkOrder::first()))
