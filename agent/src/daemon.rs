@@ -493,6 +493,7 @@ struct KernelSeen {
     parse: u64,
     v6ext: u64,
     packets: u64,
+    copied: u64,
 }
 
 impl KernelSeen {
@@ -533,6 +534,7 @@ impl KernelSeen {
             at(stats::IPV6_EXT_HEADERS),
         );
         mirror(&m.tcp_packets, &mut self.packets, at(stats::TCP_PACKETS));
+        mirror(&m.capture_bytes, &mut self.copied, at(stats::BYTES_COPIED));
     }
 }
 

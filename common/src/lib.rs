@@ -36,6 +36,10 @@ pub mod names {
     pub const STATS: &str = "STATS";
     pub const PROG_INGRESS: &str = "mtls_ingress";
     pub const PROG_EGRESS: &str = "mtls_egress";
+    /// Parse-only reference programs (observer R of `cargo xtask bench`); 15 characters at
+    /// most, the kernel's limit for a program name.
+    pub const PROG_REF_INGRESS: &str = "mtlsref_ingress";
+    pub const PROG_REF_EGRESS: &str = "mtlsref_egress";
     pub const SCRATCH: &str = "SCRATCH";
     pub const GLOBAL_MAX_SEGMENTS: &str = "MAX_SEGMENTS";
     pub const GLOBAL_CAPTURE_BYTES: &str = "CAPTURE_BYTES";

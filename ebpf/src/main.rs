@@ -16,6 +16,7 @@
 mod capture;
 mod flow;
 mod parse;
+mod reference;
 
 use aya_ebpf::{
     bindings::TC_ACT_UNSPEC,

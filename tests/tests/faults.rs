@@ -461,6 +461,10 @@ fn counters_never_go_backwards_and_restart_from_zero() -> Result<()> {
         "{m}"
     );
     assert_eq!(metric_value(&m, "mtls_agent_events_total", &[]), Some(0.0));
+    assert_eq!(
+        metric_value(&m, "mtls_agent_capture_bytes_total", &[]),
+        Some(0.0)
+    );
     http_get(&tb, &client.netns, &url)?;
     // The close may still be in the ring buffer: wait for the count, then for nothing tracked.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -473,6 +477,21 @@ fn counters_never_go_backwards_and_restart_from_zero() -> Result<()> {
     }
     let m = agent.settle(&tb, Duration::from_secs(10))?;
     assert_eq!(conns(&m, "shop", "web", "inbound", "plaintext"), 1.0, "{m}");
+    // The kernel's copy counter, mirrored every tick: the request and the first segment of the
+    // response (curl's GET with its three headers is over 64 bytes; neither needs a kilobyte).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (copied, m) = loop {
+        let m = agent.metrics(&tb)?;
+        let c = metric_value(&m, "mtls_agent_capture_bytes_total", &[]).unwrap_or(0.0);
+        if c > 0.0 || Instant::now() > deadline {
+            break (c, m);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        copied > 64.0 && copied < 1024.0,
+        "{copied} bytes copied: {m}"
+    );
     assert!(agent.stop()?.success());
     tb.destroy()
 }

@@ -2,10 +2,13 @@
 //! capture that answers the same question.
 //!
 //! One node namespace with a bridge and two pods (`srv`, `cli`) from the test bed. Every scenario
-//! is run with three observers, interleaved (A, B, C, then the next repetition in a rotated
+//! is run with four observers, interleaved (A, R, B, C, then the next repetition in a rotated
 //! order), and the medians are compared:
 //!
 //! - A: nothing attached (the physical limit of this machine);
+//! - R: a parse-only reference TC program (`mtls-agent bench-reference`, ebpf/src/reference.rs)
+//!   at the same hooks as B: the floor of a TC program on this kernel and VM, so that B's eBPF
+//!   cost is stated as a ratio to it;
 //! - B: `mtls-agent run` in the node namespace, attached to both pod veths;
 //! - C: `tshark` on the server pod's veth, keeping TLS handshakes ([`TSHARK_ARGS`]).
 //!
@@ -49,7 +52,9 @@ const TLS_PORT: u16 = 443;
 const REPLY_PORT: u16 = 8080;
 const HOLD_PORT: u16 = 9000;
 const AGENT_LISTEN: &str = "127.0.0.1:9477";
-/// Kernel flow-table size for the agent: 100k connections cross two veths (two entries each).
+/// Kernel flow-table size for the agent: one entry per connection (both veths of a same-node
+/// connection share it), so the 100k idle flows and the connections closed since the last sweep
+/// fit with room to spare.
 pub const FLOW_TABLE_SIZE: u32 = 262_144;
 /// The capture a user would run to see the same handshakes: every TCP packet cut to the first
 /// 4 KiB (what the agent copies per segment), TLS handshake messages printed with the record
@@ -91,23 +96,35 @@ pub struct Opts {
     pub idle_flows: Option<usize>,
     pub output: Option<PathBuf>,
     pub scenarios: Vec<String>,
+    pub observers: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Variant {
     Bare,
+    Reference,
     Agent,
     Capture,
 }
 
 impl Variant {
-    pub const ALL: [Variant; 3] = [Variant::Bare, Variant::Agent, Variant::Capture];
+    pub const ALL: [Variant; 4] = [
+        Variant::Bare,
+        Variant::Reference,
+        Variant::Agent,
+        Variant::Capture,
+    ];
     pub fn label(self) -> &'static str {
         match self {
             Variant::Bare => "A: no program",
+            Variant::Reference => "R: parse-only",
             Variant::Agent => "B: mtls-agent",
             Variant::Capture => "C: tshark",
         }
+    }
+    /// The letter `--observer` takes.
+    fn letter(self) -> &'static str {
+        &self.label()[..1]
     }
 }
 
@@ -166,6 +183,8 @@ pub struct Plan {
     pub tls_clients: usize,
     pub churn_threads: usize,
     pub scenarios: Vec<Scenario>,
+    /// Observers in the order of the first repetition (a subset of [`Variant::ALL`]).
+    pub observers: Vec<Variant>,
 }
 
 impl Plan {
@@ -185,16 +204,35 @@ impl Plan {
                 })
                 .collect::<anyhow::Result<_>>()?
         };
+        let observers = if o.observers.is_empty() {
+            Variant::ALL.to_vec()
+        } else {
+            let picked: Vec<Variant> = o
+                .observers
+                .iter()
+                .map(|x| {
+                    Variant::ALL
+                        .into_iter()
+                        .find(|v| v.letter().eq_ignore_ascii_case(x))
+                        .with_context(|| format!("--observer {x:?}: not one of A, R, B, C"))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            Variant::ALL
+                .into_iter()
+                .filter(|v| picked.contains(v))
+                .collect()
+        };
         Ok(Plan {
             quick: o.quick,
-            reps: o.reps.unwrap_or(if o.quick { 1 } else { 3 }).max(1),
-            secs: o.seconds.unwrap_or(if o.quick { 3 } else { 10 }).max(1),
+            reps: o.reps.unwrap_or(if o.quick { 1 } else { 5 }).max(1),
+            secs: o.seconds.unwrap_or(if o.quick { 2 } else { 10 }).max(1),
             idle_flows: o
                 .idle_flows
                 .unwrap_or(if o.quick { 20_000 } else { 100_000 }),
             tls_clients: 4,
             churn_threads: 8,
             scenarios,
+            observers,
         })
     }
 }
@@ -378,6 +416,7 @@ impl Bed {
 /// What watches the traffic during one run.
 enum Observer {
     Bare,
+    Reference { proc: Proc, progs: Vec<u64> },
     Agent { proc: Proc, progs: Vec<u64> },
     Capture { proc: Proc },
 }
@@ -392,8 +431,40 @@ struct Baseline {
 fn start_observer(bed: &Bed, v: Variant) -> anyhow::Result<Observer> {
     match v {
         Variant::Bare => Ok(Observer::Bare),
+        Variant::Reference => {
+            let before = probe::prog_ids(probe::REFERENCE)?;
+            let proc = bed.tb.spawn_env(
+                bed.node(),
+                &[s(&bed.agent)?, "bench-reference", "--interface", "vp*"],
+                &[("RUST_LOG", "info"), ("NO_COLOR", "1")],
+            )?;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            // `attached N` once both hooks of every matching veth have the program.
+            while !proc
+                .stdout()
+                .lines()
+                .any(|l| l.strip_prefix("attached ").is_some_and(|n| n.trim() == "2"))
+            {
+                proc.ensure_running()
+                    .context("mtls-agent bench-reference exited during start-up")?;
+                if Instant::now() > deadline {
+                    bail!(
+                        "mtls-agent bench-reference did not attach to both veths within 30s: {} {}",
+                        proc.stdout(),
+                        proc.stderr_tail()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let progs = probe::owned_prog_ids(probe::REFERENCE, proc.pid(), &before)?;
+            ensure!(
+                progs.len() == 2,
+                "expected the two reference programs with bpftool, found {progs:?}"
+            );
+            Ok(Observer::Reference { proc, progs })
+        }
         Variant::Agent => {
-            let before = probe::mtls_prog_ids()?;
+            let before = probe::prog_ids(probe::AGENT)?;
             let table = FLOW_TABLE_SIZE.to_string();
             let proc = bed.tb.spawn_env(
                 bed.node(),
@@ -430,7 +501,7 @@ fn start_observer(bed: &Bed, v: Variant) -> anyhow::Result<Observer> {
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
-            let progs = probe::agent_prog_ids(proc.pid(), &before)?;
+            let progs = probe::owned_prog_ids(probe::AGENT, proc.pid(), &before)?;
             ensure!(
                 !progs.is_empty(),
                 "could not find the agent's eBPF programs with bpftool"
@@ -469,6 +540,11 @@ fn baseline(bed: &Bed, obs: &Observer) -> anyhow::Result<Baseline> {
             bpf: (0, 0),
             metrics: None,
         },
+        Observer::Reference { proc, progs } => Baseline {
+            cpu: probe::cpu_seconds(proc.pid(), false).unwrap_or(0.0),
+            bpf: probe::prog_stats(progs)?,
+            metrics: None,
+        },
         Observer::Agent { proc, progs } => Baseline {
             cpu: probe::cpu_seconds(proc.pid(), false).unwrap_or(0.0),
             bpf: probe::prog_stats(progs)?,
@@ -499,6 +575,13 @@ fn finish(
 ) -> anyhow::Result<()> {
     match obs {
         Observer::Bare => Ok(()),
+        Observer::Reference { proc, progs } => {
+            let pid = proc.pid();
+            sample.cpu_s = Some(probe::cpu_seconds(pid, false).unwrap_or(0.0) - base.cpu);
+            sample.rss_kib = probe::vm_hwm_kib(pid);
+            kernel_figures(bed, scenario, &progs, &base, sample)?;
+            stop_agent(proc, "mtls-agent bench-reference")
+        }
         Observer::Agent { proc, progs } => {
             let m0 = base.metrics.as_deref().unwrap_or("");
             let inbound = [("workload", "srv"), ("direction", "inbound")];
@@ -521,16 +604,7 @@ fn finish(
             let pid = proc.pid();
             sample.cpu_s = Some(probe::cpu_seconds(pid, false).unwrap_or(0.0) - base.cpu);
             sample.rss_kib = probe::vm_hwm_kib(pid);
-            let (cnt, ns) = probe::prog_stats(&progs)?;
-            sample.bpf_runs = Some(cnt - base.bpf.0);
-            sample.bpf_ns = Some(ns - base.bpf.1);
-            // After the statistics above were read, so the synthetic runs do not count there.
-            if scenario == Scenario::Bulk {
-                match probe::test_run_ns(progs[0], bed.tb.workdir(), 1_000_000) {
-                    Ok(ns) => sample.test_run_ns = Some(ns),
-                    Err(e) => eprintln!("bench: BPF_PROG_TEST_RUN failed: {e:#}"),
-                }
-            }
+            kernel_figures(bed, scenario, &progs, &base, sample)?;
             sample.lost = metric_value(&m, "mtls_agent_events_lost_total", &[]);
             sample.lost_reasons = m
                 .lines()
@@ -547,7 +621,8 @@ fn finish(
                 })
                 .collect::<Vec<_>>()
                 .join(", ");
-            sample.events = metric_value(&m, "mtls_agent_events_total", &[]);
+            sample.events = Some(counter_delta(m0, &m, "mtls_agent_events_total", &[]));
+            sample.copied = Some(counter_delta(m0, &m, "mtls_agent_capture_bytes_total", &[]));
             sample.classified = Some(counter_delta(
                 m0,
                 &m,
@@ -564,7 +639,7 @@ fn finish(
             if sample.tracked.is_none() {
                 sample.tracked = metric_value(&m, "mtls_agent_flows_tracked", &[]);
             }
-            stop_agent(proc)
+            stop_agent(proc, "mtls-agent")
         }
         Observer::Capture { proc } => {
             let pid = proc.pid();
@@ -613,13 +688,36 @@ fn proc_stop(mut proc: Proc) -> (String, String) {
     (proc.stdout(), proc.stderr())
 }
 
-fn stop_agent(mut proc: Proc) -> anyhow::Result<()> {
+/// The eBPF programs' run count and time over the window, from the kernel; on bulk runs also
+/// one established-flow ACK in isolation (BPF_PROG_TEST_RUN), read after the statistics so the
+/// synthetic runs do not count there.
+fn kernel_figures(
+    bed: &Bed,
+    scenario: Scenario,
+    progs: &[u64],
+    base: &Baseline,
+    sample: &mut Sample,
+) -> anyhow::Result<()> {
+    let (cnt, ns) = probe::prog_stats(progs)?;
+    sample.bpf_runs = Some(cnt - base.bpf.0);
+    sample.bpf_ns = Some(ns - base.bpf.1);
+    if scenario == Scenario::Bulk {
+        match probe::test_run_ns(progs[0], bed.tb.workdir(), 1_000_000) {
+            Ok(ns) => sample.test_run_ns = Some(ns),
+            Err(e) => eprintln!("bench: BPF_PROG_TEST_RUN failed: {e:#}"),
+        }
+    }
+    Ok(())
+}
+
+/// SIGTERM to the agent (or the reference), which detaches and exits 0.
+fn stop_agent(mut proc: Proc, what: &str) -> anyhow::Result<()> {
     let status = proc.stop_with_grace(Duration::from_secs(10));
     if let Some(st) = status
         && !st.success()
         && st.code().is_some()
     {
-        bail!("mtls-agent exited with {st}: {}", proc.stderr_tail());
+        bail!("{what} exited with {st}: {}", proc.stderr_tail());
     }
     Ok(())
 }
@@ -924,18 +1022,23 @@ pub fn bench(agent: &Path, tool: &Path, opts: &Opts) -> anyhow::Result<()> {
     let _stats = probe::BpfStats::enable()?;
     let bed = Bed::new(agent, tool)?;
     eprintln!(
-        "bench: node {} ready; {} repetition(s) of {:?}, {} s each",
+        "bench: node {} ready; {} repetition(s) of {:?} with observers {:?}, {} s each",
         bed.node(),
         plan.reps,
         plan.scenarios.iter().map(|s| s.name()).collect::<Vec<_>>(),
+        plan.observers
+            .iter()
+            .map(|v| v.letter())
+            .collect::<Vec<_>>(),
         plan.secs
     );
     let mut results: Vec<(Scenario, Variant, usize, Sample)> = Vec::new();
     let mut failures: Vec<String> = Vec::new();
     'outer: for rep in 0..plan.reps {
         for &sc in &plan.scenarios {
-            let mut order = Variant::ALL;
-            order.rotate_left(rep % 3);
+            let mut order = plan.observers.clone();
+            let n = order.len();
+            order.rotate_left(rep % n);
             for v in order {
                 if stop.load(Ordering::SeqCst) {
                     break 'outer;

@@ -49,14 +49,14 @@ enum Cmd {
     /// Setup, build, then measure the agent's cost against no program and a tshark capture on
     /// a namespace pair (bulk, small messages, TLS/TCP churn, idle flows); writes BENCHMARKS.md.
     Bench {
-        /// Short run (1 repetition, 3 s per run, 20k idle flows) writing
+        /// Short run (1 repetition, 2 s per run, 20k idle flows; under 2 minutes) writing
         /// target/bench/BENCHMARKS.quick.md instead of BENCHMARKS.md.
         #[arg(long)]
         quick: bool,
-        /// Repetitions of every scenario and observer (default 3, quick 1).
+        /// Repetitions of every scenario and observer (default 5, quick 1).
         #[arg(long)]
         reps: Option<usize>,
-        /// Seconds of traffic per run (default 10, quick 3).
+        /// Seconds of traffic per run (default 10, quick 2).
         #[arg(long)]
         seconds: Option<u64>,
         /// Idle flows to open in the idle scenario (default 100000, quick 20000).
@@ -65,6 +65,10 @@ enum Cmd {
         /// Only these scenarios (bulk, small, tls-churn, tcp-churn, idle), comma-separated.
         #[arg(long = "scenario", value_delimiter = ',')]
         scenarios: Vec<String>,
+        /// Only these observers (A: none, R: parse-only reference, B: mtls-agent, C: tshark),
+        /// comma-separated; ratios need A in the run.
+        #[arg(long = "observer", value_delimiter = ',')]
+        observers: Vec<String>,
         /// Where to write the report.
         #[arg(long)]
         output: Option<PathBuf>,
@@ -173,6 +177,7 @@ fn main() -> std::process::ExitCode {
             seconds,
             idle_flows,
             scenarios,
+            observers,
             output,
         } => setup::setup().and_then(|_| {
             let (agent, tool) = build_bench()?;
@@ -186,6 +191,7 @@ fn main() -> std::process::ExitCode {
                     idle_flows,
                     output,
                     scenarios,
+                    observers,
                 },
             )
         }),

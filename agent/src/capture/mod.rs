@@ -7,6 +7,7 @@ pub mod gc;
 pub mod links;
 pub mod netlink;
 pub mod reaper;
+pub mod reference;
 pub mod tcnl;
 
 use aya::{
@@ -45,7 +46,8 @@ pub fn check_btf() -> Result<(), CaptureError> {
 }
 
 /// The compiled eBPF object, built by aya-build in build.rs.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mtls-agent"));
+pub(crate) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mtls-agent"));
 
 /// Kernel-side settings, chosen at load time.
 #[derive(Debug, Clone)]
@@ -121,12 +123,7 @@ impl Capture {
             .map_err(CaptureError::Load)?;
         start_ebpf_log(&mut ebpf);
         for name in [names::PROG_INGRESS, names::PROG_EGRESS] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(CaptureError::Map(name, "missing from object".into()))?
-                .try_into()
-                .map_err(|e| CaptureError::Program(name, e))?;
-            prog.load().map_err(|e| CaptureError::Program(name, e))?;
+            load_classifier(&mut ebpf, name)?;
         }
         let mut prog_ids = Vec::new();
         let (i, e) = programs(&mut ebpf);
@@ -291,8 +288,22 @@ fn programs(ebpf: &mut Ebpf) -> (&mut SchedClassifier, &mut SchedClassifier) {
     }
 }
 
+/// Loads the classifier `name` of the object into the kernel (not attached yet).
+pub(crate) fn load_classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, CaptureError> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or(CaptureError::Map(name, "missing from object".into()))?
+        .try_into()
+        .map_err(|e| CaptureError::Program(name, e))?;
+    prog.load().map_err(|e| CaptureError::Program(name, e))?;
+    Ok(prog)
+}
+
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
-fn bump_memlock_rlimit() {
+pub(crate) fn bump_memlock_rlimit() {
     let rlim = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,

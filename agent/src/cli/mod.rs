@@ -111,6 +111,17 @@ pub enum Command {
     /// Internal: started by `run` on the clsact path; removes the agent's filters when it dies.
     #[command(name = "clsact-reaper", hide = true)]
     ClsactReaper(ReaperArgs),
+    /// Internal: observer R of `cargo xtask bench`; attaches the parse-only reference programs
+    /// until SIGTERM.
+    #[command(name = "bench-reference", hide = true)]
+    BenchReference(BenchReferenceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchReferenceArgs {
+    /// Interface-name glob (repeatable): attach at TCX ingress and egress of every match.
+    #[arg(long = "interface", value_name = "GLOB", required = true)]
+    pub interfaces: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -361,6 +372,14 @@ pub fn main() -> u8 {
         Command::ClsactReaper(args) => {
             run::init_logging("info");
             crate::capture::reaper::run(&args.prog_ids)
+        }
+        Command::BenchReference(args) => {
+            run::init_logging("info");
+            crate::capture::reference::run(&args.interfaces).map_err(|e| match e {
+                crate::capture::reference::ReferenceError::Glob(_)
+                | crate::capture::reference::ReferenceError::NoInterface(_) => usage(e.to_string()),
+                e => e.into(),
+            })
         }
     };
     match result {

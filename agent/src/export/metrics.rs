@@ -46,6 +46,8 @@ pub struct Metrics {
     /// Kernel flow-table entries counted by the last garbage-collection pass.
     pub flow_table_entries: IntGauge,
     pub tcp_packets: IntCounter,
+    /// Payload bytes the kernel program copied to the ring buffer (kernel stat BYTES_COPIED).
+    pub capture_bytes: IntCounter,
     pub events: IntCounter,
     pub decode_errors: IntCounter,
     pub flows_tracked: IntGauge,
@@ -252,6 +254,11 @@ impl Metrics {
             "mtls_agent_tcp_packets_total",
             "TCP packets seen by the kernel program.",
         );
+        let capture_bytes = counter(
+            &r,
+            "mtls_agent_capture_bytes_total",
+            "Payload bytes the kernel program copied to the ring buffer (each data event adds a 96-byte header).",
+        );
         let events = counter(
             &r,
             "mtls_agent_events_total",
@@ -374,6 +381,7 @@ impl Metrics {
             flow_table_gc,
             flow_table_entries,
             tcp_packets,
+            capture_bytes,
             events,
             decode_errors,
             flows_tracked,

@@ -118,26 +118,34 @@ fn bpftool_progs() -> anyhow::Result<Vec<serde_json::Value>> {
     Ok(v.as_array().cloned().unwrap_or_default())
 }
 
-fn is_ours(p: &serde_json::Value) -> bool {
-    matches!(p["name"].as_str(), Some("mtls_ingress" | "mtls_egress"))
+/// Program names of the agent (observer B) and of the parse-only reference (observer R).
+pub const AGENT: [&str; 2] = ["mtls_ingress", "mtls_egress"];
+pub const REFERENCE: [&str; 2] = ["mtlsref_ingress", "mtlsref_egress"];
+
+fn named(p: &serde_json::Value, names: [&str; 2]) -> bool {
+    p["name"].as_str().is_some_and(|n| names.contains(&n))
 }
 
-/// Ids of the loaded mtls-agent programs.
-pub fn mtls_prog_ids() -> anyhow::Result<BTreeSet<u64>> {
+/// Ids of the loaded programs with these names.
+pub fn prog_ids(names: [&str; 2]) -> anyhow::Result<BTreeSet<u64>> {
     Ok(bpftool_progs()?
         .iter()
-        .filter(|p| is_ours(p))
+        .filter(|p| named(p, names))
         .filter_map(|p| p["id"].as_u64())
         .collect())
 }
 
-/// The mtls-agent programs that belong to process `pid`: those bpftool attributes to it, or,
-/// where bpftool cannot say who holds a program, those that appeared since `before`.
-pub fn agent_prog_ids(pid: u32, before: &BTreeSet<u64>) -> anyhow::Result<Vec<u64>> {
+/// The programs with these names that belong to process `pid`: those bpftool attributes to it,
+/// or, where bpftool cannot say who holds a program, those that appeared since `before`.
+pub fn owned_prog_ids(
+    names: [&str; 2],
+    pid: u32,
+    before: &BTreeSet<u64>,
+) -> anyhow::Result<Vec<u64>> {
     let progs = bpftool_progs()?;
     let by_pid: Vec<u64> = progs
         .iter()
-        .filter(|p| is_ours(p))
+        .filter(|p| named(p, names))
         .filter(|p| {
             p["pids"]
                 .as_array()
@@ -150,7 +158,7 @@ pub fn agent_prog_ids(pid: u32, before: &BTreeSet<u64>) -> anyhow::Result<Vec<u6
     }
     Ok(progs
         .iter()
-        .filter(|p| is_ours(p))
+        .filter(|p| named(p, names))
         .filter_map(|p| p["id"].as_u64())
         .filter(|id| !before.contains(id))
         .collect())
