@@ -70,7 +70,7 @@ pub(super) struct Due {
 }
 
 impl DecidedTable {
-    /// Room for `capacity` connections from the start: a burst never rehashes the table.
+    /// Room for `capacity` connections from the start: a burst up to it never rehashes.
     pub fn with_capacity(capacity: usize) -> Self {
         Self {
             map: HashMap::with_capacity(capacity),
@@ -317,8 +317,8 @@ fn sides(flags: u16) -> Sides {
 mod tests {
     use super::*;
 
-    /// hashbrown's table: one control byte per bucket, at most 7 of 8 buckets full; a table
-    /// pre-sized to the configured maximum is at most that full when the node is at it.
+    /// hashbrown's table: one control byte per bucket, at most 7 of 8 buckets full (right after
+    /// it doubles, half of that).
     fn per_connection_bytes() -> usize {
         let slot = std::mem::size_of::<DecidedKey>() + std::mem::size_of::<Decided>() + 1;
         slot * 8 / 7
