@@ -3,8 +3,8 @@
 //! its end: the classifier, the verdict and the addresses go, and what stays is one 48-byte
 //! [`Decided`] under a 16-byte [`DecidedKey`] (addresses interned, the server and the security
 //! shared through one interned identity). A 100k-connection node holds them in a few MiB.
+use hashbrown::HashMap;
 use std::{
-    collections::HashMap,
     net::{IpAddr, SocketAddr},
     time::Duration,
 };

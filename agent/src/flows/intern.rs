@@ -1,7 +1,9 @@
 //! Reference-counted interning: many decided connections share a few addresses and servers, so
 //! each stores a `u32` instead of the value (a `SocketAddr` is 32 bytes). A value is forgotten
 //! when its last user releases it, so the table follows the live connections, not history.
-use std::{collections::HashMap, hash::Hash};
+use std::hash::Hash;
+
+use hashbrown::HashMap;
 
 #[derive(Debug)]
 pub(super) struct Interner<T> {
