@@ -673,6 +673,22 @@ mod tests {
         }
     }
 
+    const VIP: &str = "198.18.21.80:80";
+
+    /// The client's veth of a call through a ClusterIP: client → VIP:80, the client `lo`.
+    fn through_vip(ts: u64) -> EventMeta {
+        EventMeta {
+            flow: FlowId {
+                lo: CLIENT.parse().unwrap(),
+                hi: VIP.parse().unwrap(),
+            },
+            opener: Opener::Lo,
+            isn: [Some(1000), Some(5000)],
+            local: [true, false],
+            ..meta(7, 1000, Some(5000), ts)
+        }
+    }
+
     fn classified(out: &[Output]) -> Vec<&ConnRecord> {
         out.iter()
             .filter_map(|o| match o {
@@ -863,26 +879,9 @@ mod tests {
         let mut t = Tracker::new(cfg);
         let (now, wall) = (Instant::now(), SystemTime::now());
         let mut out = Vec::new();
-        let vip: SocketAddr = "198.18.21.80:80".parse().unwrap();
-        let client: SocketAddr = CLIENT.parse().unwrap();
-        let dialled = |ts| EventMeta {
-            flow: FlowId {
-                lo: client,
-                hi: vip,
-            },
-            opener: Opener::Lo,
-            isn: [Some(1000), Some(5000)],
-            local: [true, false],
-            ..meta(7, 1000, Some(5000), ts)
-        };
-        let get = Event::Data {
-            meta: dialled(1),
-            lo_to_hi: true,
-            seq: 1001,
-            wire_len: GET.len() as u32,
-            payload: GET,
-        };
-        t.on_event(&get, now, wall, &mut out);
+        let dialled = through_vip;
+        // The client is `lo` of this 4-tuple: its request travels lo → hi.
+        t.on_event(&data(dialled(1), false, 1001, GET), now, wall, &mut out);
         t.on_event(
             &data(meta(9, 1000, Some(5000), 1), true, 1001, GET),
             now,
@@ -1012,20 +1011,10 @@ mod tests {
         let mut t = Tracker::new(TrackerConfig::default());
         let (now, wall) = (Instant::now(), SystemTime::now());
         let mut out = Vec::new();
-        let vip: SocketAddr = "198.18.21.80:80".parse().unwrap();
-        let client: SocketAddr = CLIENT.parse().unwrap();
+        let vip: SocketAddr = VIP.parse().unwrap();
         // The client's veth sees client → ClusterIP:80 (client is `lo` there: 198.18.0.30 <
         // 198.18.21.80); the server's veth sees client → pod:8080 (the server is `lo`).
-        let on_client_veth = |ts| EventMeta {
-            flow: FlowId {
-                lo: client,
-                hi: vip,
-            },
-            opener: Opener::Lo,
-            isn: [Some(1000), Some(5000)],
-            local: [true, false],
-            ..meta(7, 1000, Some(5000), ts)
-        };
+        let on_client_veth = through_vip;
         let on_server_veth = |ts| EventMeta {
             local: [true, false],
             ..meta(9, 1000, Some(5000), ts)
