@@ -20,7 +20,7 @@ use crate::{
         http::{self, AppState},
         metrics::{Metrics, mirror},
     },
-    flows::{Output, Tracker, TrackerConfig},
+    flows::{self, Output, Tracker, TrackerConfig},
     identity::{
         Inventory, KubeConfig, KubeStore, Resolver,
         coverage::Coverage,
@@ -201,7 +201,11 @@ pub async fn daemon(
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut tracker = Tracker::new(TrackerConfig::default());
+    let mut tracker = Tracker::new(TrackerConfig {
+        max_connections: args.flow_table_size as usize,
+        tombstone: flows::tombstone_for(*args.flow_gc_interval),
+        ..TrackerConfig::default()
+    });
     let mut out = Vec::new();
     let mut tick = tokio::time::interval(TICK);
     let mut last_rescan = Instant::now();

@@ -14,9 +14,16 @@
 //!   (a late close from the other interface lands on a tombstone, not on a new connection);
 //! - a connection this node sees in one direction only (the kernel proved that the other
 //!   direction passes unseen: `EventMeta::one_way`) is counted as `unknown` with evidence
-//!   `one_direction`, never classified from its half.
+//!   `one_direction`, never classified from its half;
+//! - once its verdict is final, its sides counted and its recent entry written, it moves to a
+//!   compact table ([`decided`]) that only counts its bytes and its end.
+mod decided;
+mod intern;
+
+// hashbrown's default hasher (foldhash), not SipHash: hashing 68-byte keys with SipHash was the
+// top user-space symbol of the agent in a `perf` profile of TCP churn.
+use hashbrown::HashMap;
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     time::{Duration, Instant, SystemTime},
 };
@@ -37,9 +44,20 @@ pub struct TrackerConfig {
     pub idle_undecided: Duration,
     /// A decided connection without events for this long is forgotten (bytes counted).
     pub idle_decided: Duration,
-    /// How long an ended connection's key swallows late events.
+    /// How long the key of a connection that ended before every interface reported its close
+    /// (grace or idle ran out) swallows late events. The close the ring buffer could not take
+    /// is reported by the flow-table collector (capture/gc.rs) once it walks the table: this
+    /// must cover its interval plus `CLOSED_LINGER`, or that close would count the connection
+    /// a second time.
     pub tombstone: Duration,
-    /// Upper bound on tracked connections; beyond it the oldest undecided ones are ended.
+    /// The same for a connection whose every interface reported its close: only a duplicate
+    /// close can follow (two CPUs closing one entry at once), a moment later in the same ring
+    /// buffer. A new connection on the 4-tuple has a new ISN, so a new key; a late payload
+    /// packet after the collector deleted the entry would be mid-stream, so another key too.
+    pub tombstone_closed: Duration,
+    /// Upper bound on tracked connections (the daemon: the kernel flow table's size, as each
+    /// connection it reports holds an entry there); beyond it new ones are not tracked. The
+    /// decided table starts sized for an eighth of it ([`DECIDED_PRESIZE`]).
     pub max_connections: usize,
     /// Recent full handshakes remembered for resumed sessions.
     pub resumption_capacity: usize,
@@ -54,12 +72,19 @@ impl Default for TrackerConfig {
             close_grace: Duration::from_secs(1),
             idle_undecided: Duration::from_secs(120),
             idle_decided: Duration::from_secs(3600),
-            tombstone: Duration::from_secs(30),
-            max_connections: 262_144,
+            tombstone: tombstone_for(Duration::from_secs(60)),
+            tombstone_closed: Duration::from_secs(1),
+            max_connections: mtls_agent_common::DEFAULT_FLOW_TABLE_SIZE as usize,
             resumption_capacity: 65_536,
             sides_grace: Duration::from_millis(250),
         }
     }
+}
+
+/// [`TrackerConfig::tombstone`] for a flow-table collector that walks the table every
+/// `gc_interval` (a second more for the walk itself).
+pub fn tombstone_for(gc_interval: Duration) -> Duration {
+    gc_interval + crate::capture::gc::CLOSED_LINGER + Duration::from_secs(1)
 }
 
 /// One connection, as every interface that carries it names it.
@@ -120,6 +145,13 @@ pub enum Output {
     },
 }
 
+/// The decided table starts with room for this fraction of `max_connections`, and grows from
+/// there. Not all of it: entries land all over a hash table, so a table sized for the whole
+/// 262,144-entry flow table had every one of its 33 MiB of pages resident after a few seconds
+/// of churn with only a few thousand connections alive (`cargo xtask bench`, TCP churn: peak
+/// RSS 67 MiB against 39 MiB).
+const DECIDED_PRESIZE: usize = 8;
+
 /// "Right after the first client bytes": a rejection closes within this time.
 const REJECT_WITHIN_NS: u64 = 2_000_000_000;
 
@@ -178,9 +210,15 @@ impl Conn {
 
 pub struct Tracker {
     cfg: TrackerConfig,
+    /// Connections being classified, or decided but not settled yet (a side or the recent
+    /// entry still to write, or closing).
     conns: HashMap<ConnKey, Conn>,
+    decided: decided::DecidedTable,
+    /// Ended connections' keys, until when they swallow late events.
     tombstones: HashMap<ConnKey, Instant>,
     cache: ResumptionCache,
+    /// Origin of the decided table's millisecond clock.
+    epoch: Instant,
 }
 
 /// Chooses the server of a connection whose SYN was not seen: the well-known (lower, or
@@ -200,19 +238,55 @@ impl Tracker {
     pub fn new(cfg: TrackerConfig) -> Self {
         let cache = ResumptionCache::new(cfg.resumption_capacity);
         Self {
+            decided: decided::DecidedTable::with_capacity(cfg.max_connections / DECIDED_PRESIZE),
             cfg,
             conns: HashMap::new(),
             tombstones: HashMap::new(),
             cache,
+            epoch: Instant::now(),
         }
     }
 
     pub fn len(&self) -> usize {
-        self.conns.len()
+        self.conns.len() + self.decided.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.conns.is_empty()
+        self.len() == 0
+    }
+
+    /// `now` on the decided table's clock.
+    fn ms(&self, now: Instant) -> u32 {
+        now.saturating_duration_since(self.epoch).as_millis() as u32
+    }
+
+    /// Moves a connection to the decided table once nothing but its bytes and end is left to
+    /// count: verdict final, sides counted and the recent entry written, not closing. A side
+    /// that only shows up later (an interface first heard from after `sides_grace`) is not
+    /// counted any more.
+    fn settle(&mut self, key: ConnKey, now: Instant) {
+        let now_ms = self.ms(now);
+        let Some(c) = self.conns.get(&key) else {
+            return;
+        };
+        let Some(security) = c.security else {
+            return;
+        };
+        if c.recent_due.is_some() || c.closing_since.is_some() {
+            return;
+        }
+        if let Some(c) = self.conns.remove(&key) {
+            self.decided.insert(&key, &c, security, now_ms);
+        }
+    }
+
+    fn tombstone(&mut self, key: ConnKey, closed_everywhere: bool, now: Instant) {
+        let ttl = if closed_everywhere && matches!(key, ConnKey::Opened { .. }) {
+            self.cfg.tombstone_closed
+        } else {
+            self.cfg.tombstone
+        };
+        self.tombstones.insert(key, now + ttl);
     }
 
     /// Handles one capture event; what it produces is appended to `out`.
@@ -225,8 +299,19 @@ impl Tracker {
     ) {
         let meta = ev.meta();
         let key = ConnKey::of(meta);
-        let Some(conn) = conn_entry(&mut self.conns, &self.tombstones, &self.cfg, key, meta, now)
-        else {
+        if let Some(dk) = self.decided.key_of(&key)
+            && self.decided.contains(&dk)
+        {
+            let now_ms = self.ms(now);
+            if self.decided.on_event(&dk, ev, now_ms, out) == Some(true)
+                && let Some((key, closed)) = self.decided.finish(&dk, out)
+            {
+                self.tombstone(key, closed, now);
+            }
+            return;
+        }
+        let max = self.cfg.max_connections.saturating_sub(self.decided.len());
+        let Some(conn) = conn_entry(&mut self.conns, &self.tombstones, max, key, meta, now) else {
             return;
         };
         let ended = on_conn_event(conn, ev, now, wall, &mut self.cache);
@@ -235,17 +320,27 @@ impl Tracker {
             report_bytes(conn, out);
         }
         if ended {
-            self.finish(key, now, wall, out);
+            self.finish(key, true, now, wall, out);
+        } else {
+            self.settle(key, now);
         }
     }
 
     /// Ends a connection: counts it if it never got a verdict, reports its bytes, leaves a
-    /// tombstone for late events.
-    fn finish(&mut self, key: ConnKey, now: Instant, wall: SystemTime, out: &mut Vec<Output>) {
+    /// tombstone for late events (`closed_everywhere`: every interface that saw it reported
+    /// its close).
+    fn finish(
+        &mut self,
+        key: ConnKey,
+        closed_everywhere: bool,
+        now: Instant,
+        wall: SystemTime,
+        out: &mut Vec<Output>,
+    ) {
         let Some(mut conn) = self.conns.remove(&key) else {
             return;
         };
-        self.tombstones.insert(key, now);
+        self.tombstone(key, closed_everywhere, now);
         if conn.security.is_none() {
             // A SYN answered by RST (nothing listening) is not a connection; one whose events
             // were lost may have been one, and is counted as such.
@@ -288,6 +383,7 @@ impl Tracker {
     pub fn sweep(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<Output>) {
         let cfg = &self.cfg;
         let mut due = Vec::new();
+        let mut written = Vec::new();
         for (k, c) in self.conns.iter_mut() {
             let idle = now.saturating_duration_since(c.last_activity);
             if c.closing_since
@@ -301,21 +397,35 @@ impl Tracker {
                 .is_some_and(|(t, _)| now.saturating_duration_since(t) >= cfg.sides_grace)
             {
                 write_recent(c, out);
+                written.push(*k);
             }
         }
         for key in due {
-            self.finish(key, now, wall, out);
+            self.finish(key, false, now, wall, out);
         }
-        let ttl = self.cfg.tombstone;
-        self.tombstones
-            .retain(|_, t| now.saturating_duration_since(*t) < ttl);
+        for key in written {
+            self.settle(key, now);
+        }
+        let due = decided::Due {
+            close_grace: self.cfg.close_grace,
+            idle: self.cfg.idle_decided,
+        };
+        for dk in self.decided.due(self.ms(now), &due) {
+            if let Some((key, closed)) = self.decided.finish(&dk, out) {
+                self.tombstone(key, closed, now);
+            }
+        }
+        self.tombstones.retain(|_, until| *until > now);
     }
 
     /// Ends every connection (agent shutdown), so nothing seen goes uncounted.
     pub fn drain(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<Output>) {
         let keys: Vec<ConnKey> = self.conns.keys().copied().collect();
         for key in keys {
-            self.finish(key, now, wall, out);
+            self.finish(key, false, now, wall, out);
+        }
+        for dk in self.decided.keys() {
+            self.decided.finish(&dk, out);
         }
     }
 }
@@ -325,7 +435,7 @@ impl Tracker {
 fn conn_entry<'a>(
     conns: &'a mut HashMap<ConnKey, Conn>,
     tombstones: &HashMap<ConnKey, Instant>,
-    cfg: &TrackerConfig,
+    max: usize,
     key: ConnKey,
     meta: &EventMeta,
     now: Instant,
@@ -333,7 +443,7 @@ fn conn_entry<'a>(
     if tombstones.contains_key(&key) {
         return None;
     }
-    if !conns.contains_key(&key) && conns.len() >= cfg.max_connections {
+    if !conns.contains_key(&key) && conns.len() >= max {
         return None;
     }
     Some(conns.entry(key).or_insert_with(|| {
@@ -602,6 +712,22 @@ mod tests {
         }
     }
 
+    const VIP: &str = "198.18.21.80:80";
+
+    /// The client's veth of a call through a ClusterIP: client → VIP:80, the client `lo`.
+    fn through_vip(ts: u64) -> EventMeta {
+        EventMeta {
+            flow: FlowId {
+                lo: CLIENT.parse().unwrap(),
+                hi: VIP.parse().unwrap(),
+            },
+            opener: Opener::Lo,
+            isn: [Some(1000), Some(5000)],
+            local: [true, false],
+            ..meta(7, 1000, Some(5000), ts)
+        }
+    }
+
     fn classified(out: &[Output]) -> Vec<&ConnRecord> {
         out.iter()
             .filter_map(|o| match o {
@@ -711,6 +837,114 @@ mod tests {
         assert_eq!(classified(&out).len(), 1);
     }
 
+    #[test]
+    fn a_settled_connection_is_kept_compact_and_forgotten_whole() {
+        let cfg = TrackerConfig {
+            max_connections: 1024,
+            ..TrackerConfig::default()
+        };
+        let mut t = Tracker::new(cfg);
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let mut out = Vec::new();
+        // Many short connections from one client to one server, each decided, then closed.
+        for i in 0..100u32 {
+            let isn = 10_000 + i * 100;
+            // Both pods on this node.
+            let m = |ts| EventMeta {
+                local: [true, true],
+                bytes: [0, GET.len() as u64],
+                ..meta(9, isn, Some(5000 + i), ts)
+            };
+            t.on_event(&data(m(1), true, isn + 1, GET), now, wall, &mut out);
+            assert_eq!(t.conns.len(), 0, "settled at once: both sides counted");
+            assert_eq!(t.decided.len(), i as usize + 1);
+        }
+        // The client's address and one (server, security) identity, shared by all of them.
+        assert_eq!(t.decided.interned(), (1, 1));
+        out.clear();
+        for i in 0..100u32 {
+            let isn = 10_000 + i * 100;
+            let m = EventMeta {
+                local: [true, true],
+                bytes: [0, 50],
+                ..meta(9, isn, Some(5000 + i), 2)
+            };
+            t.on_event(&Event::Bytes { meta: m }, now, wall, &mut out);
+            t.on_event(&Event::Closed { meta: m }, now, wall, &mut out);
+        }
+        assert!(t.is_empty());
+        assert_eq!(
+            t.decided.interned(),
+            (0, 0),
+            "nothing interned outlives its users"
+        );
+        let bytes: u64 = out
+            .iter()
+            .map(|o| match o {
+                Output::Bytes { bytes, .. } | Output::Ended { bytes, .. } => *bytes,
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(bytes, 100 * 50);
+        let ended = out
+            .iter()
+            .filter(|o| {
+                matches!(
+                    o,
+                    Output::Ended {
+                        security: Security::Plaintext,
+                        rejected: true,
+                        sides: Sides::BOTH,
+                        ..
+                    }
+                )
+            })
+            .count();
+        // The server sent nothing and the close came right after the request.
+        assert_eq!(ended, 100, "{out:?}");
+        // Closed on every interface: tombstones last a second only.
+        assert_eq!(t.tombstones.len(), 100);
+        t.sweep(now + Duration::from_millis(1500), wall, &mut out);
+        assert!(t.tombstones.is_empty());
+    }
+
+    #[test]
+    fn a_connection_ended_before_every_close_keeps_its_tombstone_past_the_collector() {
+        let cfg = TrackerConfig {
+            close_grace: Duration::from_millis(100),
+            tombstone: tombstone_for(Duration::from_secs(10)),
+            ..TrackerConfig::default()
+        };
+        let mut t = Tracker::new(cfg);
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let mut out = Vec::new();
+        let dialled = through_vip;
+        // The client is `lo` of this 4-tuple: its request travels lo → hi.
+        t.on_event(&data(dialled(1), false, 1001, GET), now, wall, &mut out);
+        t.on_event(
+            &data(meta(9, 1000, Some(5000), 1), true, 1001, GET),
+            now,
+            wall,
+            &mut out,
+        );
+        t.sweep(now + Duration::from_millis(300), wall, &mut out);
+        assert_eq!((t.conns.len(), t.decided.len()), (0, 1), "settled");
+        // One 4-tuple's close arrives; the other's was lost and the grace runs out.
+        t.on_event(&Event::Closed { meta: dialled(2) }, now, wall, &mut out);
+        t.sweep(now + Duration::from_millis(500), wall, &mut out);
+        assert!(t.is_empty());
+        out.clear();
+        // The collector reports the lost close (marked lost) 9 s later: swallowed.
+        let mut late = meta(9, 1000, Some(5000), 3);
+        late.lost = true;
+        let later = now + Duration::from_secs(9);
+        t.sweep(later, wall, &mut out);
+        t.on_event(&Event::Closed { meta: late }, later, wall, &mut out);
+        assert!(out.is_empty() && t.is_empty(), "{out:?}");
+        t.sweep(now + Duration::from_secs(13), wall, &mut out);
+        assert!(t.tombstones.is_empty());
+    }
+
     fn recent(out: &[Output]) -> Vec<&ConnRecord> {
         out.iter()
             .filter_map(|o| match o {
@@ -816,20 +1050,10 @@ mod tests {
         let mut t = Tracker::new(TrackerConfig::default());
         let (now, wall) = (Instant::now(), SystemTime::now());
         let mut out = Vec::new();
-        let vip: SocketAddr = "198.18.21.80:80".parse().unwrap();
-        let client: SocketAddr = CLIENT.parse().unwrap();
+        let vip: SocketAddr = VIP.parse().unwrap();
         // The client's veth sees client → ClusterIP:80 (client is `lo` there: 198.18.0.30 <
         // 198.18.21.80); the server's veth sees client → pod:8080 (the server is `lo`).
-        let on_client_veth = |ts| EventMeta {
-            flow: FlowId {
-                lo: client,
-                hi: vip,
-            },
-            opener: Opener::Lo,
-            isn: [Some(1000), Some(5000)],
-            local: [true, false],
-            ..meta(7, 1000, Some(5000), ts)
-        };
+        let on_client_veth = through_vip;
         let on_server_veth = |ts| EventMeta {
             local: [true, false],
             ..meta(9, 1000, Some(5000), ts)
