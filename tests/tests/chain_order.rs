@@ -101,7 +101,7 @@ fn tcx_before_agent(how: Redirect, family: &str) -> Result<()> {
         assert_eq!(i, [how.prog_name()], "the redirector is there first");
     }
     let _http = http_server(&tb, &server.netns, 8080, false)?;
-    let agent = Agent::start(&tb, &bin, &inv, &[], &[], 2)?;
+    let agent = Agent::start(&tb, &bin, &inv, &[], &["--attach-side", "host"], 2)?;
     // The kernel's order: ours at the head of both hooks.
     for p in [&server, &client] {
         let (i, e) = tcx_programs(&tb, TCX_QUERY, &node, &p.host_if)?;
@@ -147,7 +147,7 @@ fn clsact_redirector_at_priority_1() -> Result<()> {
         redirected_bed("mtordcls", Redirect::Peer, Hook::Clsact)?;
     let _http = http_server(&tb, &server.netns, 8080, false)?;
     // Default mode on this kernel: TCX, which runs before every clsact filter.
-    let agent = Agent::start(&tb, &bin, &inv, &[], &[], 2)?;
+    let agent = Agent::start(&tb, &bin, &inv, &[], &["--attach-side", "host"], 2)?;
     let m = agent.metrics(&tb)?;
     assert_eq!(position(&m, "ingress", "first"), 2.0, "{m}");
     traffic_is_seen(&tb, &agent, &server, &client)?;
@@ -155,7 +155,14 @@ fn clsact_redirector_at_priority_1() -> Result<()> {
 
     // Forced onto clsact, the agent finds priority 1 taken: it says so, once per hook and
     // interface, and exports the tie.
-    let agent = Agent::start(&tb, &bin, &inv, &[], &["--tc-mode", "clsact"], 2)?;
+    let agent = Agent::start(
+        &tb,
+        &bin,
+        &inv,
+        &[],
+        &["--tc-mode", "clsact", "--attach-side", "host"],
+        2,
+    )?;
     let log = agent.proc().stderr();
     let warned = log
         .lines()

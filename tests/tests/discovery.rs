@@ -74,7 +74,7 @@ fn default_flags_find_pod_interfaces_of_any_name_and_nothing_else() -> Result<()
     )?;
     let _http = http_server(&tb, &web.netns, 8080, false)?;
     // No --interface at all: the defaults.
-    let agent = Agent::start(&tb, &bin, &inv, &[], &[], 3)?;
+    let agent = Agent::start(&tb, &bin, &inv, &[], &["--attach-side", "host"], 3)?;
     for pod in [&web, &batch, &api] {
         assert!(ours(&tb, &pod.host_if)?, "{} not attached", pod.host_if);
     }
@@ -128,7 +128,7 @@ fn default_flags_find_pod_interfaces_of_any_name_and_nothing_else() -> Result<()
 
     // --interface narrows the discovery; --interface-auto=false restores names only.
     assert!(agent.stop()?.success());
-    let narrowed = Agent::start(&tb, &bin, &inv, &["cali*"], &[], 1)?;
+    let narrowed = Agent::start(&tb, &bin, &inv, &["cali*"], &["--attach-side", "host"], 1)?;
     let m = narrowed.metrics(&tb)?;
     assert_eq!(
         metric_value(&m, "mtls_agent_interfaces_attached", &[]),
@@ -136,7 +136,14 @@ fn default_flags_find_pod_interfaces_of_any_name_and_nothing_else() -> Result<()
     );
     assert!(ours(&tb, &api.host_if)? && untouched(&tb, &web.host_if)?);
     assert!(narrowed.stop()?.success());
-    let names_only = Agent::start(&tb, &bin, &inv, &["hostv*"], &["--interface-auto=false"], 4)?;
+    let names_only = Agent::start(
+        &tb,
+        &bin,
+        &inv,
+        &["hostv*"],
+        &["--interface-auto=false", "--attach-side", "host"],
+        4,
+    )?;
     assert!(ours(&tb, "hostv0")? && untouched(&tb, &web.host_if)?);
     assert!(names_only.stop()?.success());
     tb.destroy()

@@ -95,7 +95,14 @@ fn kill9_on_tcx_leaves_no_link_and_no_program() -> Result<()> {
     let (tb, server, client, inv) = bed("mtfkill")?;
     add_foreign_filters(&tb, &server.host_if)?;
 
-    let agent = Agent::start(&tb, &bin, &inv, &["vp*"], &["--tc-mode", "tcx"], 2)?;
+    let agent = Agent::start(
+        &tb,
+        &bin,
+        &inv,
+        &["vp*"],
+        &["--tc-mode", "tcx", "--attach-side", "host"],
+        2,
+    )?;
     let objs = bpf_objects(agent.proc().pid())?;
     let tcx: Vec<&(u64, String, u64)> = objs.links.iter().filter(|l| l.1 == "tcx").collect();
     assert_eq!(
@@ -149,7 +156,7 @@ fn kill9_on_tcx_leaves_no_link_and_no_program() -> Result<()> {
     drop(agent);
 
     // A new agent attaches afresh; stopping it leaves the foreign filters alone too.
-    let agent = Agent::start(&tb, &bin, &inv, &["vp*"], &[], 2)?;
+    let agent = Agent::start(&tb, &bin, &inv, &["vp*"], &["--attach-side", "host"], 2)?;
     let objs2 = bpf_objects(agent.proc().pid())?;
     assert_eq!(
         objs2.links.iter().filter(|l| l.1 == "tcx").count(),
@@ -225,7 +232,7 @@ fn kill9_on_clsact_leaves_no_filter_and_no_program() -> Result<()> {
     let bin = agent_bin()?;
     let (tb, server, client, inv) = bed("mtfreap")?;
     add_foreign_filters(&tb, &server.host_if)?;
-    let clsact = ["--tc-mode", "clsact"];
+    let clsact = ["--tc-mode", "clsact", "--attach-side", "host"];
     assert!(!clsact_qdisc(&tb, &client.host_if)?);
 
     let a1 = Agent::start(&tb, &bin, &inv, &["vp*"], &clsact, 2)?;
@@ -291,7 +298,7 @@ fn the_reaper_removes_only_its_own_agents_filters() -> Result<()> {
         &bin,
         &inv,
         &[&server.host_if],
-        &["--tc-mode", "clsact"],
+        &["--tc-mode", "clsact", "--attach-side", "host"],
         1,
     )?;
     let b = Agent::start(
@@ -299,7 +306,14 @@ fn the_reaper_removes_only_its_own_agents_filters() -> Result<()> {
         &bin,
         &inv,
         &[&client.host_if],
-        &["--tc-mode", "clsact", "--listen", "127.0.0.1:9478"],
+        &[
+            "--tc-mode",
+            "clsact",
+            "--listen",
+            "127.0.0.1:9478",
+            "--attach-side",
+            "host",
+        ],
         1,
     )?;
     let b_filters = our_clsact(&tb, &client.host_if)?;
@@ -332,7 +346,7 @@ fn clsact_leftovers_of_a_killed_container_are_removed_by_the_next_agent() -> Res
     let bin = agent_bin()?;
     let (tb, server, client, inv) = bed("mtfcls")?;
     add_foreign_filters(&tb, &server.host_if)?;
-    let clsact = ["--tc-mode", "clsact"];
+    let clsact = ["--tc-mode", "clsact", "--attach-side", "host"];
     // SIGKILL to the agent's process group: the agent and its reaper at once.
     let kill_all = |agent: &Agent| -> Result<()> {
         let reaper = reaper_of(agent)?;
@@ -378,7 +392,7 @@ fn clsact_leftovers_of_a_killed_container_are_removed_by_the_next_agent() -> Res
     kill_all(&a2)?;
     drop(a2);
     assert_eq!(ours(&tb)?.len(), 4);
-    let a3 = Agent::start(&tb, &bin, &inv, &["vp*"], &[], 2)?;
+    let a3 = Agent::start(&tb, &bin, &inv, &["vp*"], &["--attach-side", "host"], 2)?;
     assert!(
         ours(&tb)?.is_empty(),
         "TCX agent removed the clsact leftovers"
@@ -410,7 +424,7 @@ fn counters_never_go_backwards_and_restart_from_zero() -> Result<()> {
     let bin = agent_bin()?;
     let (tb, server, client, inv) = bed("mtfctr")?;
     let _http = http_server(&tb, &server.netns, 8080, false)?;
-    let agent = Agent::start(&tb, &bin, &inv, &["vp*"], &[], 2)?;
+    let agent = Agent::start(&tb, &bin, &inv, &["vp*"], &["--attach-side", "host"], 2)?;
     let url = http_url(server.v4(8080));
     let loop_cmd = format!(
         "while :; do curl -s -o /dev/null --noproxy '*' --max-time 2 {url}; sleep 0.02; done"
@@ -447,7 +461,7 @@ fn counters_never_go_backwards_and_restart_from_zero() -> Result<()> {
     kill9(&agent)?;
     drop(agent);
     std::thread::sleep(Duration::from_millis(1500));
-    let agent = Agent::start(&tb, &bin, &inv, &["vp*"], &[], 2)?;
+    let agent = Agent::start(&tb, &bin, &inv, &["vp*"], &["--attach-side", "host"], 2)?;
     std::thread::sleep(Duration::from_millis(600));
     let m = agent.metrics(&tb)?;
     let up = metric_value(&m, "mtls_agent_uptime_seconds", &[]).context("uptime")?;
