@@ -66,11 +66,23 @@ struct Agents {
 }
 
 impl Agents {
-    /// `flags` go to all three.
-    fn start(node: &ReferenceNode, identity: StartAgent<'_>, flags: &[&str]) -> Result<Agents> {
+    /// The agent on every veth first, then the node agents with `node_flags`. (An agent
+    /// starting on clsact removes filters named like ours that it finds, taking them for a
+    /// killed agent's: the node agents, which share no interface, start last.)
+    fn start_with(
+        node: &ReferenceNode,
+        identity: StartAgent<'_>,
+        node_flags: &[&str],
+    ) -> Result<Agents> {
         let a_ifs = host_ifs(node, &NODE_A);
         let b_ifs = host_ifs(node, &NODE_B);
-        let with = |listen: &'static str| [&["--listen", listen][..], flags].concat();
+        let all = identity(
+            "",
+            &["vp*"],
+            &["--listen", "127.0.0.1:9483"],
+            node.tb.pods().len(),
+        )?;
+        let with = |listen: &'static str| [&["--listen", listen][..], node_flags].concat();
         let a = identity(
             "node-a",
             &refs(&a_ifs),
@@ -83,7 +95,6 @@ impl Agents {
             &with("127.0.0.1:9482"),
             NODE_B.len(),
         )?;
-        let all = identity("", &["vp*"], &with("127.0.0.1:9483"), node.tb.pods().len())?;
         Ok(Agents { a, b, all })
     }
 }
@@ -204,7 +215,7 @@ fn two_nodes_sum_to_one_agent_on_every_veth_in_inventory_mode() -> Result<()> {
     let node = ReferenceNode::new("mtclus")?;
     let inventory = node.tb.workdir().join("inventory.yaml");
     write_inventory(&inventory, &node.workloads())?;
-    let agents = Agents::start(
+    let agents = Agents::start_with(
         &node,
         &|_, globs, extra, n| Agent::start(&node.tb, &bin, &inventory, globs, extra, n),
         &[],
@@ -325,7 +336,7 @@ fn two_nodes_sum_to_one_agent_on_every_veth_in_kubernetes_mode() -> Result<()> {
     let api_addr: std::net::SocketAddr = "127.0.0.1:6443".parse()?;
     let double = KubeDoubleProc::start(tb, tb.node_netns(), api_addr, &fixtures)?;
     let kubeconfig: &Path = double.kubeconfig();
-    let agents = Agents::start(
+    let agents = Agents::start_with(
         &node,
         &|name, globs, extra, n| match name {
             "" => Agent::start_kubernetes_all_nodes(tb, &bin, kubeconfig, globs, extra, n),
@@ -668,7 +679,8 @@ fn attached_on(m: &str, side: &str) -> f64 {
 /// The reference traffic through the redirector: the agent on every veth counts the reference
 /// table exactly (scenario.rs, what the agent counts without a redirector), and the two node
 /// agents sum to it, because each attached on its pods' ends (`--attach-side auto`). With
-/// `bpf_redirect_peer`, a node-b agent on the host side (today's hooks) does not.
+/// `bpf_redirect_peer`, a node-b agent on the host side (today's hooks) does not. `flags`: for
+/// the node agents.
 fn two_nodes_behind_a_cni(
     family: &str,
     how: Redirect,
@@ -682,7 +694,7 @@ fn two_nodes_behind_a_cni(
     let inventory = node.tb.workdir().join("inventory.yaml");
     write_inventory(&inventory, &node.workloads())?;
     let tb = &node.tb;
-    let agents = Agents::start(
+    let agents = Agents::start_with(
         &node,
         &|_, globs, extra, n| Agent::start(tb, &bin, &inventory, globs, extra, n),
         flags,
@@ -711,7 +723,8 @@ fn two_nodes_behind_a_cni(
     }
     run_cluster(&node, &agents)?;
     let b = agents.b.settle(tb, Duration::from_secs(5))?;
-    let host_b = host_side_b.settle(tb, Duration::from_secs(5))?;
+    // Not settled: connections it saw one way stay tracked (issue 19, item 3).
+    let host_b = host_side_b.metrics(tb)?;
     assert_eq!(
         attached_on(&host_b, "host"),
         NODE_B.len() as f64,
@@ -745,7 +758,7 @@ fn two_nodes_count_exactly_behind_a_tcx_redirect_cni() -> Result<()> {
     two_nodes_behind_a_cni("mtclrd", Redirect::Plain, CniHook::Tcx, &[])
 }
 
-/// The CNI as a clsact filter at priority 1, and the agents on clsact too (kernels before
+/// The CNI as a clsact filter at priority 1, and the node agents on clsact too (kernels before
 /// 6.6): their filters on the pods' ends.
 #[test]
 fn two_nodes_count_exactly_behind_a_clsact_redirect_peer_cni_on_clsact() -> Result<()> {

@@ -8,7 +8,7 @@ use std::{
 
 use aya::programs::{
     LinkOrder, SchedClassifier, TcAttachType,
-    tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
+    tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcHandle},
 };
 use mtls_agent_common::names;
 use tracing::{debug, info, warn};
@@ -579,8 +579,23 @@ impl Attacher {
         if let (Some(ns), Some(r)) = (&target.ns, &mut self.reaper) {
             r.netns(&ns.path);
         }
-        let (i, e, created_qdisc, order) = target
-            .enter(|| clsact_attach(ingress, egress, name, ifindex, [hook_i, hook_e], by_hook))??;
+        // aya knows a filter by (ifindex, hook, priority, handle), and pods' ends often share an
+        // ifindex (eth0 is 2 in each pod): kernel-chosen handles would then collide in aya's
+        // table. A handle of ours, unique per program and host interface, keeps them apart.
+        let handles = match target.side {
+            Side::Host => [TcHandle::AUTO_ASSIGN; 2],
+            Side::Pod => ids.map(|id| TcHandle::new(id as u16, iface.ifindex as u16)),
+        };
+        let (i, e, created_qdisc, order) = target.enter(|| {
+            clsact_attach(
+                ingress,
+                egress,
+                name,
+                ifindex,
+                [(hook_i, handles[0]), (hook_e, handles[1])],
+                by_hook,
+            )
+        })??;
         if created_qdisc && let Some(r) = &mut self.reaper {
             r.created_qdisc(ifindex, target.ns.as_ref().map(|n| n.path.as_path()));
         }
@@ -675,7 +690,7 @@ fn clsact_attach(
     egress: &mut SchedClassifier,
     name: &str,
     ifindex: u32,
-    hooks: [TcAttachType; 2],
+    hooks: [(TcAttachType, TcHandle); 2],
     by_hook: [u32; 2],
 ) -> Result<ClsactLinks, String> {
     remove_stale_filters(name);
@@ -699,9 +714,10 @@ fn clsact_attach(
                 "another clsact filter already holds the first priority: which of the two runs first is up to the kernel, and a filter that redirects before ours hides packets from it (use TCX, kernel 6.6+)");
         }
     }
-    let nl = |p: &mut SchedClassifier, t| {
+    let nl = |p: &mut SchedClassifier, (t, handle): (TcAttachType, TcHandle)| {
         let first = NlOptions {
             priority: CLSACT_PRIORITY,
+            handle,
             ..NlOptions::default()
         };
         p.attach_with_options(name, t, TcAttachOptions::Netlink(first))
@@ -710,7 +726,11 @@ fn clsact_attach(
                 // to share it. Take the next free one and say so.
                 warn!(interface = %name, error = %err,
                     "the first clsact priority is taken by another kind of filter: attaching after it");
-                p.attach_with_options(name, t, TcAttachOptions::Netlink(NlOptions::default()))
+                let next = NlOptions {
+                    handle,
+                    ..NlOptions::default()
+                };
+                p.attach_with_options(name, t, TcAttachOptions::Netlink(next))
             })
     };
     let i = nl(ingress, hooks[0]).map_err(|e| format!("clsact (ingress program): {e}"))?;
