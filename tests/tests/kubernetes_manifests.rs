@@ -366,7 +366,7 @@ fn old_kernels_component_adds_only_sys_resource() -> Result<()> {
     let ds = find(&docs, "DaemonSet")?;
     assert_eq!(
         ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"],
-        json!(["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"])
+        json!(["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN", "SYS_RESOURCE"])
     );
     Ok(())
 }
