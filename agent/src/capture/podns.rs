@@ -172,11 +172,70 @@ fn nsid_of(sock: &Socket, ns: &File) -> io::Result<Option<i32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::capture::links::list_interfaces;
 
+    /// Two namespaces of its own (needs root): a "node" holding the host side of a veth whose
+    /// peer is in a "pod". From inside the node, the link dump names the pod's namespace by id,
+    /// and the scan finds that namespace under /var/run/netns; entering it finds the peer.
     #[test]
-    fn own_namespace_is_not_a_pod_namespace() {
-        // Our own namespace has no id here (or is skipped), and scanning never fails.
-        let found = scan();
+    fn the_pod_end_of_a_veth_is_found_through_its_namespace() {
+        struct Netns(&'static str);
+        impl Drop for Netns {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("ip")
+                    .args(["netns", "del", self.0])
+                    .status();
+            }
+        }
+        let ip = |args: &[&str]| {
+            let st = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .unwrap();
+            assert!(st.success(), "ip {args:?}");
+        };
+        let (node, pod) = (Netns("mtpodns-node"), Netns("mtpodns-pod"));
+        for n in [node.0, pod.0] {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", n])
+                .status();
+            ip(&["netns", "add", n]);
+        }
+        ip(&[
+            "-n", node.0, "link", "add", "hpod0", "type", "veth", "peer", "name", "eth7", "netns",
+            pod.0,
+        ]);
+        let node_ns = PodNs::at(&Path::new(NETNS_DIR).join(node.0)).unwrap();
+        let (iface, found) = node_ns
+            .run(|| {
+                let iface = list_interfaces()
+                    .unwrap()
+                    .into_iter()
+                    .find(|i| i.name == "hpod0")
+                    .expect("hpod0 listed");
+                (iface, scan())
+            })
+            .unwrap();
+        assert!(iface.pod_facing());
+        let id = iface.peer_netnsid.expect("peer netns id");
+        let ns = found.get(&id).expect("the pod's namespace found by its id");
+        let pod_stat = std::fs::metadata(Path::new(NETNS_DIR).join(pod.0)).unwrap();
+        assert_eq!((ns.dev, ns.ino), (pod_stat.dev(), pod_stat.ino()));
+        let peer = iface.peer_ifindex.expect("peer ifindex");
+        let name = ns
+            .run(|| {
+                let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+                // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes.
+                let p = unsafe { libc::if_indextoname(peer, buf.as_mut_ptr()) };
+                assert!(!p.is_null());
+                // SAFETY: NUL-terminated on success.
+                unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .unwrap();
+        assert_eq!(name, "eth7");
+        // Our own namespace has no id here: it is never taken for a pod's.
         let own = std::fs::metadata("/proc/self/ns/net").unwrap();
         assert!(
             !found
