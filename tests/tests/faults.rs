@@ -490,3 +490,64 @@ fn counters_never_go_backwards_and_restart_from_zero() -> Result<()> {
     assert!(agent.stop()?.success());
     tb.destroy()
 }
+
+/// On the pods' ends (`--attach-side auto`, the default), clsact filters live in the pods'
+/// namespaces: the agent tells its reaper each namespace, and the reaper removes them there
+/// (with the qdiscs the agent added) when the agent is killed; a clean stop removes them too.
+#[test]
+fn clsact_filters_on_the_pods_ends_are_removed_after_kill9_and_a_clean_stop() -> Result<()> {
+    ensure_root()?;
+    let bin = agent_bin()?;
+    let (tb, server, client, inv) = bed("mtfreappod")?;
+    let pod_filters = |p: &Pod| -> Result<usize> {
+        let mut n = 0;
+        for dir in ["ingress", "egress"] {
+            let out = tb.run(&p.netns, &["tc", "filter", "show", "dev", &p.pod_if, dir])?;
+            n += our_filters(&String::from_utf8_lossy(&out.stdout));
+        }
+        Ok(n)
+    };
+    let pod_qdisc = |p: &Pod| -> Result<bool> {
+        let out = tb.run(&p.netns, &["tc", "qdisc", "show", "dev", &p.pod_if])?;
+        Ok(String::from_utf8_lossy(&out.stdout).contains("qdisc clsact"))
+    };
+    let clsact = ["--tc-mode", "clsact"];
+    for round in ["kill -9", "clean stop"] {
+        let agent = Agent::start(&tb, &bin, &inv, &["vp*"], &clsact, 2)?;
+        for p in [&server, &client] {
+            assert_eq!(pod_filters(p)?, 2, "{round}: {} in {}", p.pod_if, p.netns);
+            assert!(pod_qdisc(p)?);
+            let host =
+                tc_filters(&tb, &p.host_if, "ingress")? + &tc_filters(&tb, &p.host_if, "egress")?;
+            assert_eq!(our_filters(&host), 0, "{round}: {host}");
+        }
+        let m = agent.metrics(&tb)?;
+        assert_eq!(
+            metric_value(
+                &m,
+                "mtls_agent_interfaces_attached_side",
+                &[("side", "pod")]
+            ),
+            Some(2.0),
+            "{m}"
+        );
+        if round == "kill -9" {
+            let reaper = reaper_of(&agent)?;
+            kill9(&agent)?;
+            eventually("the reaper swept the pods' namespaces", || {
+                Ok(pod_filters(&server)? + pod_filters(&client)? == 0 && !alive(reaper))
+            })?;
+        } else {
+            assert!(agent.stop()?.success());
+            assert_eq!(pod_filters(&server)? + pod_filters(&client)?, 0);
+        }
+        for p in [&server, &client] {
+            assert!(
+                !pod_qdisc(p)?,
+                "{round}: the qdisc the agent added in {}",
+                p.netns
+            );
+        }
+    }
+    tb.destroy()
+}
