@@ -315,29 +315,21 @@ impl Redirector {
 
     /// Like [`Redirector::tcx`], but packets are redirected by destination: on the ingress of
     /// each of `from`, a packet to one of `routes`' addresses goes to its interface, others go
-    /// on (to the node's stack, e.g. the bridge).
-    pub fn tcx_routed(
+    /// on (to the node's stack, e.g. the bridge). Through TCX, or with `clsact_priority` as
+    /// direct-action clsact filters at that priority (the qdiscs must exist).
+    pub fn routed(
         node_ns: &str,
         from: &[&str],
         routes: &[(IpAddr, &str)],
         how: Redirect,
+        clsact_priority: Option<u16>,
     ) -> Result<Redirector> {
         let progs: Vec<(&str, Program)> =
             from.iter().map(|f| (*f, Program::Routed(routes))).collect();
-        Self::tcx_with(node_ns, &progs, how)
-    }
-
-    /// [`Redirector::tcx_routed`] as direct-action clsact filters at `priority`.
-    pub fn clsact_routed(
-        node_ns: &str,
-        from: &[&str],
-        routes: &[(IpAddr, &str)],
-        how: Redirect,
-        priority: u16,
-    ) -> Result<Redirector> {
-        let progs: Vec<(&str, Program)> =
-            from.iter().map(|f| (*f, Program::Routed(routes))).collect();
-        Self::clsact_with(node_ns, &progs, how, priority)
+        match clsact_priority {
+            None => Self::tcx_with(node_ns, &progs, how),
+            Some(p) => Self::clsact_with(node_ns, &progs, how, p),
+        }
     }
 
     fn tcx_with(node_ns: &str, progs: &[(&str, Program)], how: Redirect) -> Result<Redirector> {

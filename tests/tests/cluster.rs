@@ -662,12 +662,12 @@ fn cni_redirects(node: &ReferenceNode, how: Redirect, hook: CniHook) -> Result<R
         .collect();
     let from: Vec<&str> = pods.iter().map(|p| p.host_if.as_str()).collect();
     match hook {
-        CniHook::Tcx => Redirector::tcx_routed(ns, &from, &routes, how),
+        CniHook::Tcx => Redirector::routed(ns, &from, &routes, how, None),
         CniHook::Clsact => {
             for f in &from {
                 tb.run(ns, &["tc", "qdisc", "add", "dev", f, "clsact"])?;
             }
-            Redirector::clsact_routed(ns, &from, &routes, how, 1)
+            Redirector::routed(ns, &from, &routes, how, Some(1))
         }
     }
 }
