@@ -6,8 +6,9 @@
 //! The pods' veths are taken off the bridge, so the redirector is the only way between them:
 //! every successful request proves it redirected.
 //!
-//! For the lead: `redirected_bed` is the bed to extend into "classified exactly as without the
-//! redirector" once connections seen in one direction per veth are merged (issue 19, item 2).
+//! These tests pin the host side (`--attach-side host`), where the redirector runs too. Item 2
+//! (both directions on two nodes, the agent on the pods' ends) is tested in cluster.rs
+//! (`two_nodes_count_exactly_behind_*`).
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
