@@ -10,7 +10,10 @@
 //! give the single agent's reports; so must `report` with only a kubeconfig, asking the two agents
 //! through the API double's `pods/proxy` (issue 14), also as `kubectl-mtls`, and say which node is
 //! missing when one is down. A Service call through a kube-proxy-style DNAT in the node
-//! namespace is one connection on each side. Needs root; fails, never skips.
+//! namespace is one connection on each side. Issue 19: the same holds behind a Cilium-like CNI
+//! that redirects pod-to-pod packets past the host-side veths (`bpf_redirect_peer`, `bpf_redirect`,
+//! through TCX or a clsact filter at priority 1), because the agents attach on the pods' ends.
+//! Needs root; fails, never skips.
 use std::{path::Path, time::Duration};
 
 use anyhow::{Context as _, Result};
