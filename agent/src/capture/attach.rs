@@ -2,7 +2,7 @@
 //! configured globs), first in each hook's chain, and detaching what we attached (only that) when
 //! interfaces go away or the agent stops.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     time::{Duration, Instant},
 };
 
@@ -293,6 +293,9 @@ pub struct Attacher {
     /// Unsupported interfaces (name, ifindex) already logged.
     said_unsupported: std::collections::BTreeSet<(String, u32)>,
     last_order_check: Instant,
+    /// Pods' namespaces found so far, by the id this namespace gave them (checked before use:
+    /// an id is freed when its namespace goes and may be given to another).
+    pod_namespaces: BTreeMap<i32, PodNs>,
 }
 
 impl Attacher {
@@ -309,6 +312,7 @@ impl Attacher {
             failed: Default::default(),
             said_unsupported: Default::default(),
             last_order_check: Instant::now(),
+            pod_namespaces: BTreeMap::new(),
         }
     }
 
@@ -429,15 +433,16 @@ impl Attacher {
             .partition(|i| self.failed.contains(&(i.name.clone(), i.ifindex)));
         self.failed
             .retain(|(n, idx)| present.iter().any(|i| &i.name == n && i.ifindex == *idx));
-        // The pod namespaces, found once per sync that has pod ends to attach to.
-        let mut pods: Option<BTreeMap<i32, PodNs>> = None;
+        if self.side != AttachSide::Host {
+            self.find_pod_namespaces(present, fresh.iter().chain(&retry).take(ATTACH_SLICE));
+        }
         for iface in fresh.into_iter().chain(retry) {
             if tried == ATTACH_SLICE {
                 report.pending += 1;
                 continue;
             }
             tried += 1;
-            let target = match self.target(iface, &mut pods) {
+            let target = match self.target(iface) {
                 Ok(t) => t,
                 Err(e) => {
                     self.failed.insert((iface.name.clone(), iface.ifindex));
@@ -473,14 +478,34 @@ impl Attacher {
         report
     }
 
+    /// Keeps the cache of pods' namespaces to the ids `present` interfaces name, drops stale
+    /// entries among those `next` needs, and scans for the ones missing (one scan per sync,
+    /// stopping once all are found).
+    fn find_pod_namespaces<'a>(
+        &mut self,
+        present: &[Interface],
+        next: impl Iterator<Item = &'a &'a Interface>,
+    ) {
+        let live: BTreeSet<i32> = present.iter().filter_map(|i| i.peer_netnsid).collect();
+        self.pod_namespaces.retain(|id, _| live.contains(id));
+        let mut wanted = BTreeSet::new();
+        for id in next.filter_map(|i| i.peer_netnsid) {
+            match self.pod_namespaces.get(&id) {
+                Some(ns) if ns.id_here() == Some(id) => {}
+                _ => {
+                    self.pod_namespaces.remove(&id);
+                    wanted.insert(id);
+                }
+            }
+        }
+        if !wanted.is_empty() {
+            self.pod_namespaces.extend(podns::scan_for(&wanted));
+        }
+    }
+
     /// Where `iface`'s programs go under `--attach-side`: its pod end when the pod's namespace
-    /// is reachable (`auto`, `pod`), else the host side (`auto`, `host`). `pods` is filled on
-    /// first use.
-    fn target(
-        &self,
-        iface: &Interface,
-        pods: &mut Option<BTreeMap<i32, PodNs>>,
-    ) -> Result<Target, String> {
+    /// is reachable (`auto`, `pod`), else the host side (`auto`, `host`).
+    fn target(&self, iface: &Interface) -> Result<Target, String> {
         let host = Target {
             side: Side::Host,
             name: iface.name.clone(),
@@ -491,11 +516,7 @@ impl Attacher {
             return Ok(host);
         }
         let pod = match (iface.peer_netnsid, iface.peer_ifindex) {
-            (Some(id), Some(peer)) => pods
-                .get_or_insert_with(podns::scan)
-                .get(&id)
-                .cloned()
-                .map(|ns| (ns, peer)),
+            (Some(id), Some(peer)) => self.pod_namespaces.get(&id).cloned().map(|ns| (ns, peer)),
             _ => None,
         };
         let found = pod.and_then(|(ns, peer)| {

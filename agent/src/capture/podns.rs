@@ -13,7 +13,7 @@
 //! here (without assigning one). No namespace is held open between calls: a held fd would keep a
 //! deleted pod's namespace, and its veth, alive.
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     fs::File,
     io,
     os::{fd::AsRawFd, unix::fs::MetadataExt as _},
@@ -63,6 +63,12 @@ impl PodNs {
         Ok(f)
     }
 
+    /// The id this namespace has here now (`None`: gone, or no id: a cached entry is stale).
+    pub fn id_here(&self) -> Option<i32> {
+        let sock = Socket::open().ok()?;
+        nsid_of(&sock, &self.open().ok()?).ok().flatten()
+    }
+
     /// Whether the path still names the namespace it did when found.
     pub fn present(&self) -> bool {
         self.open().is_ok()
@@ -88,6 +94,16 @@ impl PodNs {
 
 /// Every namespace reachable from here that has an id in this namespace, by that id.
 pub fn scan() -> BTreeMap<i32, PodNs> {
+    scan_until(None)
+}
+
+/// Like [`scan`], but stops once every id of `wanted` is found (`/var/run/netns` is read
+/// first, so on a containerd or CRI-O node `/proc` is not walked at all).
+pub fn scan_for(wanted: &BTreeSet<i32>) -> BTreeMap<i32, PodNs> {
+    scan_until(Some(wanted))
+}
+
+fn scan_until(wanted: Option<&BTreeSet<i32>>) -> BTreeMap<i32, PodNs> {
     let mut out = BTreeMap::new();
     let Ok(sock) = Socket::open() else {
         return out;
@@ -122,6 +138,9 @@ pub fn scan() -> BTreeMap<i32, PodNs> {
                 dev: m.dev(),
                 ino: m.ino(),
             });
+            if wanted.is_some_and(|w| w.iter().all(|id| out.contains_key(id))) {
+                break;
+            }
         }
     }
     out
