@@ -519,24 +519,32 @@ impl Attacher {
             (Some(id), Some(peer)) => self.pod_namespaces.get(&id).cloned().map(|ns| (ns, peer)),
             _ => None,
         };
-        let found = pod.and_then(|(ns, peer)| {
-            let name = ns.run(|| name_of(peer)).ok().flatten()?;
-            Some(Target {
-                side: Side::Pod,
-                name,
-                ifindex: peer,
-                ns: Some(ns),
-            })
-        });
-        match (found, self.side) {
-            (Some(t), _) => Ok(t),
-            (None, AttachSide::Pod) => Err(
-                "--attach-side pod: the pod's network namespace was not found (not in /var/run/netns, no process of it in /proc)"
-                    .into(),
+        let found = match pod {
+            Some((ns, peer)) => match ns.run(|| name_of(peer)) {
+                Ok(Some(name)) => Ok(Target {
+                    side: Side::Pod,
+                    name,
+                    ifindex: peer,
+                    ns: Some(ns),
+                }),
+                Ok(None) => Err(format!(
+                    "the pod's end (ifindex {peer}) is not in {}",
+                    ns.path.display()
+                )),
+                // EPERM without CAP_SYS_ADMIN.
+                Err(e) => Err(format!("entering {}: {e}", ns.path.display())),
+            },
+            None => Err(
+                "the pod's network namespace was not found (not in /var/run/netns, no process of it in /proc)"
+                    .to_owned(),
             ),
-            (None, _) => {
-                info!(interface = %iface.name,
-                    "the pod's network namespace was not found: attaching on the host side (packets redirected into the pod with bpf_redirect_peer are not seen in that direction)");
+        };
+        match (found, self.side) {
+            (Ok(t), _) => Ok(t),
+            (Err(why), AttachSide::Pod) => Err(format!("--attach-side pod: {why}")),
+            (Err(why), _) => {
+                info!(interface = %iface.name, reason = %why,
+                    "attaching on the host side: packets a CNI redirects into this pod (bpf_redirect_peer) are not seen in that direction");
                 Ok(host)
             }
         }
