@@ -128,6 +128,7 @@ pub async fn daemon(
         capture_bytes: args.capture_bytes,
         ring_buffer_bytes: args.ring_buffer_size,
         tc_mode: args.tc_mode,
+        attach_side: args.attach_side,
     })?;
     let ring = capture.take_ring()?;
     let gc_shared = capture::gc::GcShared::default();
@@ -162,6 +163,7 @@ pub async fn daemon(
         interface_auto = args.interface_auto,
         interfaces = ?interfaces,
         attached = capture.attached_count(),
+        sides = %side_summary(&capture),
         chain = %chain_summary(&capture.chain_order()),
         "mtls-agent running"
     );
@@ -382,6 +384,12 @@ fn sync_interfaces(capture: &mut Capture, metrics: &Metrics, gc: &capture::gc::G
     metrics
         .interfaces_attached
         .set(capture.attached_count() as i64);
+    for (side, n) in capture.attach_sides() {
+        metrics
+            .interfaces_attached_side
+            .with_label_values(&[side.as_str()])
+            .set(n as i64);
+    }
     let order = capture.chain_order();
     for hook in ["ingress", "egress"] {
         for pos in [
@@ -403,6 +411,16 @@ fn sync_interfaces(capture: &mut Capture, metrics: &Metrics, gc: &capture::gc::G
     }
     *gc.attached.lock().unwrap_or_else(|p| p.into_inner()) = capture.attached_ifindexes();
     pending
+}
+
+/// "host: 0, pod: 3": where the programs went, for the start-up line.
+fn side_summary(capture: &capture::Capture) -> String {
+    capture
+        .attach_sides()
+        .iter()
+        .map(|(s, n)| format!("{}: {n}", s.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// "ingress: 3 first, egress: 3 first": our place in the chains, for the start-up line.

@@ -9,6 +9,7 @@
 //! [`Redirector`] is dropped (or with the namespace).
 use std::{
     ffi::CString,
+    net::IpAddr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
@@ -189,26 +190,80 @@ impl Redirect {
     }
 }
 
+fn insn(code: u8, regs: u8, off: i16, imm: i32) -> [u8; 8] {
+    let mut b = [0u8; 8];
+    b[0] = code;
+    b[1] = regs;
+    b[2..4].copy_from_slice(&off.to_ne_bytes());
+    b[4..].copy_from_slice(&imm.to_ne_bytes());
+    b
+}
+
+impl Redirect {
+    fn helper(self) -> i32 {
+        match self {
+            Redirect::Peer => HELPER_REDIRECT_PEER,
+            Redirect::Plain => HELPER_REDIRECT,
+        }
+    }
+
+    /// `r0 = redirect(target, 0); return r0` (`TC_ACT_REDIRECT`).
+    fn call(self, target: u32) -> Vec<[u8; 8]> {
+        vec![
+            insn(0xb7, 0x01, 0, target as i32), // mov64 r1, target
+            insn(0xb7, 0x02, 0, 0),             // mov64 r2, 0
+            insn(0x85, 0x00, 0, self.helper()), // call helper
+            insn(0x95, 0x00, 0, 0),             // exit
+        ]
+    }
+}
+
 /// Loads `r0 = redirect(target, 0); return r0` (`TC_ACT_REDIRECT`) as a TC program.
 fn load_redirect(target: u32, how: Redirect) -> Result<OwnedFd> {
-    let insn = |code: u8, regs: u8, imm: i32| {
-        let mut b = [0u8; 8];
-        b[0] = code;
-        b[1] = regs;
-        b[4..].copy_from_slice(&imm.to_ne_bytes());
-        b
-    };
-    let helper = match how {
-        Redirect::Peer => HELPER_REDIRECT_PEER,
-        Redirect::Plain => HELPER_REDIRECT,
-    };
-    let prog: Vec<u8> = [
-        insn(0xb7, 0x01, target as i32), // mov64 r1, target
-        insn(0xb7, 0x02, 0),             // mov64 r2, 0
-        insn(0x85, 0x00, helper),        // call helper
-        insn(0x95, 0x00, 0),             // exit
-    ]
-    .concat();
+    load_prog(&how.call(target).concat(), how)
+}
+
+/// Loads a program that redirects a packet whose destination address is one of `routes`'
+/// to that route's interface, and lets every other packet go on (`TC_ACT_UNSPEC`/`TCX_NEXT`),
+/// as a CNI's BPF host routing does for local pods. Classic packet loads (`LD_ABS`, network
+/// order to host) read the EtherType and the destination; 32-bit compares (`JMP32`) match
+/// each word.
+fn load_routed(routes: &[(IpAddr, u32)], how: Redirect) -> Result<OwnedFd> {
+    const LDABS_H: u8 = 0x28;
+    const LDABS_W: u8 = 0x20;
+    const JNE32_K: u8 = 0x56;
+    let mut prog = vec![insn(0xbf, 0x16, 0, 0)]; // mov64 r6, r1 (LD_ABS reads the skb in r6)
+    for (addr, target) in routes {
+        let (ethertype, offset, words): (i32, i32, Vec<u32>) = match addr {
+            IpAddr::V4(a) => (0x0800, 30, vec![u32::from(*a)]),
+            IpAddr::V6(a) => (
+                0x86dd,
+                38,
+                a.octets()
+                    .chunks(4)
+                    .map(|c| u32::from_be_bytes(c.try_into().expect("4 bytes")))
+                    .collect(),
+            ),
+        };
+        let call = how.call(*target);
+        // Each test jumps past the rest of this route's block.
+        let block = 2 + 2 * words.len() + call.len();
+        let mut b = vec![insn(LDABS_H, 0, 0, 12)];
+        b.push(insn(JNE32_K, 0, (block - 2) as i16, ethertype));
+        for (i, w) in words.iter().enumerate() {
+            b.push(insn(LDABS_W, 0, 0, offset + 4 * i as i32));
+            b.push(insn(JNE32_K, 0, (block - b.len() - 1) as i16, *w as i32));
+        }
+        b.extend(call);
+        assert_eq!(b.len(), block);
+        prog.extend(b);
+    }
+    prog.push(insn(0xb7, 0x00, 0, -1)); // mov64 r0, TC_ACT_UNSPEC
+    prog.push(insn(0x95, 0x00, 0, 0)); // exit
+    load_prog(&prog.concat(), how)
+}
+
+fn load_prog(prog: &[u8], how: Redirect) -> Result<OwnedFd> {
     let license = cstr("GPL");
     let mut a = [0u8; 128];
     a[0..4].copy_from_slice(&BPF_PROG_TYPE_SCHED_CLS.to_ne_bytes());
@@ -218,6 +273,30 @@ fn load_redirect(target: u32, how: Redirect) -> Result<OwnedFd> {
     let name = how.prog_name().as_bytes();
     a[48..48 + name.len()].copy_from_slice(name);
     bpf(BPF_PROG_LOAD, &mut a).context("loading the redirector program")
+}
+
+/// Which program one interface gets.
+enum Program<'a> {
+    /// Every packet to this interface.
+    To(&'a str),
+    /// Packets to these addresses to their interface; the rest go on.
+    Routed(&'a [(IpAddr, &'a str)]),
+}
+
+impl Program<'_> {
+    /// Loads it (in the node namespace: interface names are resolved there).
+    fn load(&self, how: Redirect) -> Result<OwnedFd> {
+        match self {
+            Program::To(to) => load_redirect(ifindex(to)?, how),
+            Program::Routed(routes) => {
+                let routes = routes
+                    .iter()
+                    .map(|(a, dev)| Ok((*a, ifindex(dev)?)))
+                    .collect::<Result<Vec<_>>>()?;
+                load_routed(&routes, how)
+            }
+        }
+    }
 }
 
 /// The redirector's programs (and TCX links) on the host-side interfaces.
@@ -230,10 +309,34 @@ impl Redirector {
     /// that redirects every packet to `to`. Attached with default order (last among what is
     /// there now), before the agent starts, as a CNI agent would be.
     pub fn tcx(node_ns: &str, pairs: &[(&str, &str)], how: Redirect) -> Result<Redirector> {
+        let progs: Vec<(&str, Program)> = pairs.iter().map(|(f, t)| (*f, Program::To(t))).collect();
+        Self::tcx_with(node_ns, &progs, how)
+    }
+
+    /// Like [`Redirector::tcx`], but packets are redirected by destination: on the ingress of
+    /// each of `from`, a packet to one of `routes`' addresses goes to its interface, others go
+    /// on (to the node's stack, e.g. the bridge). Through TCX, or with `clsact_priority` as
+    /// direct-action clsact filters at that priority (the qdiscs must exist).
+    pub fn routed(
+        node_ns: &str,
+        from: &[&str],
+        routes: &[(IpAddr, &str)],
+        how: Redirect,
+        clsact_priority: Option<u16>,
+    ) -> Result<Redirector> {
+        let progs: Vec<(&str, Program)> =
+            from.iter().map(|f| (*f, Program::Routed(routes))).collect();
+        match clsact_priority {
+            None => Self::tcx_with(node_ns, &progs, how),
+            Some(p) => Self::clsact_with(node_ns, &progs, how, p),
+        }
+    }
+
+    fn tcx_with(node_ns: &str, progs: &[(&str, Program)], how: Redirect) -> Result<Redirector> {
         in_netns(node_ns, || {
             let mut fds = Vec::new();
-            for (from, to) in pairs {
-                let prog = load_redirect(ifindex(to)?, how)?;
+            for (from, p) in progs {
+                let prog = p.load(how)?;
                 let mut a = [0u8; 128];
                 a[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
                 a[4..8].copy_from_slice(&ifindex(from)?.to_ne_bytes());
@@ -255,10 +358,20 @@ impl Redirector {
         how: Redirect,
         priority: u16,
     ) -> Result<Redirector> {
+        let progs: Vec<(&str, Program)> = pairs.iter().map(|(f, t)| (*f, Program::To(t))).collect();
+        Self::clsact_with(node_ns, &progs, how, priority)
+    }
+
+    fn clsact_with(
+        node_ns: &str,
+        progs: &[(&str, Program)],
+        how: Redirect,
+        priority: u16,
+    ) -> Result<Redirector> {
         in_netns(node_ns, || {
             let mut fds = Vec::new();
-            for (from, to) in pairs {
-                let prog = load_redirect(ifindex(to)?, how)?;
+            for (from, p) in progs {
+                let prog = p.load(how)?;
                 let mut body = Vec::new();
                 body.extend([libc::AF_UNSPEC as u8, 0, 0, 0]);
                 body.extend((ifindex(from)? as i32).to_ne_bytes());

@@ -536,43 +536,44 @@ impl ReferenceNode {
     }
 }
 
-/// While the agent runs, exactly our two programs are on every pod veth (as the kernel reports
-/// it, through `tcx-query`); after it stops, no TCX program, tc filter or clsact qdisc is left.
+/// While the agent runs (`--attach-side auto`, the default), exactly our two programs are on the
+/// pod's end of every pod veth, their roles swapped (what the pod sends leaves on egress there),
+/// and none on the host side; after it stops, no TCX program, tc filter or clsact qdisc is left
+/// on either end.
 pub fn assert_attached_then_detached(tb: &Testbed, tcx_query: &str, agent: Agent) -> Result<()> {
-    let ours = (
-        vec!["mtls_ingress".to_owned()],
+    let pod_side = (
         vec!["mtls_egress".to_owned()],
+        vec!["mtls_ingress".to_owned()],
     );
     for pod in tb.pods() {
+        let progs = crate::tcx_programs(tb, tcx_query, &pod.netns, &pod.pod_if)?;
+        assert_eq!(progs, pod_side, "{} in {}", pod.pod_if, pod.netns);
         let progs = crate::tcx_programs(tb, tcx_query, tb.node_netns(), &pod.host_if)?;
-        assert_eq!(progs, ours, "{}", pod.host_if);
+        assert_eq!(progs, (vec![], vec![]), "{}", pod.host_if);
     }
     let status = agent.stop()?;
     assert!(status.success(), "agent exit: {status}");
     for pod in tb.pods() {
-        let progs = crate::tcx_programs(tb, tcx_query, tb.node_netns(), &pod.host_if)?;
-        assert_eq!(
-            progs,
-            (vec![], vec![]),
-            "TCX programs left on {}",
-            pod.host_if
-        );
-        let q = tb.run(
-            tb.node_netns(),
-            &["tc", "qdisc", "show", "dev", &pod.host_if],
-        )?;
-        let q = String::from_utf8_lossy(&q.stdout);
-        assert!(!q.contains("clsact"), "{}: {q}", pod.host_if);
-        let f = tb.run(
-            tb.node_netns(),
-            &["tc", "filter", "show", "dev", &pod.host_if, "ingress"],
-        )?;
-        assert!(
-            f.stdout.is_empty(),
-            "{}: {}",
-            pod.host_if,
-            String::from_utf8_lossy(&f.stdout)
-        );
+        for (ns, dev) in [
+            (tb.node_netns(), pod.host_if.as_str()),
+            (pod.netns.as_str(), pod.pod_if.as_str()),
+        ] {
+            let progs = crate::tcx_programs(tb, tcx_query, ns, dev)?;
+            assert_eq!(
+                progs,
+                (vec![], vec![]),
+                "TCX programs left on {dev} in {ns}"
+            );
+            let q = tb.run(ns, &["tc", "qdisc", "show", "dev", dev])?;
+            let q = String::from_utf8_lossy(&q.stdout);
+            assert!(!q.contains("clsact"), "{dev} in {ns}: {q}");
+            let f = tb.run(ns, &["tc", "filter", "show", "dev", dev, "ingress"])?;
+            assert!(
+                f.stdout.is_empty(),
+                "{dev} in {ns}: {}",
+                String::from_utf8_lossy(&f.stdout)
+            );
+        }
     }
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, Result};
 use mtls_agent::capture::{
-    Capture, CaptureConfig, TcMode,
+    AttachSide, Capture, CaptureConfig, TcMode,
     events::{Event, decode},
 };
 use mtls_agent_common::{EVENT_HEADER_LEN, stats};
@@ -90,6 +90,7 @@ impl Kernel {
             capture_bytes: mtls_agent_common::DEFAULT_CAPTURE_BYTES,
             ring_buffer_bytes: 1 << 20,
             tc_mode: TcMode::Auto,
+            attach_side: AttachSide::Auto,
         })?;
         let ring = capture.take_ring()?;
         Ok(Kernel {

@@ -6,9 +6,9 @@
 //! The pods' veths are taken off the bridge, so the redirector is the only way between them:
 //! every successful request proves it redirected.
 //!
-//! For the lead: `redirected_bed` (faults_util, shared with partial_sight.rs) is the bed to extend
-//! into "classified exactly as without the redirector" once connections seen in one direction
-//! per veth are merged (issue 19, item 2).
+//! These tests pin the host side (`--attach-side host`), where the redirector runs too. Item 2
+//! (both directions on two nodes, the agent on the pods' ends) is tested in cluster.rs
+//! (`two_nodes_count_exactly_behind_*`).
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
@@ -62,7 +62,7 @@ fn tcx_before_agent(how: Redirect, family: &str) -> Result<()> {
         assert_eq!(i, [how.prog_name()], "the redirector is there first");
     }
     let _http = http_server(&tb, &server.netns, 8080, false)?;
-    let agent = Agent::start(&tb, &bin, &inv, &[], &[], 2)?;
+    let agent = Agent::start(&tb, &bin, &inv, &[], &["--attach-side", "host"], 2)?;
     // The kernel's order: ours at the head of both hooks.
     for p in [&server, &client] {
         let (i, e) = tcx_programs(&tb, TCX_QUERY, &node, &p.host_if)?;
@@ -108,7 +108,7 @@ fn clsact_redirector_at_priority_1() -> Result<()> {
         redirected_bed("mtordcls", Redirect::Peer, Hook::Clsact)?;
     let _http = http_server(&tb, &server.netns, 8080, false)?;
     // Default mode on this kernel: TCX, which runs before every clsact filter.
-    let agent = Agent::start(&tb, &bin, &inv, &[], &[], 2)?;
+    let agent = Agent::start(&tb, &bin, &inv, &[], &["--attach-side", "host"], 2)?;
     let m = agent.metrics(&tb)?;
     assert_eq!(position(&m, "ingress", "first"), 2.0, "{m}");
     traffic_is_seen(&tb, &agent, &server, &client)?;
@@ -116,7 +116,14 @@ fn clsact_redirector_at_priority_1() -> Result<()> {
 
     // Forced onto clsact, the agent finds priority 1 taken: it says so, once per hook and
     // interface, and exports the tie.
-    let agent = Agent::start(&tb, &bin, &inv, &[], &["--tc-mode", "clsact"], 2)?;
+    let agent = Agent::start(
+        &tb,
+        &bin,
+        &inv,
+        &[],
+        &["--tc-mode", "clsact", "--attach-side", "host"],
+        2,
+    )?;
     let log = agent.proc().stderr();
     let warned = log
         .lines()

@@ -74,7 +74,7 @@ fn default_flags_find_pod_interfaces_of_any_name_and_nothing_else() -> Result<()
     )?;
     let _http = http_server(&tb, &web.netns, 8080, false)?;
     // No --interface at all: the defaults.
-    let agent = Agent::start(&tb, &bin, &inv, &[], &[], 3)?;
+    let agent = Agent::start(&tb, &bin, &inv, &[], &["--attach-side", "host"], 3)?;
     for pod in [&web, &batch, &api] {
         assert!(ours(&tb, &pod.host_if)?, "{} not attached", pod.host_if);
     }
@@ -128,7 +128,7 @@ fn default_flags_find_pod_interfaces_of_any_name_and_nothing_else() -> Result<()
 
     // --interface narrows the discovery; --interface-auto=false restores names only.
     assert!(agent.stop()?.success());
-    let narrowed = Agent::start(&tb, &bin, &inv, &["cali*"], &[], 1)?;
+    let narrowed = Agent::start(&tb, &bin, &inv, &["cali*"], &["--attach-side", "host"], 1)?;
     let m = narrowed.metrics(&tb)?;
     assert_eq!(
         metric_value(&m, "mtls_agent_interfaces_attached", &[]),
@@ -136,7 +136,14 @@ fn default_flags_find_pod_interfaces_of_any_name_and_nothing_else() -> Result<()
     );
     assert!(ours(&tb, &api.host_if)? && untouched(&tb, &web.host_if)?);
     assert!(narrowed.stop()?.success());
-    let names_only = Agent::start(&tb, &bin, &inv, &["hostv*"], &["--interface-auto=false"], 4)?;
+    let names_only = Agent::start(
+        &tb,
+        &bin,
+        &inv,
+        &["hostv*"],
+        &["--interface-auto=false", "--attach-side", "host"],
+        4,
+    )?;
     assert!(ours(&tb, "hostv0")? && untouched(&tb, &web.host_if)?);
     assert!(names_only.stop()?.success());
     tb.destroy()
@@ -204,4 +211,82 @@ fn kubernetes_mode_names_pods_never_seen_on_a_watched_interface() -> Result<()> 
     );
     assert!(agent.stop()?.success());
     Ok(())
+}
+
+/// Issue 19: `--attach-side auto` attaches on a pod's end when it finds the pod's namespace, and
+/// on the host side where it cannot (here a namespace that only an open fd of this test keeps
+/// alive: no bind mount, no process), saying so in the log and the metric; `--attach-side pod`
+/// refuses such an interface instead.
+#[test]
+fn attach_side_falls_back_to_the_host_where_the_pods_namespace_is_not_found() -> Result<()> {
+    ensure_root()?;
+    let bin = agent_bin()?;
+    let mut tb = Testbed::new("mtside")?;
+    let web = tb.add_pod(PodSpec::new("web", "198.18.0.10".parse()?))?;
+    let inv = tb.workdir().join("inventory.yaml");
+    write_inventory(&inv, &[Workload::new("shop", "web", &[&web])])?;
+    let hidden = format!("{}-hidden", tb.prefix());
+    let node = tb.node_netns().to_owned();
+    let ip = |args: &[&str]| -> Result<()> {
+        let st = std::process::Command::new("ip").args(args).status()?;
+        ensure!(st.success(), "ip {args:?}: {st}");
+        Ok(())
+    };
+    ip(&["netns", "add", &hidden])?;
+    let held = (|| -> Result<std::fs::File> {
+        ip(&[
+            "-n", &hidden, "link", "add", "eth0", "type", "veth", "peer", "name", "vphidden",
+            "netns", &node,
+        ])?;
+        ip(&["-n", &node, "link", "set", "vphidden", "up"])?;
+        Ok(std::fs::File::open(format!("/run/netns/{hidden}"))?)
+    })();
+    // The name goes whatever happened; the namespace lives on through `held` only.
+    ip(&["netns", "del", &hidden])?;
+    let held = held?;
+
+    let agent = Agent::start(&tb, &bin, &inv, &["vp*"], &[], 2)?;
+    let m = agent.metrics(&tb)?;
+    let side =
+        |m: &str, s: &str| metric_value(m, "mtls_agent_interfaces_attached_side", &[("side", s)]);
+    assert_eq!(side(&m, "pod"), Some(1.0), "{m}");
+    assert_eq!(side(&m, "host"), Some(1.0), "{m}");
+    let log = agent.proc().stderr();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("namespace was not found") && l.contains("vphidden")),
+        "{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("attached")
+            && l.contains("interface=vphidden")
+            && l.contains("side=\"host\"")),
+        "{log}"
+    );
+    let (i, e) = tcx_programs(&tb, TCX_QUERY, &node, "vphidden")?;
+    assert_eq!(
+        (i, e),
+        (
+            vec!["mtls_ingress".to_owned()],
+            vec!["mtls_egress".to_owned()]
+        )
+    );
+    assert!(agent.stop()?.success());
+
+    let agent = Agent::start(&tb, &bin, &inv, &["vp*"], &["--attach-side", "pod"], 1)?;
+    let m = agent.metrics(&tb)?;
+    assert_eq!(side(&m, "pod"), Some(1.0), "{m}");
+    assert_eq!(side(&m, "host"), Some(0.0), "{m}");
+    let log = agent.proc().stderr();
+    assert!(
+        log.lines().any(|l| l.contains("attach failed")
+            && l.contains("vphidden")
+            && l.contains("--attach-side pod")),
+        "{log}"
+    );
+    assert!(untouched(&tb, "vphidden")?);
+    assert!(agent.stop()?.success());
+    tb.run(&node, &["ip", "link", "del", "vphidden"])?;
+    drop(held);
+    tb.destroy()
 }

@@ -299,7 +299,14 @@ fn new_and_removed_interfaces_are_followed_within_a_second() -> Result<()> {
     let first = tb.add_pod(PodSpec::new("first", "198.18.0.10".parse()?))?;
     let inventory = tb.workdir().join("inventory.yaml");
     write_inventory(&inventory, &[Workload::new("shop", "first", &[&first])])?;
-    let agent = Agent::start(&tb, &bin, &inventory, &["vp*"], &[], 1)?;
+    let agent = Agent::start(
+        &tb,
+        &bin,
+        &inventory,
+        &["vp*"],
+        &["--attach-side", "host"],
+        1,
+    )?;
     let attached = |tb: &Testbed| -> Result<f64> {
         Ok(
             metric_value(&agent.metrics(tb)?, "mtls_agent_interfaces_attached", &[])

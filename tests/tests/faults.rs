@@ -95,7 +95,14 @@ fn kill9_on_tcx_leaves_no_link_and_no_program() -> Result<()> {
     let (tb, server, client, inv) = bed("mtfkill")?;
     add_foreign_filters(&tb, &server.host_if)?;
 
-    let agent = Agent::start(&tb, &bin, &inv, &["vp*"], &["--tc-mode", "tcx"], 2)?;
+    let agent = Agent::start(
+        &tb,
+        &bin,
+        &inv,
+        &["vp*"],
+        &["--tc-mode", "tcx", "--attach-side", "host"],
+        2,
+    )?;
     let objs = bpf_objects(agent.proc().pid())?;
     let tcx: Vec<&(u64, String, u64)> = objs.links.iter().filter(|l| l.1 == "tcx").collect();
     assert_eq!(
@@ -149,7 +156,7 @@ fn kill9_on_tcx_leaves_no_link_and_no_program() -> Result<()> {
     drop(agent);
 
     // A new agent attaches afresh; stopping it leaves the foreign filters alone too.
-    let agent = Agent::start(&tb, &bin, &inv, &["vp*"], &[], 2)?;
+    let agent = Agent::start(&tb, &bin, &inv, &["vp*"], &["--attach-side", "host"], 2)?;
     let objs2 = bpf_objects(agent.proc().pid())?;
     assert_eq!(
         objs2.links.iter().filter(|l| l.1 == "tcx").count(),
@@ -225,7 +232,7 @@ fn kill9_on_clsact_leaves_no_filter_and_no_program() -> Result<()> {
     let bin = agent_bin()?;
     let (tb, server, client, inv) = bed("mtfreap")?;
     add_foreign_filters(&tb, &server.host_if)?;
-    let clsact = ["--tc-mode", "clsact"];
+    let clsact = ["--tc-mode", "clsact", "--attach-side", "host"];
     assert!(!clsact_qdisc(&tb, &client.host_if)?);
 
     let a1 = Agent::start(&tb, &bin, &inv, &["vp*"], &clsact, 2)?;
@@ -291,7 +298,7 @@ fn the_reaper_removes_only_its_own_agents_filters() -> Result<()> {
         &bin,
         &inv,
         &[&server.host_if],
-        &["--tc-mode", "clsact"],
+        &["--tc-mode", "clsact", "--attach-side", "host"],
         1,
     )?;
     let b = Agent::start(
@@ -299,7 +306,14 @@ fn the_reaper_removes_only_its_own_agents_filters() -> Result<()> {
         &bin,
         &inv,
         &[&client.host_if],
-        &["--tc-mode", "clsact", "--listen", "127.0.0.1:9478"],
+        &[
+            "--tc-mode",
+            "clsact",
+            "--listen",
+            "127.0.0.1:9478",
+            "--attach-side",
+            "host",
+        ],
         1,
     )?;
     let b_filters = our_clsact(&tb, &client.host_if)?;
@@ -332,7 +346,7 @@ fn clsact_leftovers_of_a_killed_container_are_removed_by_the_next_agent() -> Res
     let bin = agent_bin()?;
     let (tb, server, client, inv) = bed("mtfcls")?;
     add_foreign_filters(&tb, &server.host_if)?;
-    let clsact = ["--tc-mode", "clsact"];
+    let clsact = ["--tc-mode", "clsact", "--attach-side", "host"];
     // SIGKILL to the agent's process group: the agent and its reaper at once.
     let kill_all = |agent: &Agent| -> Result<()> {
         let reaper = reaper_of(agent)?;
@@ -378,7 +392,7 @@ fn clsact_leftovers_of_a_killed_container_are_removed_by_the_next_agent() -> Res
     kill_all(&a2)?;
     drop(a2);
     assert_eq!(ours(&tb)?.len(), 4);
-    let a3 = Agent::start(&tb, &bin, &inv, &["vp*"], &[], 2)?;
+    let a3 = Agent::start(&tb, &bin, &inv, &["vp*"], &["--attach-side", "host"], 2)?;
     assert!(
         ours(&tb)?.is_empty(),
         "TCX agent removed the clsact leftovers"
@@ -410,7 +424,7 @@ fn counters_never_go_backwards_and_restart_from_zero() -> Result<()> {
     let bin = agent_bin()?;
     let (tb, server, client, inv) = bed("mtfctr")?;
     let _http = http_server(&tb, &server.netns, 8080, false)?;
-    let agent = Agent::start(&tb, &bin, &inv, &["vp*"], &[], 2)?;
+    let agent = Agent::start(&tb, &bin, &inv, &["vp*"], &["--attach-side", "host"], 2)?;
     let url = http_url(server.v4(8080));
     let loop_cmd = format!(
         "while :; do curl -s -o /dev/null --noproxy '*' --max-time 2 {url}; sleep 0.02; done"
@@ -447,7 +461,7 @@ fn counters_never_go_backwards_and_restart_from_zero() -> Result<()> {
     kill9(&agent)?;
     drop(agent);
     std::thread::sleep(Duration::from_millis(1500));
-    let agent = Agent::start(&tb, &bin, &inv, &["vp*"], &[], 2)?;
+    let agent = Agent::start(&tb, &bin, &inv, &["vp*"], &["--attach-side", "host"], 2)?;
     std::thread::sleep(Duration::from_millis(600));
     let m = agent.metrics(&tb)?;
     let up = metric_value(&m, "mtls_agent_uptime_seconds", &[]).context("uptime")?;
@@ -493,5 +507,66 @@ fn counters_never_go_backwards_and_restart_from_zero() -> Result<()> {
         "{copied} bytes copied: {m}"
     );
     assert!(agent.stop()?.success());
+    tb.destroy()
+}
+
+/// On the pods' ends (`--attach-side auto`, the default), clsact filters live in the pods'
+/// namespaces: the agent tells its reaper each namespace, and the reaper removes them there
+/// (with the qdiscs the agent added) when the agent is killed; a clean stop removes them too.
+#[test]
+fn clsact_filters_on_the_pods_ends_are_removed_after_kill9_and_a_clean_stop() -> Result<()> {
+    ensure_root()?;
+    let bin = agent_bin()?;
+    let (tb, server, client, inv) = bed("mtfreappod")?;
+    let pod_filters = |p: &Pod| -> Result<usize> {
+        let mut n = 0;
+        for dir in ["ingress", "egress"] {
+            let out = tb.run(&p.netns, &["tc", "filter", "show", "dev", &p.pod_if, dir])?;
+            n += our_filters(&String::from_utf8_lossy(&out.stdout));
+        }
+        Ok(n)
+    };
+    let pod_qdisc = |p: &Pod| -> Result<bool> {
+        let out = tb.run(&p.netns, &["tc", "qdisc", "show", "dev", &p.pod_if])?;
+        Ok(String::from_utf8_lossy(&out.stdout).contains("qdisc clsact"))
+    };
+    let clsact = ["--tc-mode", "clsact"];
+    for round in ["kill -9", "clean stop"] {
+        let agent = Agent::start(&tb, &bin, &inv, &["vp*"], &clsact, 2)?;
+        for p in [&server, &client] {
+            assert_eq!(pod_filters(p)?, 2, "{round}: {} in {}", p.pod_if, p.netns);
+            assert!(pod_qdisc(p)?);
+            let host =
+                tc_filters(&tb, &p.host_if, "ingress")? + &tc_filters(&tb, &p.host_if, "egress")?;
+            assert_eq!(our_filters(&host), 0, "{round}: {host}");
+        }
+        let m = agent.metrics(&tb)?;
+        assert_eq!(
+            metric_value(
+                &m,
+                "mtls_agent_interfaces_attached_side",
+                &[("side", "pod")]
+            ),
+            Some(2.0),
+            "{m}"
+        );
+        if round == "kill -9" {
+            let reaper = reaper_of(&agent)?;
+            kill9(&agent)?;
+            eventually("the reaper swept the pods' namespaces", || {
+                Ok(pod_filters(&server)? + pod_filters(&client)? == 0 && !alive(reaper))
+            })?;
+        } else {
+            assert!(agent.stop()?.success());
+            assert_eq!(pod_filters(&server)? + pod_filters(&client)?, 0);
+        }
+        for p in [&server, &client] {
+            assert!(
+                !pod_qdisc(p)?,
+                "{round}: the qdisc the agent added in {}",
+                p.netns
+            );
+        }
+    }
     tb.destroy()
 }

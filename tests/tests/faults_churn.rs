@@ -21,8 +21,9 @@ const PER_ROUND: usize = 20;
 const FLASH_PER_ROUND: usize = 5;
 
 /// ifindex of each named link in the node namespace.
-fn ifindexes(tb: &Testbed, names: &[String]) -> Result<BTreeMap<String, u64>> {
-    let out = tb.run(tb.node_netns(), &["ip", "-j", "link", "show"])?;
+/// The ifindexes of `names` in the namespace `ns`.
+fn ifindexes(tb: &Testbed, ns: &str, names: &[String]) -> Result<BTreeMap<String, u64>> {
+    let out = tb.run(ns, &["ip", "-j", "link", "show"])?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let mut m = BTreeMap::new();
     for l in v.as_array().into_iter().flatten() {
@@ -111,7 +112,10 @@ fn churn_of_200_interfaces_attaches_fast_and_leaks_nothing() -> Result<()> {
             ip_batch(&tb, &cmds)?;
             let ip_took = t0.elapsed();
             batch_times.push(ip_took);
-            let mut pending = ifindexes(&tb, &group)?;
+            // The agent attaches on the pods' ends (`--attach-side auto`): its links are on the
+            // far ends' ifindexes, in the pod's namespace.
+            let far_ends: Vec<String> = group.iter().map(|n| n.replacen("vc", "zc", 1)).collect();
+            let mut pending = ifindexes(&tb, &far, &far_ends)?;
             anyhow::ensure!(pending.len() == group.len(), "created: {pending:?}");
             while !pending.is_empty() {
                 let links = links_per_ifindex(pid)?;

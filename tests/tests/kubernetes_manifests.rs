@@ -155,7 +155,7 @@ fn example_overlay_renders_and_validates_offline() -> Result<()> {
     assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
     assert_eq!(
         sc["capabilities"]["add"],
-        json!(["BPF", "NET_ADMIN", "PERFMON"]),
+        json!(["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN"]),
         "exactly the capabilities of docs/kubernetes.md"
     );
     assert!(pod.get("hostPID").is_none() && pod.get("hostIPC").is_none());
@@ -181,6 +181,23 @@ fn example_overlay_renders_and_validates_offline() -> Result<()> {
         m.iter()
             .any(|m| m["name"] == bpffs["name"] && m["mountPath"] == "/sys/fs/bpf")
     }));
+    // The pods' network namespaces, read-only, following mounts made after the agent started
+    // (--attach-side auto attaches on the pods' ends through them).
+    let netns = pod["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["hostPath"]["path"] == "/var/run/netns"))
+        .context("netns volume")?;
+    assert!(
+        c["volumeMounts"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|m| {
+                m["name"] == netns["name"]
+                    && m["mountPath"] == "/var/run/netns"
+                    && m["readOnly"] == true
+                    && m["mountPropagation"] == "HostToContainer"
+            })),
+        "{c:#}"
+    );
     // The overlay's port is the container port the probes, Service and PodMonitor use.
     let args: Vec<&str> = c["args"]
         .as_array()
@@ -349,7 +366,7 @@ fn old_kernels_component_adds_only_sys_resource() -> Result<()> {
     let ds = find(&docs, "DaemonSet")?;
     assert_eq!(
         ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"],
-        json!(["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"])
+        json!(["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN", "SYS_RESOURCE"])
     );
     Ok(())
 }

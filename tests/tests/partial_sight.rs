@@ -5,8 +5,8 @@
 //! by each node: each node counts its side as `unknown` with evidence `one_direction` (never
 //! guessed into a class), the one-direction counter counts it once per side, the flow-table
 //! entries are still freed (one FIN ends a one-way entry), and `report` warns in the table and
-//! in JSON, from one agent and from a real Prometheus scraping both nodes. An agent on both veths (one node hosting both pods) sees both directions through the
-//! redirector and classifies the same traffic as usual, with no warning. Needs root; fails,
+//! in JSON, from one agent and from a real Prometheus scraping both nodes. An agent on both
+//! veths (one node hosting both pods) sees both directions through the redirector and classifies the same traffic as usual, with no warning. Needs root; fails,
 //! never skips.
 use std::time::{Duration, Instant};
 
@@ -17,10 +17,10 @@ use serde_json::Value;
 mod faults_util;
 use faults_util::*;
 
-/// Flags of every agent here besides `--listen`. For the lead: once the agent attaches on the
-/// pod-side end of each veth (issue 19, item 2), add `--attach-side host` here; these tests need
-/// the host-side hooks, which see one direction only behind the redirector.
-const SIGHT_ARGS: &[&str] = &["--flow-gc-interval", "1s"];
+/// Flags of every agent here besides `--listen`. The default `--attach-side auto` puts the hooks
+/// on the pods' ends, which see both directions behind the redirector (cluster.rs proves it);
+/// these tests pin the host side, which sees one direction only there: partial sight on demand.
+const SIGHT_ARGS: &[&str] = &["--flow-gc-interval", "1s", "--attach-side", "host"];
 
 /// One agent watching `ifs` (a "node" hosting those pods), answering on `listen`.
 fn node_agent(

@@ -23,7 +23,7 @@ fn without_tcx_auto_mode_falls_back_to_clsact() -> Result<()> {
         &bin,
         &inv,
         &["vp*"],
-        &[],
+        &["--attach-side", "host"],
         2,
     )?;
     let log = agent.proc().stderr();

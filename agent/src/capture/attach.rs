@@ -2,24 +2,106 @@
 //! configured globs), first in each hook's chain, and detaching what we attached (only that) when
 //! interfaces go away or the agent stops.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     time::{Duration, Instant},
 };
 
 use aya::programs::{
     LinkOrder, SchedClassifier, TcAttachType,
-    tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
+    tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcHandle},
 };
 use mtls_agent_common::names;
 use tracing::{debug, info, warn};
 
 pub use super::links::{Interface, list_interfaces};
-use super::{TcMode, reaper::Reaper, tcnl};
+use super::{
+    AttachSide, TcMode,
+    podns::{self, PodNs},
+    reaper::Reaper,
+    tcnl,
+};
+
+/// Which end of a pod's veth one interface's programs went on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Side {
+    /// The host-side interface, in the node's namespace.
+    Host,
+    /// Its peer, the pod's end, entered through the pod's namespace.
+    Pod,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Host => "host",
+            Side::Pod => "pod",
+        }
+    }
+
+    /// The hooks of [`names::PROG_INGRESS`] (the packet's sender is local) and
+    /// [`names::PROG_EGRESS`] (its receiver is local). The program's role is fixed by its entry
+    /// point, so the hot path does no lookup: on the host side the pod's packets arrive on
+    /// ingress, on the pod side they leave on egress.
+    fn hooks(self) -> [TcAttachType; 2] {
+        match self {
+            Side::Host => [TcAttachType::Ingress, TcAttachType::Egress],
+            Side::Pod => [TcAttachType::Egress, TcAttachType::Ingress],
+        }
+    }
+
+    /// Our program ids by hook [ingress, egress], from ids by program [ingress, egress].
+    fn ids_by_hook(self, ids: [u32; 2]) -> [u32; 2] {
+        match self {
+            Side::Host => ids,
+            Side::Pod => [ids[1], ids[0]],
+        }
+    }
+}
+
+/// Where one interface's programs go: the host-side interface itself, or its peer in the pod's
+/// namespace.
+#[derive(Debug, Clone)]
+struct Target {
+    side: Side,
+    /// The interface's name and ifindex in its own namespace.
+    name: String,
+    ifindex: u32,
+    /// The pod's namespace (pod side only).
+    ns: Option<PodNs>,
+}
+
+impl Target {
+    /// Runs `f` in the target's namespace (here for the host side).
+    fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, String> {
+        match &self.ns {
+            None => Ok(f()),
+            Some(ns) => ns
+                .run(f)
+                .map_err(|e| format!("entering {}: {e}", ns.path.display())),
+        }
+    }
+}
+
+/// The name of `ifindex` in the calling thread's namespace.
+fn name_of(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes into buf.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success buf holds a NUL-terminated name.
+    let c = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(c.to_string_lossy().into_owned())
+}
 
 /// One interface we attached to.
 #[derive(Debug)]
 struct Attached {
+    /// The host-side interface's ifindex (what the link dump lists).
     ifindex: u32,
+    /// Where the programs are.
+    target: Target,
     ingress: SchedClassifierLinkId,
     egress: SchedClassifierLinkId,
     /// We created the interface's clsact qdisc (legacy path): remove it again when done.
@@ -195,6 +277,7 @@ fn hook_order(
 
 pub struct Attacher {
     selection: Selection,
+    side: AttachSide,
     attached: BTreeMap<String, Attached>,
     /// TCX was refused once (old kernel), or `--tc-mode clsact`: use clsact from then on.
     legacy: bool,
@@ -210,12 +293,16 @@ pub struct Attacher {
     /// Unsupported interfaces (name, ifindex) already logged.
     said_unsupported: std::collections::BTreeSet<(String, u32)>,
     last_order_check: Instant,
+    /// Pods' namespaces found so far, by the id this namespace gave them (checked before use:
+    /// an id is freed when its namespace goes and may be given to another).
+    pod_namespaces: BTreeMap<i32, PodNs>,
 }
 
 impl Attacher {
-    pub fn new(selection: Selection, mode: TcMode, prog_ids: Vec<u32>) -> Self {
+    pub fn new(selection: Selection, mode: TcMode, side: AttachSide, prog_ids: Vec<u32>) -> Self {
         Self {
             selection,
+            side,
             attached: BTreeMap::new(),
             legacy: mode == TcMode::Clsact,
             mode,
@@ -225,6 +312,7 @@ impl Attacher {
             failed: Default::default(),
             said_unsupported: Default::default(),
             last_order_check: Instant::now(),
+            pod_namespaces: BTreeMap::new(),
         }
     }
 
@@ -244,6 +332,15 @@ impl Attacher {
         out
     }
 
+    /// Attached interfaces by the side their programs went on.
+    pub fn sides(&self) -> BTreeMap<Side, usize> {
+        let mut out = BTreeMap::from([(Side::Host, 0), (Side::Pod, 0)]);
+        for a in self.attached.values() {
+            *out.entry(a.target.side).or_default() += 1;
+        }
+        out
+    }
+
     /// Checks our place again on every attached interface (at most every few seconds) and
     /// says so when it changed.
     fn recheck_order(&mut self) {
@@ -253,7 +350,13 @@ impl Attacher {
         self.last_order_check = Instant::now();
         let ids = [self.prog_ids[0], self.prog_ids[1]];
         for (name, a) in &mut self.attached {
-            let now = orders(name, a.ifindex, a.tcx, ids);
+            let t = &a.target;
+            let tcx = a.tcx;
+            let Ok(now) = t.enter(|| orders(&t.name, t.ifindex, tcx, t.side.ids_by_hook(ids)))
+            else {
+                // The pod's namespace is gone: the interface goes at the next sync.
+                continue;
+            };
             if now != a.order {
                 log_order(name, a.tcx, &now);
                 a.order = now;
@@ -265,8 +368,10 @@ impl Attacher {
         self.attached.len()
     }
 
+    /// The ifindexes the programs see (`skb->ifindex`, what the flow table records): the
+    /// pod's end for pod-side attachments.
     pub fn attached_ifindexes(&self) -> std::collections::BTreeSet<u32> {
-        self.attached.values().map(|a| a.ifindex).collect()
+        self.attached.values().map(|a| a.target.ifindex).collect()
     }
 
     pub fn attached_names(&self) -> impl Iterator<Item = &str> {
@@ -295,7 +400,8 @@ impl Attacher {
             .collect();
         for name in gone {
             if let Some(a) = self.attached.remove(&name) {
-                // The interface is gone: detaching can fail harmlessly; it releases our handles.
+                // The interface is gone (and with it the pod's end): detaching can fail
+                // harmlessly; it releases our handles.
                 let _ = ingress.detach(a.ingress);
                 let _ = egress.detach(a.egress);
                 debug!(interface = %name, "interface removed");
@@ -327,21 +433,34 @@ impl Attacher {
             .partition(|i| self.failed.contains(&(i.name.clone(), i.ifindex)));
         self.failed
             .retain(|(n, idx)| present.iter().any(|i| &i.name == n && i.ifindex == *idx));
+        if self.side != AttachSide::Host {
+            self.find_pod_namespaces(present, fresh.iter().chain(&retry).take(ATTACH_SLICE));
+        }
         for iface in fresh.into_iter().chain(retry) {
             if tried == ATTACH_SLICE {
                 report.pending += 1;
                 continue;
             }
             tried += 1;
-            match self.attach_one(ingress, egress, iface) {
+            let target = match self.target(iface) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.failed.insert((iface.name.clone(), iface.ifindex));
+                    warn!(interface = %iface.name, error = %e, "attach failed");
+                    report.failed.push((iface.name.clone(), e));
+                    continue;
+                }
+            };
+            match self.attach_one(ingress, egress, iface, target) {
                 Ok(a) => {
                     self.failed.remove(&(iface.name.clone(), iface.ifindex));
                     info!(interface = %iface.name, ifindex = iface.ifindex,
                         kind = iface.kind.as_deref().unwrap_or("device"),
+                        side = a.target.side.as_str(), at = %a.target.name,
                         hook = if a.tcx { "tcx" } else { "clsact" },
                         ingress = place(a.order[0]), egress = place(a.order[1]),
                         others = a.order.iter().flatten().map(|o| o.others).sum::<usize>(), "attached");
-                    log_order(&iface.name, a.tcx, &a.order);
+                    log_order(&a.target.name, a.tcx, &a.order);
                     self.attached.insert(iface.name.clone(), a);
                     report.attached.push(iface.name.clone());
                 }
@@ -359,45 +478,124 @@ impl Attacher {
         report
     }
 
+    /// Keeps the cache of pods' namespaces to the ids `present` interfaces name, drops stale
+    /// entries among those `next` needs, and scans for the ones missing (one scan per sync,
+    /// stopping once all are found).
+    fn find_pod_namespaces<'a>(
+        &mut self,
+        present: &[Interface],
+        next: impl Iterator<Item = &'a &'a Interface>,
+    ) {
+        let live: BTreeSet<i32> = present.iter().filter_map(|i| i.peer_netnsid).collect();
+        self.pod_namespaces.retain(|id, _| live.contains(id));
+        let mut wanted = BTreeSet::new();
+        for id in next.filter_map(|i| i.peer_netnsid) {
+            match self.pod_namespaces.get(&id) {
+                Some(ns) if ns.id_here() == Some(id) => {}
+                _ => {
+                    self.pod_namespaces.remove(&id);
+                    wanted.insert(id);
+                }
+            }
+        }
+        if !wanted.is_empty() {
+            self.pod_namespaces.extend(podns::scan_for(&wanted));
+        }
+    }
+
+    /// Where `iface`'s programs go under `--attach-side`: its pod end when the pod's namespace
+    /// is reachable (`auto`, `pod`), else the host side (`auto`, `host`).
+    fn target(&self, iface: &Interface) -> Result<Target, String> {
+        let host = Target {
+            side: Side::Host,
+            name: iface.name.clone(),
+            ifindex: iface.ifindex,
+            ns: None,
+        };
+        if self.side == AttachSide::Host {
+            return Ok(host);
+        }
+        let pod = match (iface.peer_netnsid, iface.peer_ifindex) {
+            (Some(id), Some(peer)) => self.pod_namespaces.get(&id).cloned().map(|ns| (ns, peer)),
+            _ => None,
+        };
+        let found = match pod {
+            Some((ns, peer)) => match ns.run(|| name_of(peer)) {
+                Ok(Some(name)) => Ok(Target {
+                    side: Side::Pod,
+                    name,
+                    ifindex: peer,
+                    ns: Some(ns),
+                }),
+                Ok(None) => Err(format!(
+                    "the pod's end (ifindex {peer}) is not in {}",
+                    ns.path.display()
+                )),
+                // EPERM without CAP_SYS_ADMIN.
+                Err(e) => Err(format!("entering {}: {e}", ns.path.display())),
+            },
+            None => Err(
+                "the pod's network namespace was not found (not in /var/run/netns, no process of it in /proc)"
+                    .to_owned(),
+            ),
+        };
+        match (found, self.side) {
+            (Ok(t), _) => Ok(t),
+            (Err(why), AttachSide::Pod) => Err(format!("--attach-side pod: {why}")),
+            (Err(why), _) => {
+                info!(interface = %iface.name, reason = %why,
+                    "attaching on the host side: packets a CNI redirects into this pod (bpf_redirect_peer) are not seen in that direction");
+                Ok(host)
+            }
+        }
+    }
+
     fn attach_one(
         &mut self,
         ingress: &mut SchedClassifier,
         egress: &mut SchedClassifier,
         iface: &Interface,
+        target: Target,
     ) -> Result<Attached, String> {
-        remove_stale_filters(&iface.name);
+        let ids = self.ids();
+        let by_hook = target.side.ids_by_hook(ids);
+        let [hook_i, hook_e] = target.side.hooks();
+        let (name, ifindex) = (target.name.as_str(), target.ifindex);
         if !self.legacy {
-            let tcx = |p: &mut SchedClassifier, t| {
-                p.attach_with_options(
-                    &iface.name,
-                    t,
-                    TcAttachOptions::TcxOrder(LinkOrder::first()),
-                )
-            };
-            match tcx(ingress, TcAttachType::Ingress) {
-                Ok(i) => match tcx(egress, TcAttachType::Egress) {
-                    Ok(e) => {
-                        return Ok(Attached {
-                            ifindex: iface.ifindex,
-                            ingress: i,
-                            egress: e,
-                            created_qdisc: false,
-                            tcx: true,
-                            order: orders(&iface.name, iface.ifindex, true, self.ids()),
-                        });
-                    }
+            let tcx = target.enter(|| {
+                remove_stale_filters(name);
+                let tcx = |p: &mut SchedClassifier, t| {
+                    p.attach_with_options(name, t, TcAttachOptions::TcxOrder(LinkOrder::first()))
+                };
+                let i = tcx(ingress, hook_i)?;
+                match tcx(egress, hook_e) {
+                    Ok(e) => Ok((i, e, orders(name, ifindex, true, by_hook))),
                     Err(err) => {
                         let _ = ingress.detach(i);
-                        return Err(format!("TCX egress: {err}"));
+                        Err(err)
                     }
-                },
+                }
+            })?;
+            match tcx {
+                Ok((i, e, order)) => {
+                    return Ok(Attached {
+                        ifindex: iface.ifindex,
+                        target,
+                        ingress: i,
+                        egress: e,
+                        created_qdisc: false,
+                        tcx: true,
+                        order,
+                    });
+                }
                 Err(err) if self.mode == TcMode::Auto && tcx_unsupported(&err) => {
                     info!(error = %err, "TCX not available, falling back to clsact");
                     self.legacy = true;
                 }
-                Err(err) => return Err(format!("TCX ingress: {err}")),
+                Err(err) => return Err(format!("TCX: {err}")),
             }
         }
+        // Started from here, never from a pod's namespace (a child inherits the thread's).
         if self.reaper.is_none() && !self.reaper_failed {
             match Reaper::spawn(&self.prog_ids) {
                 Ok(r) => self.reaper = Some(r),
@@ -407,62 +605,37 @@ impl Attacher {
                 }
             }
         }
-        let created_qdisc = match tc::qdisc_add_clsact(&iface.name) {
-            Ok(()) => true,
-            Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => false,
-            Err(e) => return Err(format!("adding clsact qdisc: {e}")),
-        };
-        for (hook, t) in [
-            (tcnl::Hook::Ingress, "ingress"),
-            (tcnl::Hook::Egress, "egress"),
-        ] {
-            let held: Vec<String> = tcnl::filters(iface.ifindex, hook)
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|f| f.priority() == CLSACT_PRIORITY)
-                .map(|f| f.bpf_name.unwrap_or(f.kind))
-                .collect();
-            if !held.is_empty() {
-                warn!(interface = %iface.name, hook = t, priority = CLSACT_PRIORITY, other = ?held,
-                    "another clsact filter already holds the first priority: which of the two runs first is up to the kernel, and a filter that redirects before ours hides packets from it (use TCX, kernel 6.6+)");
-            }
+        if let (Some(ns), Some(r)) = (&target.ns, &mut self.reaper) {
+            r.netns(&ns.path);
         }
-        let nl = |p: &mut SchedClassifier, t| {
-            let first = NlOptions {
-                priority: CLSACT_PRIORITY,
-                ..NlOptions::default()
-            };
-            p.attach_with_options(&iface.name, t, TcAttachOptions::Netlink(first))
-                .or_else(|err| {
-                    // A filter of another kind or protocol at that priority: the kernel refuses
-                    // to share it. Take the next free one and say so.
-                    warn!(interface = %iface.name, error = %err,
-                        "the first clsact priority is taken by another kind of filter: attaching after it");
-                    p.attach_with_options(
-                        &iface.name,
-                        t,
-                        TcAttachOptions::Netlink(NlOptions::default()),
-                    )
-                })
+        // aya knows a filter by (ifindex, hook, priority, handle), and pods' ends often share an
+        // ifindex (eth0 is 2 in each pod): kernel-chosen handles would then collide in aya's
+        // table. A handle of ours, unique per program and host interface, keeps them apart.
+        let handles = match target.side {
+            Side::Host => [TcHandle::AUTO_ASSIGN; 2],
+            Side::Pod => ids.map(|id| TcHandle::new(id as u16, iface.ifindex as u16)),
         };
-        let i = nl(ingress, TcAttachType::Ingress).map_err(|e| format!("clsact ingress: {e}"))?;
-        let e = match nl(egress, TcAttachType::Egress) {
-            Ok(e) => e,
-            Err(err) => {
-                let _ = ingress.detach(i);
-                return Err(format!("clsact egress: {err}"));
-            }
-        };
+        let (i, e, created_qdisc, order) = target.enter(|| {
+            clsact_attach(
+                ingress,
+                egress,
+                name,
+                ifindex,
+                [(hook_i, handles[0]), (hook_e, handles[1])],
+                by_hook,
+            )
+        })??;
         if created_qdisc && let Some(r) = &mut self.reaper {
-            r.created_qdisc(iface.ifindex);
+            r.created_qdisc(ifindex, target.ns.as_ref().map(|n| n.path.as_path()));
         }
         Ok(Attached {
             ifindex: iface.ifindex,
+            target,
             ingress: i,
             egress: e,
             created_qdisc,
             tcx: false,
-            order: orders(&iface.name, iface.ifindex, false, self.ids()),
+            order,
         })
     }
 
@@ -473,14 +646,32 @@ impl Attacher {
     /// Detaches everything we attached; removes clsact qdiscs we created.
     pub fn detach_all(&mut self, ingress: &mut SchedClassifier, egress: &mut SchedClassifier) {
         for (name, a) in std::mem::take(&mut self.attached) {
-            if let Err(e) = ingress.detach(a.ingress) {
-                debug!(interface = %name, error = %e, "detach ingress");
-            }
-            if let Err(e) = egress.detach(a.egress) {
-                debug!(interface = %name, error = %e, "detach egress");
+            let t = &a.target;
+            // clsact filters are deleted with a netlink request, which goes to the namespace of
+            // the calling thread: the pod's, for pod-side filters. A pod gone meanwhile took
+            // them with it; the handles are released here anyway.
+            let (li, le) = (a.ingress, a.egress);
+            let results = if t.ns.as_ref().is_some_and(|ns| !ns.present()) {
+                Ok((ingress.detach(li), egress.detach(le)))
+            } else {
+                t.enter(|| (ingress.detach(li), egress.detach(le)))
+            };
+            match results {
+                Ok((ri, re)) => {
+                    for (hook, r) in [("ingress", ri), ("egress", re)] {
+                        if let Err(e) = r {
+                            debug!(interface = %name, hook, error = %e, "detach");
+                        }
+                    }
+                }
+                Err(e) => debug!(interface = %name, error = %e, "detach"),
             }
             if a.created_qdisc {
-                match tcnl::delete_clsact_if_empty(a.ifindex) {
+                let tidx = t.ifindex;
+                match t
+                    .enter(|| tcnl::delete_clsact_if_empty(tidx))
+                    .unwrap_or(Ok(false))
+                {
                     Ok(true) => debug!(interface = %name, "removed the clsact qdisc we added"),
                     Ok(false) => {
                         debug!(interface = %name, "clsact qdisc we added has other filters now: kept")
@@ -513,7 +704,76 @@ fn place(o: Option<HookOrder>) -> &'static str {
     o.map_or("unknown", |o| o.position.as_str())
 }
 
-/// [`hook_order`] for [ingress, egress]; `ids` are our programs' ids in that order.
+type ClsactLinks = (
+    SchedClassifierLinkId,
+    SchedClassifierLinkId,
+    bool,
+    [Option<HookOrder>; 2],
+);
+
+/// Attaches the two programs as clsact filters at [`CLSACT_PRIORITY`] on `hooks` (by program
+/// [ingress, egress]) of `name` in the calling thread's namespace; warns when another filter
+/// holds that priority. Returns the links, whether we created the qdisc, and our place.
+fn clsact_attach(
+    ingress: &mut SchedClassifier,
+    egress: &mut SchedClassifier,
+    name: &str,
+    ifindex: u32,
+    hooks: [(TcAttachType, TcHandle); 2],
+    by_hook: [u32; 2],
+) -> Result<ClsactLinks, String> {
+    remove_stale_filters(name);
+    let created_qdisc = match tc::qdisc_add_clsact(name) {
+        Ok(()) => true,
+        Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => false,
+        Err(e) => return Err(format!("adding clsact qdisc: {e}")),
+    };
+    for (hook, t) in [
+        (tcnl::Hook::Ingress, "ingress"),
+        (tcnl::Hook::Egress, "egress"),
+    ] {
+        let held: Vec<String> = tcnl::filters(ifindex, hook)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|f| f.priority() == CLSACT_PRIORITY)
+            .map(|f| f.bpf_name.unwrap_or(f.kind))
+            .collect();
+        if !held.is_empty() {
+            warn!(interface = %name, hook = t, priority = CLSACT_PRIORITY, other = ?held,
+                "another clsact filter already holds the first priority: which of the two runs first is up to the kernel, and a filter that redirects before ours hides packets from it (use TCX, kernel 6.6+)");
+        }
+    }
+    let nl = |p: &mut SchedClassifier, (t, handle): (TcAttachType, TcHandle)| {
+        let first = NlOptions {
+            priority: CLSACT_PRIORITY,
+            handle,
+            ..NlOptions::default()
+        };
+        p.attach_with_options(name, t, TcAttachOptions::Netlink(first))
+            .or_else(|err| {
+                // A filter of another kind or protocol at that priority: the kernel refuses
+                // to share it. Take the next free one and say so.
+                warn!(interface = %name, error = %err,
+                    "the first clsact priority is taken by another kind of filter: attaching after it");
+                let next = NlOptions {
+                    handle,
+                    ..NlOptions::default()
+                };
+                p.attach_with_options(name, t, TcAttachOptions::Netlink(next))
+            })
+    };
+    let i = nl(ingress, hooks[0]).map_err(|e| format!("clsact (ingress program): {e}"))?;
+    let e = match nl(egress, hooks[1]) {
+        Ok(e) => e,
+        Err(err) => {
+            let _ = ingress.detach(i);
+            return Err(format!("clsact (egress program): {err}"));
+        }
+    };
+    Ok((i, e, created_qdisc, orders(name, ifindex, false, by_hook)))
+}
+
+/// [`hook_order`] for the hooks [ingress, egress]; `ids` are our programs' ids on those hooks.
 fn orders(iface: &str, ifindex: u32, tcx: bool, ids: [u32; 2]) -> [Option<HookOrder>; 2] {
     [
         hook_order(iface, ifindex, TcAttachType::Ingress, tcx, ids[0]),
@@ -594,6 +854,8 @@ mod tests {
             ifindex: 5,
             kind: kind.map(Into::into),
             peer_elsewhere,
+            peer_ifindex: None,
+            peer_netnsid: None,
             ethernet,
         }
     }

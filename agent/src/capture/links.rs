@@ -12,6 +12,7 @@ use super::tcnl::{Socket, attrs, c_string};
 
 const IFINFOMSG: usize = 16;
 const IFLA_IFNAME: u16 = 3;
+const IFLA_LINK: u16 = 5;
 const IFLA_LINKINFO: u16 = 18;
 const IFLA_INFO_KIND: u16 = 1;
 const IFLA_LINK_NETNSID: u16 = 37;
@@ -27,6 +28,10 @@ pub struct Interface {
     pub kind: Option<String>,
     /// The link's peer (veth, netkit) lives in another network namespace.
     pub peer_elsewhere: bool,
+    /// The peer's ifindex (`IFLA_LINK`), in the peer's namespace.
+    pub peer_ifindex: Option<u32>,
+    /// The id this namespace gave the peer's namespace (`IFLA_LINK_NETNSID`).
+    pub peer_netnsid: Option<i32>,
     /// Frames carry an Ethernet header (`ARPHRD_ETHER`); netkit in L3 mode does not.
     pub ethernet: bool,
 }
@@ -72,12 +77,24 @@ fn parse_link(payload: &[u8]) -> Option<Interface> {
         ifindex: u32::try_from(ifindex).ok()?,
         kind: None,
         peer_elsewhere: false,
+        peer_ifindex: None,
+        peer_netnsid: None,
         ethernet: ty == ARPHRD_ETHER,
     };
     for (ty, data) in attrs(&payload[IFINFOMSG..]) {
         match ty {
             IFLA_IFNAME => iface.name = c_string(data),
-            IFLA_LINK_NETNSID => iface.peer_elsewhere = true,
+            IFLA_LINK_NETNSID => {
+                iface.peer_elsewhere = true;
+                iface.peer_netnsid = data
+                    .get(..4)
+                    .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")));
+            }
+            IFLA_LINK if data.len() >= 4 => {
+                iface.peer_ifindex =
+                    Some(u32::from_ne_bytes(data[..4].try_into().expect("4 bytes")))
+                        .filter(|&i| i != 0);
+            }
             IFLA_LINKINFO => {
                 for (ty, data) in attrs(data) {
                     if ty == IFLA_INFO_KIND {
@@ -116,6 +133,7 @@ mod tests {
                 attr(IFLA_IFNAME, b"3f2a9c1b0d4e5f6\0"),
                 attr(IFLA_LINKINFO, &attr(IFLA_INFO_KIND, b"veth\0")),
                 attr(IFLA_LINK_NETNSID, &3i32.to_ne_bytes()),
+                attr(IFLA_LINK, &2u32.to_ne_bytes()),
             ],
         );
         let i = parse_link(&p).unwrap();
@@ -123,6 +141,8 @@ mod tests {
         assert_eq!(i.ifindex, 7);
         assert!(i.ethernet);
         assert!(i.pod_facing());
+        assert_eq!(i.peer_netnsid, Some(3));
+        assert_eq!(i.peer_ifindex, Some(2));
     }
 
     #[test]

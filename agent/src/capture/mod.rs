@@ -6,6 +6,7 @@ pub mod events;
 pub mod gc;
 pub mod links;
 pub mod netlink;
+pub mod podns;
 pub mod reaper;
 pub mod reference;
 pub mod tcnl;
@@ -18,7 +19,9 @@ use aya::{
 use mtls_agent_common::{CHUNK_BYTES, FlowKey, FlowState, MAX_CHUNKS_PER_SEGMENT, names, stats};
 use tracing::{debug, warn};
 
-pub use attach::{ChainOrder, Globs, Interface, Position, Selection, SyncReport, list_interfaces};
+pub use attach::{
+    ChainOrder, Globs, Interface, Position, Selection, Side, SyncReport, list_interfaces,
+};
 
 /// How the TC programs are attached (`--tc-mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -30,6 +33,19 @@ pub enum TcMode {
     Tcx,
     /// A clsact qdisc with netlink filters named `mtls_ingress`/`mtls_egress`, on any kernel.
     Clsact,
+}
+
+/// Which end of a pod's veth the TC programs go on (`--attach-side`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum AttachSide {
+    /// The pod's end where its network namespace is reachable (both directions even when a
+    /// CNI hands packets into the pod with `bpf_redirect_peer`), else the host side.
+    #[default]
+    Auto,
+    /// The host-side interface only (what a `bpf_redirect_peer` into the pod skips).
+    Host,
+    /// The pod's end only: an interface whose pod namespace is not found is not attached.
+    Pod,
 }
 
 /// Where the kernel publishes its BTF; `MTLS_AGENT_BTF_PATH` overrides it (tests only).
@@ -61,6 +77,7 @@ pub struct CaptureConfig {
     pub capture_bytes: u32,
     pub ring_buffer_bytes: u32,
     pub tc_mode: TcMode,
+    pub attach_side: AttachSide,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +155,7 @@ impl Capture {
                     globs,
                 },
                 cfg.tc_mode,
+                cfg.attach_side,
                 prog_ids,
             ),
         })
@@ -171,6 +189,11 @@ impl Capture {
         let present = list_interfaces()?;
         let (i, e) = programs(&mut self.ebpf);
         Ok(self.attacher.sync(i, e, &present))
+    }
+
+    /// Attached interfaces by the side their programs went on.
+    pub fn attach_sides(&self) -> std::collections::BTreeMap<Side, usize> {
+        self.attacher.sides()
     }
 
     /// Our place in the TC chains of the attached interfaces.

@@ -10,12 +10,17 @@
 //! those (never another process's, even one with the same program names), removes the clsact
 //! qdiscs the agent created if nothing else is on them, and exits.
 //!
+//! Pod-side filters (`--attach-side`, see podns.rs) live in the pods' namespaces: the agent
+//! names each namespace (`netns PATH`) before it attaches there, and the reaper sweeps those
+//! too (a namespace gone meanwhile took its filters with it).
+//!
 //! What it cannot cover: a reaper killed together with the agent (a container kill takes the
 //! whole PID namespace). The next agent to start removes filters by our program names before it
 //! attaches (`attach::remove_stale_filters`), so the cost lasts until the DaemonSet restarts it.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     io::{BufRead as _, Write as _},
+    path::Path,
     process::{Child, ChildStdin, Command, Stdio},
 };
 
@@ -23,6 +28,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     attach::list_interfaces,
+    podns::PodNs,
     tcnl::{self, Hook},
 };
 
@@ -55,10 +61,23 @@ impl Reaper {
         Ok(Self { child, stdin })
     }
 
-    /// Tells the reaper that this agent created the clsact qdisc of `ifindex`.
-    pub fn created_qdisc(&mut self, ifindex: u32) {
+    /// Tells the reaper that this agent created the clsact qdisc of `ifindex` (in the pod
+    /// namespace at `netns`, else in ours).
+    pub fn created_qdisc(&mut self, ifindex: u32, netns: Option<&Path>) {
+        match netns {
+            Some(p) => self.say(&format!("qdisc {ifindex} {}", p.display())),
+            None => self.say(&format!("qdisc {ifindex}")),
+        }
+    }
+
+    /// Tells the reaper that this agent attaches filters in the namespace at `path`.
+    pub fn netns(&mut self, path: &Path) {
+        self.say(&format!("netns {}", path.display()));
+    }
+
+    fn say(&mut self, line: &str) {
         if let Some(stdin) = &mut self.stdin
-            && let Err(e) = writeln!(stdin, "qdisc {ifindex}")
+            && let Err(e) = writeln!(stdin, "{line}")
         {
             warn!(error = %e, "clsact reaper gone; a killed agent's filters stay until the next start");
         }
@@ -83,18 +102,42 @@ pub fn run(prog_ids: &[u32]) -> anyhow::Result<()> {
         // SAFETY: setting a signal disposition to SIG_IGN.
         unsafe { libc::signal(sig, libc::SIG_IGN) };
     }
-    let mut qdiscs = BTreeSet::new();
+    // Namespace path ("" = ours) -> qdiscs the agent created there.
+    let mut spaces: BTreeMap<String, BTreeSet<u32>> =
+        BTreeMap::from([(String::new(), BTreeSet::new())]);
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
-        if let Some(idx) = line
-            .strip_prefix("qdisc ")
-            .and_then(|s| s.parse::<u32>().ok())
-        {
-            qdiscs.insert(idx);
+        if let Some(rest) = line.strip_prefix("qdisc ") {
+            let (idx, ns) = rest.split_once(' ').unwrap_or((rest, ""));
+            if let Ok(idx) = idx.parse::<u32>() {
+                spaces.entry(ns.to_owned()).or_default().insert(idx);
+            }
+        } else if let Some(ns) = line.strip_prefix("netns ") {
+            spaces.entry(ns.to_owned()).or_default();
         }
     }
     let ids: BTreeSet<u32> = prog_ids.iter().copied().collect();
-    let (removed, qdiscs_removed) = sweep(&ids, &qdiscs)?;
+    let (mut removed, mut qdiscs_removed) = (0, 0);
+    for (ns, qdiscs) in &spaces {
+        let swept = if ns.is_empty() {
+            sweep(&ids, qdiscs)
+        } else {
+            match PodNs::at(Path::new(ns)) {
+                Ok(pod) => pod
+                    .run(|| sweep(&ids, qdiscs))
+                    .unwrap_or_else(|e| Err(e.into())),
+                // Gone with the pod, and its filters with it.
+                Err(_) => Ok((0, 0)),
+            }
+        };
+        match swept {
+            Ok((r, q)) => {
+                removed += r;
+                qdiscs_removed += q;
+            }
+            Err(e) => warn!(netns = %ns, error = %e, "sweeping a namespace"),
+        }
+    }
     if removed > 0 {
         info!(
             filters = removed,

@@ -116,44 +116,64 @@ impl Socket {
         Ok(())
     }
 
+    /// Receives one datagram (the reply to a request that is not a dump) and hands its messages
+    /// to `each`; an `NLMSG_ERROR` with a code is that error.
+    pub(super) fn recv_one(&self, each: impl FnMut(u16, &[u8])) -> io::Result<()> {
+        let mut buf = vec![0u8; 8192];
+        let n = self.recv(&mut buf)?;
+        messages(&buf[..n], each).map(|_| ())
+    }
+
     /// Receives messages until `NLMSG_DONE` or an `NLMSG_ERROR` (an ack when its code is 0),
     /// handing every other message's (type, payload) to `each`.
     pub(super) fn recv_until_done(&self, mut each: impl FnMut(u16, &[u8])) -> io::Result<()> {
         let mut buf = vec![0u8; 65536];
         loop {
-            // SAFETY: receiving into a buffer of the given length.
-            let n =
-                unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let mut msgs = &buf[..n as usize];
-            while msgs.len() >= NLMSG_HDR {
-                let len = u32::from_ne_bytes(msgs[0..4].try_into().expect("4 bytes")) as usize;
-                let ty = u16::from_ne_bytes(msgs[4..6].try_into().expect("2 bytes"));
-                if len < NLMSG_HDR || len > msgs.len() {
-                    return Err(io::Error::other("truncated netlink message"));
-                }
-                let payload = &msgs[NLMSG_HDR..len];
-                match ty {
-                    NLMSG_DONE => return Ok(()),
-                    NLMSG_ERROR => {
-                        let code = payload
-                            .get(0..4)
-                            .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
-                            .ok_or_else(|| io::Error::other("short netlink error"))?;
-                        return if code == 0 {
-                            Ok(())
-                        } else {
-                            Err(io::Error::from_raw_os_error(-code))
-                        };
-                    }
-                    _ => each(ty, payload),
-                }
-                msgs = &msgs[align4(len).min(msgs.len())..];
+            let n = self.recv(&mut buf)?;
+            if messages(&buf[..n], &mut each)? {
+                return Ok(());
             }
         }
     }
+
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: receiving into a buffer of the given length.
+        let n = unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+}
+
+/// Hands the (type, payload) of each message in one datagram to `each`, up to `NLMSG_DONE` or
+/// an `NLMSG_ERROR` (an ack when its code is 0, else that error): true when one of those ended it.
+fn messages(mut msgs: &[u8], mut each: impl FnMut(u16, &[u8])) -> io::Result<bool> {
+    while msgs.len() >= NLMSG_HDR {
+        let len = u32::from_ne_bytes(msgs[0..4].try_into().expect("4 bytes")) as usize;
+        let ty = u16::from_ne_bytes(msgs[4..6].try_into().expect("2 bytes"));
+        if len < NLMSG_HDR || len > msgs.len() {
+            return Err(io::Error::other("truncated netlink message"));
+        }
+        let payload = &msgs[NLMSG_HDR..len];
+        match ty {
+            NLMSG_DONE => return Ok(true),
+            NLMSG_ERROR => {
+                let code = payload
+                    .get(0..4)
+                    .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
+                    .ok_or_else(|| io::Error::other("short netlink error"))?;
+                return if code == 0 {
+                    Ok(true)
+                } else {
+                    Err(io::Error::from_raw_os_error(-code))
+                };
+            }
+            _ => each(ty, payload),
+        }
+        msgs = &msgs[align4(len).min(msgs.len())..];
+    }
+    Ok(false)
 }
 
 fn align4(n: usize) -> usize {

@@ -225,6 +225,12 @@ pub struct RunArgs {
     /// named filters, any kernel), or `auto` (TCX, falling back to clsact where it is missing).
     #[arg(long, value_enum, value_name = "MODE", default_value = "auto")]
     pub tc_mode: crate::capture::TcMode,
+    /// Which end of each pod's veth the TC programs go on: `pod` (the pod's end, entered through
+    /// its network namespace: both directions even when the CNI delivers packets into the pod
+    /// with bpf_redirect_peer, as Cilium does), `host` (the host-side interface), or `auto` (the
+    /// pod's end where its namespace is found in /var/run/netns or /proc, else the host side).
+    #[arg(long, value_enum, value_name = "SIDE", default_value = "auto")]
+    pub attach_side: crate::capture::AttachSide,
     /// Serve /metrics, /healthz and the API over HTTPS with this certificate chain (PEM).
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub attach_failures: IntCounter,
     /// Selected interfaces the TC programs cannot read, by reason (capture/attach.rs).
     pub interfaces_unsupported: IntGaugeVec,
+    /// Attached interfaces by the end of the pod's veth the programs went on (host|pod).
+    pub interfaces_attached_side: IntGaugeVec,
     /// Attached interfaces by our place in each hook's chain (first|tied|later).
     pub tc_chain_position: IntGaugeVec,
     /// Attached interfaces where other programs are on the same hook.
@@ -285,6 +287,12 @@ impl Metrics {
             "Pod-facing interfaces not watched because the TC programs cannot read them, by reason.",
             &["reason"],
         );
+        let interfaces_attached_side = gauge_vec(
+            &r,
+            "mtls_agent_interfaces_attached_side",
+            "Attached interfaces by the end of the pod's veth the TC programs are on (host: the host-side interface; pod: the pod's end, which sees packets a CNI redirects into the pod).",
+            &["side"],
+        );
         let tc_chain_position = gauge_vec(
             &r,
             "mtls_agent_tc_chain_position",
@@ -388,6 +396,7 @@ impl Metrics {
             interfaces_attached,
             attach_failures,
             interfaces_unsupported,
+            interfaces_attached_side,
             tc_chain_position,
             tc_chain_shared,
             pods_unseen,
