@@ -26,8 +26,10 @@ pub const DEFAULT_MAX_SEGMENTS: u32 = 24;
 /// Default bytes copied from the first segment of a plaintext direction (`--capture-bytes`).
 pub const DEFAULT_CAPTURE_BYTES: u32 = 4096;
 
-/// Default size of the kernel flow table (LRU hash).
-pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 65_536;
+/// Default size of the kernel flow table (LRU hash, preallocated: about 190 bytes of kernel
+/// memory per entry, ~48 MiB). One entry per connection, so 262,144 holds a node's burst of
+/// 100k open connections (issue 11) with room for those closed within one collection sweep.
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 262_144;
 
 /// Name of the eBPF maps and programs, shared so the agent cannot drift from the object file.
 pub mod names {

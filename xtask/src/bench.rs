@@ -52,10 +52,6 @@ const TLS_PORT: u16 = 443;
 const REPLY_PORT: u16 = 8080;
 const HOLD_PORT: u16 = 9000;
 const AGENT_LISTEN: &str = "127.0.0.1:9477";
-/// Kernel flow-table size for the agent: one entry per connection (both veths of a same-node
-/// connection share it), so the 100k idle flows and the connections closed since the last sweep
-/// fit with room to spare.
-pub const FLOW_TABLE_SIZE: u32 = 262_144;
 /// The capture a user would run to see the same handshakes: every TCP packet cut to the first
 /// 4 KiB (what the agent copies per segment), TLS handshake messages printed with the record
 /// lengths (TLS 1.3 client certificates are encrypted; their record length is the evidence).
@@ -465,7 +461,6 @@ fn start_observer(bed: &Bed, v: Variant) -> anyhow::Result<Observer> {
         }
         Variant::Agent => {
             let before = probe::prog_ids(probe::AGENT)?;
-            let table = FLOW_TABLE_SIZE.to_string();
             let proc = bed.tb.spawn_env(
                 bed.node(),
                 &[
@@ -477,8 +472,10 @@ fn start_observer(bed: &Bed, v: Variant) -> anyhow::Result<Observer> {
                     s(&bed.inventory)?,
                     "--listen",
                     AGENT_LISTEN,
-                    "--flow-table-size",
-                    &table,
+                    // The hooks R uses (the host side of both veths). The default, `auto`,
+                    // puts the same programs on the pods' ends: the same two runs per packet.
+                    "--attach-side",
+                    "host",
                 ],
                 // The agent's default log level, as a user runs it.
                 &[("RUST_LOG", "info"), ("NO_COLOR", "1")],

@@ -2,7 +2,7 @@
 //! computed from the samples of the run being reported; nothing is typed in by hand.
 use std::{fmt::Write as _, time::Duration};
 
-use super::{FLOW_TABLE_SIZE, Plan, Scenario, TSHARK_ARGS, Variant};
+use super::{Plan, Scenario, TSHARK_ARGS, Variant};
 
 /// What one run (one scenario, one observer, one repetition) measured.
 #[derive(Debug, Clone, Default)]
@@ -253,8 +253,10 @@ pub fn render(r: &Run<'_>) -> String {
          where B attaches (TCX ingress and egress of both veths, first in the chain). It is the \
          floor of a TC program on this kernel and VM; B's eBPF cost is stated as a ratio to it.\n\
          - **B: mtls-agent** — `target/release/mtls-agent run --interface 'vp*' --inventory … \
-         --flow-table-size {FLOW_TABLE_SIZE}` in the node namespace, default log level and \
-         default ring buffer (8 MiB): TC ingress and egress (TCX) on both veths, so each packet \
+         --attach-side host` in the node namespace, default log level, default flow table \
+         (262,144 entries) and default ring buffer (8 MiB): TC ingress and egress (TCX) on the \
+         host side of both veths, where R sits (the default `--attach-side auto` puts the same \
+         programs on the pods' ends: the same two runs per packet), so each packet \
          runs the program twice (egress of one veth, ingress of the other). A pure ACK stops \
          after the header parse; other packets cost one flow-table lookup (one entry per \
          connection, shared by both veths). Only the bytes the verdict rules read are copied, \
