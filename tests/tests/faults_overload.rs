@@ -144,6 +144,120 @@ fn ring_buffer_overflow_is_counted_and_lost_handshakes_are_unknown() -> Result<(
     tb.destroy()
 }
 
+/// Every event of these connections is lost, so each must still be counted exactly once, as
+/// `unknown` with evidence `events_lost` (issue 11, item 6): the agent's reader is stopped
+/// (SIGSTOP), a 4 KiB ring is filled to less than one event header by filler connections in
+/// the other direction (server pod to client pod, each one data event and one close), then
+/// `n` ClientHello connections are made and the reader resumes. Only the flow-table collector
+/// can report them (their entries carry the kernel's lost mark).
+#[test]
+fn connections_whose_every_event_was_lost_are_each_one_unknown_events_lost() -> Result<()> {
+    ensure_root()?;
+    let bin = agent_bin()?;
+    let (tb, server, client, inv) = bed("mtfallost")?;
+    let _sink = tb.spawn(
+        &server.netns,
+        &["python3", "-c", SINK_SERVER_PY, "9443", ""],
+    )?;
+    let _filler_sink = tb.spawn(
+        &client.netns,
+        &["python3", "-c", SINK_SERVER_PY, "9444", ""],
+    )?;
+    tb.wait_tcp_listening(&server.netns, server.v4(9443), Duration::from_secs(10))?;
+    tb.wait_tcp_listening(&client.netns, client.v4(9444), Duration::from_secs(10))?;
+    let agent = Agent::start(
+        &tb,
+        &bin,
+        &inv,
+        &["vp*"],
+        &["--ring-buffer-size", "4096", "--flow-gc-interval", "1s"],
+        2,
+    )?;
+    let pid = agent.proc().pid().to_string();
+    let signal = |sig: &str| -> Result<()> {
+        let st = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()?;
+        anyhow::ensure!(st.success(), "kill {sig} {pid}");
+        Ok(())
+    };
+    signal("-STOP")?;
+    // 64 fillers of at least 208 ring bytes each (a 1-byte data event and a close) are more
+    // than three times the ring: whatever space is left after them is smaller than a close
+    // event (104 bytes), the smallest record there is.
+    let fillers = 64;
+    let filled = burst(&tb, &server.netns, client.v4(9444), fillers, 1, b"x");
+    let n = 200;
+    let made =
+        filled.and_then(|_| burst(&tb, &client.netns, server.v4(9443), n, 8, &client_hello()));
+    signal("-CONT")?;
+    assert_eq!(made?, n, "every connection completed");
+    // Nothing of them is tracked (no event arrived): they are counted when the collector
+    // (every second here) finds their entries. Wait for that, then two more passes, so that a
+    // connection counted twice would show.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = agent.settle(&tb, Duration::from_secs(30))?;
+        let counted = conns(&m, "shop", "web", "inbound", "unknown")
+            + conns(&m, "legacy", "batch", "inbound", "unknown")
+            + conns(&m, "legacy", "batch", "inbound", "plaintext");
+        if counted >= (n + fillers) as f64 || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    let m = agent.settle(&tb, Duration::from_secs(30))?;
+    let by = |ns, wl, sec| conns(&m, ns, wl, "inbound", sec);
+    let evidence = |e| {
+        metric_value(
+            &m,
+            "mtls_agent_verdict_evidence_total",
+            &[("security", "unknown"), ("evidence", e)],
+        )
+        .unwrap_or(0.0)
+    };
+    let lost = metric_value(
+        &m,
+        "mtls_agent_events_lost_total",
+        &[("reason", "ring_buffer_full")],
+    )
+    .unwrap_or(0.0);
+    let filler_unknown = by("legacy", "batch", "unknown");
+    let filler_total = filler_unknown + by("legacy", "batch", "plaintext");
+    eprintln!(
+        "all lost: {n} connections, {lost} events lost; shop/web inbound unknown {} plaintext {} \
+         tls {}; fillers {filler_total} ({filler_unknown} unknown); evidence events_lost {}, \
+         handshake_incomplete {}",
+        by("shop", "web", "unknown"),
+        by("shop", "web", "plaintext"),
+        by("shop", "web", "tls"),
+        evidence("events_lost"),
+        evidence("handshake_incomplete"),
+    );
+    assert!(
+        lost >= 2.0 * n as f64,
+        "both events of every connection lost: {lost}\n{m}"
+    );
+    for sec in ["mtls", "tls", "plaintext"] {
+        assert_eq!(by("shop", "web", sec), 0.0, "none is {sec}\n{m}");
+    }
+    assert_eq!(
+        by("shop", "web", "unknown"),
+        n as f64,
+        "each connection once\n{m}"
+    );
+    assert_eq!(filler_total, fillers as f64, "each filler once\n{m}");
+    assert_eq!(
+        evidence("events_lost"),
+        n as f64 + filler_unknown,
+        "every connection whose events were lost is unknown/events_lost\n{m}"
+    );
+    agent.proc().ensure_running()?;
+    assert!(agent.stop()?.success());
+    tb.destroy()
+}
+
 /// A 1024-entry flow table and 4000 short connections (4000 entries over time: one per
 /// connection, shared by the two veths of a same-node connection). The agent deletes closed connections' entries
 /// (once idle for a second; swept every 500 ms here), so a busy but healthy node is not
