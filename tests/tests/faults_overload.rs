@@ -41,6 +41,27 @@ pub fn client_hello() -> Vec<u8> {
     rec
 }
 
+/// A server on `pod`'s IPv4 address that reads and never answers, listening when this returns.
+fn silent_sink(tb: &Testbed, pod: &Pod, port: u16) -> Result<Proc> {
+    let p = port.to_string();
+    let sink = tb.spawn(&pod.netns, &["python3", "-c", SINK_SERVER_PY, &p, ""])?;
+    tb.wait_tcp_listening(&pod.netns, pod.v4(port), Duration::from_secs(10))?;
+    Ok(sink)
+}
+
+/// An agent on both pods' veths with a 4 KiB ring buffer (three 1 KiB chunks) and the flow-table
+/// collector every second.
+fn small_ring_agent(tb: &Testbed, bin: &std::path::Path, inv: &std::path::Path) -> Result<Agent> {
+    Agent::start(
+        tb,
+        bin,
+        inv,
+        &["vp*"],
+        &["--ring-buffer-size", "4096", "--flow-gc-interval", "1s"],
+        2,
+    )
+}
+
 /// Runs `f` while a second thread scrapes /metrics every 50 ms; returns f's result and the
 /// scrape times (curl's time_total).
 fn with_scrapes<T>(
@@ -79,19 +100,8 @@ fn ring_buffer_overflow_is_counted_and_lost_handshakes_are_unknown() -> Result<(
     ensure_root()?;
     let bin = agent_bin()?;
     let (tb, server, client, inv) = bed("mtfring")?;
-    let _sink = tb.spawn(
-        &server.netns,
-        &["python3", "-c", SINK_SERVER_PY, "9443", ""],
-    )?;
-    tb.wait_tcp_listening(&server.netns, server.v4(9443), Duration::from_secs(10))?;
-    let agent = Agent::start(
-        &tb,
-        &bin,
-        &inv,
-        &["vp*"],
-        &["--ring-buffer-size", "4096", "--flow-gc-interval", "1s"],
-        2,
-    )?;
+    let _sink = silent_sink(&tb, &server, 9443)?;
+    let agent = small_ring_agent(&tb, &bin, &inv)?;
     let n = 600;
     let (done, mut times) = with_scrapes(&tb, &agent, || {
         burst(&tb, &client.netns, server.v4(9443), n, 32, &client_hello())
@@ -155,24 +165,9 @@ fn connections_whose_every_event_was_lost_are_each_one_unknown_events_lost() -> 
     ensure_root()?;
     let bin = agent_bin()?;
     let (tb, server, client, inv) = bed("mtfallost")?;
-    let _sink = tb.spawn(
-        &server.netns,
-        &["python3", "-c", SINK_SERVER_PY, "9443", ""],
-    )?;
-    let _filler_sink = tb.spawn(
-        &client.netns,
-        &["python3", "-c", SINK_SERVER_PY, "9444", ""],
-    )?;
-    tb.wait_tcp_listening(&server.netns, server.v4(9443), Duration::from_secs(10))?;
-    tb.wait_tcp_listening(&client.netns, client.v4(9444), Duration::from_secs(10))?;
-    let agent = Agent::start(
-        &tb,
-        &bin,
-        &inv,
-        &["vp*"],
-        &["--ring-buffer-size", "4096", "--flow-gc-interval", "1s"],
-        2,
-    )?;
+    let _sink = silent_sink(&tb, &server, 9443)?;
+    let _filler_sink = silent_sink(&tb, &client, 9444)?;
+    let agent = small_ring_agent(&tb, &bin, &inv)?;
     let pid = agent.proc().pid().to_string();
     let signal = |sig: &str| -> Result<()> {
         let st = std::process::Command::new("kill")
