@@ -9,7 +9,7 @@ use std::{
 use anyhow::Context as _;
 use mtls_agent_common::stats;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     aggregate::{AggregateConfig, Aggregator, DEFAULT_EXEMPT_PORTS},
@@ -274,13 +274,21 @@ pub async fn daemon(
                 pending_attach = if left < pending_attach { left } else { 0 };
             }
             _ = tick.tick() => {
-                let unreported = std::mem::take(
-                    &mut *gc_shared.unreported.lock().unwrap_or_else(|p| p.into_inner()),
+                let collected = std::mem::take(
+                    &mut *gc_shared.collected.lock().unwrap_or_else(|p| p.into_inner()),
                 );
-                for (key, st) in unreported {
+                for (key, st) in collected.unreported {
                     let meta = capture::events::EventMeta::from_entry(&key, &st);
                     let ev = capture::events::Event::Closed { meta };
                     tracker.on_event(&ev, Instant::now(), SystemTime::now(), &mut out);
+                }
+                // After the closes that pass found: those connections end counted as closed.
+                if let Some(live) = collected.live {
+                    let n = tracker.reconcile(&live, Instant::now(), SystemTime::now(), &mut out);
+                    if n > 0 {
+                        metrics.flows_ended_unseen.inc_by(n as u64);
+                        debug!(connections = n, "ended connections whose flow-table entry went without a close");
+                    }
                 }
                 tracker.sweep(Instant::now(), SystemTime::now(), &mut out);
                 apply(&aggregator, &recent, &mut coverage, &mut out);

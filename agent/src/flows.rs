@@ -30,7 +30,10 @@ use std::{
 
 use crate::{
     aggregate::ConnRecord,
-    capture::events::{Event, EventMeta, FlowId, Opener},
+    capture::{
+        events::{Event, EventMeta, FlowId, Opener},
+        gc::LiveFlows,
+    },
     classify::{
         ConnClassifier, ConnMeta, Direction, Evidence, ResumptionCache, Security, Sides, Verdict,
     },
@@ -416,6 +419,47 @@ impl Tracker {
             }
         }
         self.tombstones.retain(|_, until| *until > now);
+    }
+
+    /// Ends the connections whose kernel flow-table entries are gone: no event since before the
+    /// collector's walk began, and none of the 4-tuples they were seen under left in the table
+    /// (`capture::gc::LiveFlows`). Their close can no longer be reported (the entry was deleted
+    /// with its interface, evicted by the LRU, or collected just as a SYN reused its 4-tuple),
+    /// so without this they would stay tracked until the idle timeout, an hour once decided.
+    /// They end as on a timeout: counted if never counted, bytes reported, the long tombstone.
+    /// Returns how many ended.
+    pub fn reconcile(
+        &mut self,
+        live: &LiveFlows,
+        now: Instant,
+        wall: SystemTime,
+        out: &mut Vec<Output>,
+    ) -> usize {
+        let gone: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.last_activity < live.since
+                    && !c.views.is_empty()
+                    && !c.views.iter().any(|v| live.contains(v))
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        let mut n = gone.len();
+        for key in gone {
+            self.finish(key, false, now, wall, out);
+        }
+        let since_ms = self.ms(live.since);
+        for dk in self
+            .decided
+            .gone(self.ms(now), since_ms, |f| live.contains(f))
+        {
+            if let Some((key, _)) = self.decided.finish(&dk, out) {
+                self.tombstone(key, false, now);
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Ends every connection (agent shutdown), so nothing seen goes uncounted.
@@ -943,6 +987,62 @@ mod tests {
         assert!(out.is_empty() && t.is_empty(), "{out:?}");
         t.sweep(now + Duration::from_secs(13), wall, &mut out);
         assert!(t.tombstones.is_empty());
+    }
+
+    #[test]
+    fn a_connection_whose_entry_went_without_a_close_is_ended_once() {
+        let mut t = Tracker::new(TrackerConfig::default());
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let mut out = Vec::new();
+        // A decided connection (both pods here) and one still undecided (a midstream server
+        // banner waits for more).
+        let decided = |ts| EventMeta {
+            local: [true, true],
+            ..meta(9, 1000, Some(5000), ts)
+        };
+        t.on_event(&data(decided(1), true, 1001, GET), now, wall, &mut out);
+        let other = FlowId {
+            lo: "198.18.0.20:5432".parse().unwrap(),
+            hi: "198.18.0.31:40001".parse().unwrap(),
+        };
+        let mid = EventMeta {
+            flow: other,
+            opener: Opener::Unknown,
+            isn: [None, None],
+            ..decided(1)
+        };
+        t.on_event(&Event::Bytes { meta: mid }, now, wall, &mut out);
+        assert_eq!((t.conns.len(), t.decided.len()), (1, 1));
+        out.clear();
+        let later = now + Duration::from_secs(5);
+        // Entries there: nothing ends.
+        let live = LiveFlows::of(later, &[flow(), other]);
+        assert_eq!(t.reconcile(&live, later, wall, &mut out), 0);
+        // Entries gone, but an event came after the walk began: nothing ends yet.
+        let live = LiveFlows::of(now, &[]);
+        assert_eq!(t.reconcile(&live, later, wall, &mut out), 0);
+        assert!(out.is_empty(), "{out:?}");
+        // Entries gone, no event since before the walk: both end.
+        let live = LiveFlows::of(later, &[]);
+        assert_eq!(t.reconcile(&live, later, wall, &mut out), 2);
+        assert!(t.is_empty());
+        let ended: Vec<_> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Ended {
+                    security, bytes, ..
+                } => Some((*security, *bytes)),
+                _ => None,
+            })
+            .collect();
+        assert!(ended.contains(&(Security::Plaintext, 900)), "{out:?}");
+        // Picked up mid-stream and never classified: counted as it was, unknown.
+        assert!(ended.contains(&(Security::Unknown, 900)), "{out:?}");
+        assert_eq!(ended.len(), 2, "{out:?}");
+        // Its close, should it still come (the collector's lost-close report): swallowed.
+        out.clear();
+        t.on_event(&Event::Closed { meta: decided(2) }, later, wall, &mut out);
+        assert!(out.is_empty() && t.is_empty(), "{out:?}");
     }
 
     fn recent(out: &[Output]) -> Vec<&ConnRecord> {

@@ -227,3 +227,99 @@ fn churn_of_200_interfaces_attaches_fast_and_leaks_nothing() -> Result<()> {
     assert!(agent.stop()?.success());
     tb.destroy()
 }
+
+/// Holds one connection: the server answers `pong` to the first bytes, then both ends keep the
+/// connection open and silent for a minute.
+const HOLD_SERVER_PY: &str = r#"
+import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(4)
+c, _ = s.accept(); c.recv(64); c.sendall(b"pong\n"); time.sleep(60)
+"#;
+const HOLD_CLIENT_PY: &str = r#"
+import socket, sys, time
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+c.sendall(b"ping\n"); c.recv(64); time.sleep(60)
+"#;
+
+/// A connection whose kernel flow-table entry goes without a close (here: its pod's interface is
+/// deleted mid-connection, so the collector frees the entry as `interface_gone`; an LRU eviction,
+/// or a collection racing a SYN that reuses a closed connection's 4-tuple, does the same) is not
+/// tracked for the hour of the idle timeout: the pass after the entry went, the agent ends it,
+/// counted once. A live, silent connection whose entry is there is never ended that way.
+#[test]
+fn a_connection_whose_entry_went_without_a_close_is_not_tracked_on() -> Result<()> {
+    ensure_root()?;
+    let bin = agent_bin()?;
+    let (tb, server, client, inv) = two_pod_bed("mtfgone")?;
+    // The host side: the entry records the client's host veth, whose deletion frees it.
+    let agent = Agent::start(
+        &tb,
+        &bin,
+        &inv,
+        &["vp*"],
+        &["--flow-gc-interval", "1s", "--attach-side", "host"],
+        2,
+    )?;
+    let _srv = tb.spawn(&server.netns, &["python3", "-c", HOLD_SERVER_PY, "7000"])?;
+    tb.wait_tcp_listening(&server.netns, server.v4(7000), Duration::from_secs(10))?;
+    let _cli = tb.spawn(
+        &client.netns,
+        &[
+            "python3",
+            "-c",
+            HOLD_CLIENT_PY,
+            &server.ipv4.to_string(),
+            "7000",
+        ],
+    )?;
+    let val = |m: &str, name: &str| metric_value(m, name, &[]).unwrap_or(0.0);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let m = loop {
+        let m = agent.metrics(&tb)?;
+        // The gauge follows the counters within a tick.
+        if conns(&m, "shop", "web", "inbound", "plaintext") == 1.0
+            && val(&m, "mtls_agent_flows_tracked") == 1.0
+        {
+            break m;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "not classified and tracked\n{m}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(val(&m, "mtls_agent_flows_ended_unseen_total"), 0.0, "{m}");
+    // Silent but alive for several collections: its entry is there, it stays tracked.
+    std::thread::sleep(Duration::from_secs(4));
+    let m = agent.metrics(&tb)?;
+    assert_eq!(val(&m, "mtls_agent_flows_tracked"), 1.0, "{m}");
+    assert_eq!(val(&m, "mtls_agent_flows_ended_unseen_total"), 0.0, "{m}");
+
+    tb.run(tb.node_netns(), &["ip", "link", "del", &client.host_if])?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let m = loop {
+        let m = agent.metrics(&tb)?;
+        if val(&m, "mtls_agent_flows_tracked") == 0.0 {
+            break m;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "still tracked 15 s after its entry went\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let gone = metric_value(
+        &m,
+        "mtls_agent_flow_table_gc_total",
+        &[("reason", "interface_gone")],
+    );
+    assert_eq!(gone, Some(1.0), "{m}");
+    assert_eq!(val(&m, "mtls_agent_flows_ended_unseen_total"), 1.0, "{m}");
+    // Counted once, on each side, as before it ended.
+    assert_eq!(conns(&m, "shop", "web", "inbound", "plaintext"), 1.0, "{m}");
+    assert_eq!(
+        conns(&m, "legacy", "batch", "outbound", "plaintext"),
+        1.0,
+        "{m}"
+    );
+    assert!(agent.stop()?.success());
+    tb.destroy()
+}

@@ -32,6 +32,8 @@ struct Sample {
     /// Entries at the last garbage-collection pass.
     entries: f64,
     table_full: f64,
+    /// Connections ended because their entry went without a close (`flows_ended_unseen`).
+    unseen: f64,
     scrape: Duration,
 }
 
@@ -80,6 +82,26 @@ fn soak_mixed_traffic_keeps_memory_and_fds_flat() -> Result<()> {
         &ledger.netns,
         &TlsServer::new(9443, &ledger_cert, pki.ca_cert()),
     )?;
+    // A busy node's clients reuse 4-tuples within seconds: a narrow ephemeral range with
+    // TIME_WAIT reuse makes each port come back every half minute or so, while the closed
+    // connection's flow-table entry is still there (collected every 60 s).
+    for ns in [
+        worker.netns.as_str(),
+        web.netns.as_str(),
+        batch.netns.as_str(),
+        tb.node_netns(),
+    ] {
+        tb.run(
+            ns,
+            &[
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv4.ip_local_port_range=40000 40199",
+                "net.ipv4.tcp_tw_reuse=1",
+            ],
+        )?;
+    }
     let agent = Agent::start(&tb, &bin, &inv, &["vp*"], &[], 5)?;
     let pid = agent.proc().pid();
 
@@ -153,6 +175,8 @@ fn soak_mixed_traffic_keeps_memory_and_fds_flat() -> Result<()> {
                         &[("reason", "flow_table_full")],
                     )
                     .unwrap_or(0.0),
+                    unseen: metric_value(&m, "mtls_agent_flows_ended_unseen_total", &[])
+                        .unwrap_or(0.0),
                     scrape,
                 });
             }
@@ -162,15 +186,31 @@ fn soak_mixed_traffic_keeps_memory_and_fds_flat() -> Result<()> {
         result
     })?;
 
+    // Nothing stays tracked once the traffic stops: every connection ends at its close, or at
+    // the latest after the collector's next pass if its entry went without one (60 s).
+    let quiet = Instant::now();
+    let drained = loop {
+        let m = agent.metrics(&tb)?;
+        let tracked = metric_value(&m, "mtls_agent_flows_tracked", &[]).unwrap_or(f64::MAX);
+        if tracked == 0.0 {
+            break quiet.elapsed();
+        }
+        assert!(
+            quiet.elapsed() < Duration::from_secs(150),
+            "{tracked} connections still tracked 150 s after the traffic stopped"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+
     let mut md = String::new();
     writeln!(
         md,
-        "| t (s) | RSS (KiB) | fds | inbound mtls | tls | plaintext | unknown | tracked | events lost | inbound total | flow-table entries | flow_table_full | /metrics |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| t (s) | RSS (KiB) | fds | inbound mtls | tls | plaintext | unknown | tracked | events lost | inbound total | flow-table entries | flow_table_full | ended unseen | /metrics |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )?;
     for s in &samples {
         writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} ms |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} ms |",
             s.at.as_secs(),
             s.rss_kib,
             s.fds,
@@ -183,18 +223,24 @@ fn soak_mixed_traffic_keeps_memory_and_fds_flat() -> Result<()> {
             s.conns,
             s.entries,
             s.table_full,
+            s.unseen,
             s.scrape.as_secs_f64() * 1000.0
         )?;
     }
     let errs = errors.load(Ordering::Relaxed);
-    eprintln!("soak: {secs} s, client errors {errs}\n{md}");
+    eprintln!(
+        "soak: {secs} s, client errors {errs}; no connection tracked {:.1} s after the traffic stopped\n{md}",
+        drained.as_secs_f64()
+    );
     let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/soak-samples.md");
     std::fs::write(&target, &md)?;
     if let Some(out) = std::env::var_os("MTLS_SOAK_OUT") {
         let doc = format!(
             "# Soak run\n\n`cargo xtask soak --minutes {}` ({}) on {} (kernel {}): mixed traffic (Istio mTLS \
              worker→api, one-way TLS web→ledger, plaintext batch→web, probes node→web), sampled every \
-             {} s. Client errors: {errs}.\n\n{md}",
+             {} s; client ports 40000-40199 with TIME_WAIT reuse, so 4-tuples come back within \
+             seconds. Client errors: {errs}. No connection was tracked any more {:.1} s after the \
+             traffic stopped.\n\n{md}",
             secs / 60,
             std::env::var("MTLS_SOAK_REV")
                 .map(|r| format!("agent built from commit {r}"))
@@ -205,7 +251,8 @@ fn soak_mixed_traffic_keeps_memory_and_fds_flat() -> Result<()> {
             std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .unwrap_or_default()
                 .trim(),
-            every.as_secs()
+            every.as_secs(),
+            drained.as_secs_f64()
         );
         std::fs::write(out, doc)?;
     }

@@ -18,6 +18,15 @@ pub struct FlowId {
 }
 
 impl FlowId {
+    /// The canonical pair of two endpoints, in either order.
+    pub fn new(a: SocketAddr, b: SocketAddr) -> Self {
+        if (a.ip(), a.port()) <= (b.ip(), b.port()) {
+            Self { lo: a, hi: b }
+        } else {
+            Self { lo: b, hi: a }
+        }
+    }
+
     pub fn from_key(key: &FlowKey) -> Self {
         let ip = |raw: [u8; 16]| -> IpAddr {
             if key.family == FAMILY_V4 {

@@ -6,7 +6,7 @@
 //! once nothing can be in flight for them: closed connections idle for a second, entries of
 //! interfaces that were deleted (a pod went away mid-connection; the entry holds the ifindex of
 //! the hook that created it), and connection attempts nobody answered. A closed connection whose
-//! closed event found the ring buffer full is handed to the daemon loop ([`GcShared::unreported`])
+//! closed event found the ring buffer full is handed to the daemon loop ([`Collected::unreported`])
 //! so that it is still counted, once, as `unknown` with evidence `events_lost`. Left alone, a busy node would fill the table with
 //! them, the LRU would start evicting, and `flow_table_full` would report pressure that costs
 //! nothing. What the LRU evicts despite this is real pressure.
@@ -15,20 +15,22 @@
 //! the ring-buffer reader. While the table is more than half full it walks it more often.
 use std::{
     collections::BTreeSet,
+    hash::BuildHasher as _,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use aya::maps::{HashMap, MapData};
+use hashbrown::{DefaultHashBuilder, HashSet};
 use mtls_agent_common::{
     CLIENT_UNKNOWN, FLOW_CLOSED_SENT, FLOW_ISN_HI, FLOW_ISN_LO, FlowKey, FlowState, flow_ended,
 };
 use tracing::{debug, warn};
 
-use crate::export::metrics::Metrics;
+use crate::{capture::events::FlowId, export::metrics::Metrics};
 
 /// A handshake not completed after this long never will be: Linux gives up on a SYN after about
 /// 127 s (6 retries), and on a SYN-ACK sooner.
@@ -102,9 +104,62 @@ pub struct GcShared {
     pub attached: Arc<Mutex<BTreeSet<u32>>>,
     /// Entries deleted so far, for the eviction estimate (`flow_table_full`).
     pub deleted: Arc<AtomicU64>,
-    /// Closed connections whose closed event was lost, for the daemon loop to count.
-    pub unreported: Arc<Mutex<Vec<(FlowKey, FlowState)>>>,
+    /// What the last passes found for the daemon loop: closed connections whose closed event
+    /// was lost, and the entries left. One lock for both, so the loop never sees a pass's
+    /// entries before the closes it found.
+    pub collected: Arc<Mutex<Collected>>,
     stop: Arc<AtomicBool>,
+}
+
+/// What the collector hands to the daemon loop; taken with [`std::mem::take`].
+#[derive(Default)]
+pub struct Collected {
+    /// Closed connections whose closed event was lost, to be counted.
+    pub unreported: Vec<(FlowKey, FlowState)>,
+    /// The entries the newest pass left in the table.
+    pub live: Option<LiveFlows>,
+}
+
+/// The connections that have an entry in the flow table, as one pass saw them, and when its walk
+/// began. The agent ends a connection it tracks whose entry is not there and that had no event
+/// since before the walk (`flows::Tracker::reconcile`): its close can no longer be seen. Entries
+/// go without a close when an interface is deleted mid-connection, when the LRU evicts, or when
+/// a pass deletes a closed entry just as a SYN reuses its 4-tuple for a new connection.
+/// Held as 8-byte hashes (a collision keeps a connection tracked, never ends one early): the
+/// set of a full 262,144-entry table is about 2 MiB.
+pub struct LiveFlows {
+    pub since: Instant,
+    hasher: DefaultHashBuilder,
+    flows: HashSet<u64>,
+}
+
+impl LiveFlows {
+    fn new(since: Instant) -> Self {
+        Self {
+            since,
+            hasher: DefaultHashBuilder::default(),
+            flows: HashSet::new(),
+        }
+    }
+
+    fn hash(&self, flow: &FlowId) -> u64 {
+        self.hasher.hash_one(flow)
+    }
+
+    /// Whether `flow` had an entry when the pass ended.
+    pub fn contains(&self, flow: &FlowId) -> bool {
+        self.flows.contains(&self.hash(flow))
+    }
+
+    /// A set with exactly these flows (for tests).
+    #[cfg(test)]
+    pub fn of(since: Instant, flows: &[FlowId]) -> Self {
+        let mut l = Self::new(since);
+        for f in flows {
+            l.flows.insert(l.hash(f));
+        }
+        l
+    }
 }
 
 impl GcShared {
@@ -120,11 +175,13 @@ pub fn pass(
     metrics: &Metrics,
 ) -> usize {
     let now = monotonic_ns();
+    let mut live = LiveFlows::new(Instant::now());
     let mut entries = 0usize;
     let mut candidates = Vec::new();
     for item in map.iter() {
         let Ok((key, st)) = item else { continue };
         entries += 1;
+        live.flows.insert(live.hash(&FlowId::from_key(&key)));
         candidates.push((key, st));
     }
     // The attached set is read after the walk: an interface attached meanwhile is in it, so its
@@ -135,18 +192,30 @@ pub fn pass(
         .unwrap_or_else(|p| p.into_inner())
         .clone();
     let mut deleted = 0usize;
+    let mut unreported = Vec::new();
     for (key, st) in candidates {
         let Some(why) = garbage(&st, &attached, now) else {
             continue;
         };
+        // The walk's copy may be stale: a SYN that reuses the 4-tuple of a closed connection
+        // starts a fresh entry under the same key (flow.rs `is_reusable`), and deleting that
+        // would lose the new connection's close. Look again right before deleting; the window
+        // left is two syscalls wide instead of the whole walk, and the tracker's reconciliation
+        // covers what still slips through.
+        let st = match map.get(&key, 0) {
+            Ok(cur)
+                if cur.first_seen_ns == st.first_seen_ns
+                    && garbage(&cur, &attached, monotonic_ns()) == Some(why) =>
+            {
+                cur
+            }
+            _ => continue,
+        };
         match map.remove(&key) {
             Ok(()) => {
+                live.flows.remove(&live.hash(&FlowId::from_key(&key)));
                 if why == Garbage::Unreported {
-                    shared
-                        .unreported
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push((key, st));
+                    unreported.push((key, st));
                 }
                 deleted += 1;
                 metrics
@@ -158,6 +227,11 @@ pub fn pass(
             // Evicted or closed meanwhile.
             Err(e) => debug!(error = %e, "flow entry already gone"),
         }
+    }
+    {
+        let mut c = shared.collected.lock().unwrap_or_else(|p| p.into_inner());
+        c.unreported.append(&mut unreported);
+        c.live = Some(live);
     }
     let left = entries - deleted;
     metrics.flow_table_entries.set(left as i64);

@@ -51,6 +51,7 @@ pub struct Metrics {
     pub events: IntCounter,
     pub decode_errors: IntCounter,
     pub flows_tracked: IntGauge,
+    pub flows_ended_unseen: IntCounter,
     pub interfaces_attached: IntGauge,
     pub attach_failures: IntCounter,
     /// Selected interfaces the TC programs cannot read, by reason (capture/attach.rs).
@@ -276,6 +277,11 @@ impl Metrics {
             "mtls_agent_flows_tracked",
             "Connections currently tracked by the agent.",
         );
+        let flows_ended_unseen = counter(
+            &r,
+            "mtls_agent_flows_ended_unseen_total",
+            "Tracked connections ended because their kernel flow-table entry went without a close.",
+        );
         let interfaces_attached = gauge(
             &r,
             "mtls_agent_interfaces_attached",
@@ -393,6 +399,7 @@ impl Metrics {
             events,
             decode_errors,
             flows_tracked,
+            flows_ended_unseen,
             interfaces_attached,
             attach_failures,
             interfaces_unsupported,

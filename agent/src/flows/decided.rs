@@ -282,6 +282,27 @@ impl DecidedTable {
             .collect()
     }
 
+    /// Connections without an event since `since_ms` whose 4-tuple naming the server (which
+    /// every decided connection was seen under) `live` says has no entry any more.
+    pub fn gone(
+        &self,
+        now_ms: u32,
+        since_ms: u32,
+        live: impl Fn(&FlowId) -> bool,
+    ) -> Vec<DecidedKey> {
+        let before = now_ms.wrapping_sub(since_ms);
+        self.map
+            .iter()
+            .filter(|(dk, d)| {
+                now_ms.wrapping_sub(d.last_ms) > before && {
+                    let (client, server, _) = self.endpoints(dk, d);
+                    !live(&FlowId::new(client, server))
+                }
+            })
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
     pub fn keys(&self) -> Vec<DecidedKey> {
         self.map.keys().copied().collect()
     }
