@@ -33,9 +33,44 @@ use crate::{
 const BATCH: usize = 4096;
 /// Pause after draining the ring buffer (see the reader loop): bounds wake-ups under load.
 const RING_COALESCE: Duration = Duration::from_millis(2);
+/// The pause grows to this while wake-ups find few records.
+const RING_COALESCE_MAX: Duration = Duration::from_millis(20);
+/// A wake-up that finds fewer records than this doubles the pause; one that finds more sets it
+/// back to [`RING_COALESCE`].
+const RING_FEW: usize = 64;
 const TICK: Duration = Duration::from_millis(250);
 /// Rescan interfaces now and then even without a netlink notification (lost notifications).
 const RESCAN: Duration = Duration::from_secs(5);
+
+/// Reads up to `limit` ring-buffer records into the tracker; returns how many it read.
+fn read_ring(
+    rb: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    limit: usize,
+    tracker: &mut Tracker,
+    metrics: &Metrics,
+    out: &mut Vec<Output>,
+) -> usize {
+    let now = Instant::now();
+    let wall = SystemTime::now();
+    let mut n = 0;
+    while n < limit {
+        let Some(item) = rb.next() else { break };
+        n += 1;
+        metrics.events.inc();
+        match events::decode(&item) {
+            Ok(ev) => tracker.on_event(&ev, now, wall, out),
+            Err(e) => {
+                metrics.decode_errors.inc();
+                metrics
+                    .events_lost
+                    .with_label_values(&["decode_error"])
+                    .inc();
+                debug!(error = %e, "undecodable ring-buffer record");
+            }
+        }
+    }
+    n
+}
 
 fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -209,6 +244,7 @@ pub async fn daemon(
         ..TrackerConfig::default()
     });
     let mut out = Vec::new();
+    let mut pause = RING_COALESCE;
     let mut tick = tokio::time::interval(TICK);
     let mut last_rescan = Instant::now();
     let mut last_expire = Instant::now();
@@ -224,23 +260,8 @@ pub async fn daemon(
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting on the ring buffer")?;
-                let rb = guard.get_inner_mut();
-                let now = Instant::now();
-                let wall = SystemTime::now();
-                let mut n = 0;
-                while n < BATCH {
-                    let Some(item) = rb.next() else { break };
-                    n += 1;
-                    metrics.events.inc();
-                    match events::decode(&item) {
-                        Ok(ev) => tracker.on_event(&ev, now, wall, &mut out),
-                        Err(e) => {
-                            metrics.decode_errors.inc();
-                            metrics.events_lost.with_label_values(&["decode_error"]).inc();
-                            tracing::debug!(error = %e, "undecodable ring-buffer record");
-                        }
-                    }
-                }
+                let n = read_ring(guard.get_inner_mut(), BATCH, &mut tracker, &metrics, &mut out);
+                metrics.flows_tracked.set(tracker.len() as i64);
                 let drained = n < BATCH;
                 if drained {
                     guard.clear_ready();
@@ -250,10 +271,19 @@ pub async fn daemon(
                 // Let records pile up a little before the next wake-up. The kernel wakes the
                 // reader only for the first record after it caught up, so this bounds wake-ups
                 // (each costs a self-IPI in the kernel and a scheduler round trip here) to a few
-                // hundred per second at any event rate, instead of one per event. Classification
-                // is delayed by at most this much; the ring buffer holds far more than that.
+                // hundred per second at any event rate, instead of one per event. At a few
+                // hundred connections per second a wake-up still found only a handful of
+                // records, and the wake-ups were most of the agent's CPU (BENCHMARKS.md, TLS
+                // churn: `finish_task_switch` the top symbol), so while wake-ups find few records
+                // the pause doubles, up to 20 ms, and a busy one sets it back. Classification
+                // is delayed by at most the pause; the ring buffer holds far more than that.
                 if drained {
-                    tokio::time::sleep(RING_COALESCE).await;
+                    pause = if n >= RING_FEW {
+                        RING_COALESCE
+                    } else {
+                        (pause * 2).min(RING_COALESCE_MAX)
+                    };
+                    tokio::time::sleep(pause).await;
                 }
             }
             changed = async { links.as_mut().expect("guarded").changed().await }, if links.is_some() => {
@@ -274,6 +304,9 @@ pub async fn daemon(
                 pending_attach = if left < pending_attach { left } else { 0 };
             }
             _ = tick.tick() => {
+                // What arrived during the reader's pause first: the state this tick sweeps and
+                // exports (`flows_tracked`) includes every record already in the ring.
+                while read_ring(ring.get_mut(), BATCH, &mut tracker, &metrics, &mut out) == BATCH {}
                 let collected = std::mem::take(
                     &mut *gc_shared.collected.lock().unwrap_or_else(|p| p.into_inner()),
                 );

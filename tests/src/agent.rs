@@ -224,12 +224,20 @@ impl Agent {
     /// counted), so counts can be compared exactly.
     pub fn settle(&self, tb: &Testbed, timeout: Duration) -> Result<String> {
         let deadline = Instant::now() + timeout;
+        let mut read_before = None;
         loop {
             self.proc.ensure_running()?;
             let m = self.metrics(tb)?;
-            if metric_value(&m, "mtls_agent_flows_tracked", &[]) == Some(0.0) {
+            // Nothing tracked, and no ring-buffer record read since the last look (the reader
+            // pauses up to 20 ms between reads): what is in the ring is counted too.
+            let read = metric_value(&m, "mtls_agent_events_total", &[]);
+            if metric_value(&m, "mtls_agent_flows_tracked", &[]) == Some(0.0)
+                && read.is_some()
+                && read == read_before
+            {
                 return Ok(m);
             }
+            read_before = read;
             if Instant::now() > deadline {
                 bail!("connections still tracked after {timeout:?}");
             }
