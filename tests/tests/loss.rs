@@ -18,12 +18,14 @@ use serde_json::Value;
 const ISTIO_ALPN: &str = "istio-peer-exchange,istio";
 /// Connections per class.
 const PER_CLASS: usize = 50;
+/// Clients at a time (a multiple of 3: each worker makes connections of one class).
+const WORKERS: usize = 15;
 /// Drop probability at each of the four places (client out, client in, server out, server in).
 const LOSS: &str = "0.1";
-/// `openssl s_server` serves one connection at a time: three of each TLS class, so the
-/// retransmission waits of one connection do not hold up the others.
-const MTLS_PORTS: [u16; 3] = [8443, 8444, 8445];
-const TLS_PORTS: [u16; 3] = [9443, 9444, 9445];
+/// `openssl s_server` serves one connection at a time: five of each TLS class, one per client
+/// worker of that class, so the retransmission waits of one connection do not hold up others.
+const MTLS_PORTS: [u16; 5] = [8443, 8444, 8445, 8446, 8447];
+const TLS_PORTS: [u16; 5] = [9443, 9444, 9445, 9446, 9447];
 const HTTP_PORT: u16 = 8080;
 
 /// The class every connection to `port` has.
@@ -210,21 +212,22 @@ fn verdicts_survive_loss_retransmissions_and_reordering() -> Result<()> {
         let map = if ok { &mut m.completed } else { &mut m.failed };
         *map.entry(class).or_default() += 1;
     };
-    // Ten clients at a time; each connection waits out its own retransmissions.
+    // Fifteen clients at a time, five per class; each connection waits out its own
+    // retransmissions.
     std::thread::scope(|s| {
-        for worker in 0..10 {
+        for worker in 0..WORKERS {
             let (tb, client, note, client_for) = (&tb, &client, &note, &client_for);
             let url = http_url(server.v4(HTTP_PORT));
             s.spawn(move || {
-                for i in (worker..PER_CLASS * 3).step_by(10) {
+                for i in (worker..PER_CLASS * 3).step_by(WORKERS) {
                     let k = i / 3;
                     match i % 3 {
                         0 => {
-                            let c = client_for(MTLS_PORTS[k % 3]);
+                            let c = client_for(MTLS_PORTS[k % MTLS_PORTS.len()]);
                             note("mtls", openssl_client(tb, &client.netns, &c).is_ok());
                         }
                         1 => {
-                            let c = client_for(TLS_PORTS[k % 3]);
+                            let c = client_for(TLS_PORTS[k % TLS_PORTS.len()]);
                             note("tls", openssl_client(tb, &client.netns, &c).is_ok());
                         }
                         _ => note(
