@@ -860,7 +860,8 @@ mod tests {
             "{out:?}"
         );
         assert!(t.is_empty());
-        // A late event of the ended connection lands on the tombstone.
+        // A late event of the ended connection lands on the tombstone: a second closed event
+        // too (two CPUs can both send it, ebpf/src/flow.rs `close`).
         out.clear();
         t.on_event(
             &Event::Closed {
@@ -1469,7 +1470,7 @@ mod tests {
                 st.dir[d].hi = st.dir[d].hi.max(end);
             }
             if flags & TCP_FIN != 0 {
-                st.flags |= if d == 0 { FLOW_FIN_LO } else { FLOW_FIN_HI };
+                st.ends |= if d == 0 { ENDS_FIN_LO } else { ENDS_FIN_HI };
             }
             newly
         }

@@ -81,7 +81,9 @@ pub const CLIENT_UNKNOWN: u8 = 0;
 pub const CLIENT_LO: u8 = 1;
 pub const CLIENT_HI: u8 = 2;
 
-/// Bits of [`FlowState::flags`].
+/// Bits of [`FlowState::flags`] (and of [`EventHeader::flags`]). The close bits
+/// (`FLOW_FIN_*`, [`FLOW_RST`], [`FLOW_CLOSED_SENT`]) are kept in [`FlowState::ends`] by the
+/// program and read through [`FlowState::all_flags`]; events carry them in `flags` as before.
 pub const FLOW_FIN_LO: u8 = 1 << 0;
 pub const FLOW_FIN_HI: u8 = 1 << 1;
 pub const FLOW_RST: u8 = 1 << 2;
@@ -137,14 +139,15 @@ pub fn proves_one_way(st: &FlowState, dir: u8, flags: u8, ack: u32) -> bool {
     let peer = own ^ 1;
     let isn_bit = |d: usize| if d == 0 { FLOW_ISN_LO } else { FLOW_ISN_HI };
     let fin_bit = |d: usize| if d == 0 { FLOW_FIN_LO } else { FLOW_FIN_HI };
-    if st.flags & isn_bit(peer) == 0 {
-        return st.flags & isn_bit(own) != 0 && flags & TCP_RST == 0;
+    let st_flags = st.all_flags();
+    if st_flags & isn_bit(peer) == 0 {
+        return st_flags & isn_bit(own) != 0 && flags & TCP_RST == 0;
     }
     // Offset just past the peer's last acknowledged byte, and past what was seen of it.
     let acked = ack.wrapping_sub(st.isn[peer]).wrapping_sub(1);
     let seen = st.dir[peer]
         .hi
-        .wrapping_add((st.flags & fin_bit(peer) != 0) as u32);
+        .wrapping_add((st_flags & fin_bit(peer) != 0) as u32);
     (acked.wrapping_sub(seen) as i32) > 0
 }
 
@@ -233,6 +236,51 @@ pub struct FlowState {
     pub flags: u8,
     pub flags2: u8,
     pub _pad: u8,
+    /// How the connection ends, one byte per fact (`ENDS_*`), changed only by atomic adds.
+    ///
+    /// Why not bits of `flags`: the client's FIN (on one hook) and the server's FIN (on the
+    /// other) are often handled at the same moment on two CPUs, and `flags |= bit` is a load and
+    /// a store: one FIN overwrote the other, and the connection never closed (1 in ~4,000
+    /// node-to-pod probes on the pods' ends). Atomic adds to one word are ordered: whichever
+    /// CPU adds second reads both FINs. Atomic add (`BPF_XADD`) is what every supported kernel
+    /// has; atomic OR needs 5.12. A byte is only added to while it reads zero, so it stays
+    /// tiny (at most the number of CPUs racing on the same fact).
+    pub ends: u32,
+    pub _pad2: u32,
+}
+
+/// Bytes of [`FlowState::ends`]: a FIN seen in each direction, an RST, and the closed event
+/// claimed (sent, or being sent).
+pub const ENDS_FIN_LO: u32 = 1;
+pub const ENDS_FIN_HI: u32 = 1 << 8;
+pub const ENDS_RST: u32 = 1 << 16;
+pub const ENDS_CLOSED: u32 = 1 << 24;
+
+/// The `FLOW_*` close bits that an [`FlowState::ends`] word says.
+#[inline(always)]
+pub const fn ends_flags(ends: u32) -> u8 {
+    let mut f = 0;
+    if ends & 0xff != 0 {
+        f |= FLOW_FIN_LO;
+    }
+    if ends & 0xff00 != 0 {
+        f |= FLOW_FIN_HI;
+    }
+    if ends & 0xff_0000 != 0 {
+        f |= FLOW_RST;
+    }
+    if ends & 0xff00_0000 != 0 {
+        f |= FLOW_CLOSED_SENT;
+    }
+    f
+}
+
+impl FlowState {
+    /// `flags` with the close bits of [`FlowState::ends`].
+    #[inline(always)]
+    pub const fn all_flags(&self) -> u8 {
+        self.flags | ends_flags(self.ends)
+    }
 }
 
 /// Kinds of ring-buffer events ([`EventHeader::kind`]).
@@ -341,8 +389,36 @@ mod tests {
     fn layouts_are_stable() {
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<DirState>(), 32);
-        assert_eq!(size_of::<FlowState>(), 96);
+        assert_eq!(size_of::<FlowState>(), 104);
         assert_eq!(size_of::<EventHeader>(), 96);
         assert_eq!(size_of::<DataEvent>(), 96 + CHUNK_BYTES);
+    }
+
+    /// Each fact of `ends` is a byte that may have been added to by more than one CPU.
+    #[test]
+    fn ends_say_the_close_bits() {
+        assert_eq!(ends_flags(0), 0);
+        assert_eq!(ends_flags(ENDS_FIN_LO), FLOW_FIN_LO);
+        assert_eq!(ends_flags(2 * ENDS_FIN_HI), FLOW_FIN_HI);
+        assert_eq!(ends_flags(ENDS_RST), FLOW_RST);
+        let both = ENDS_FIN_LO + 2 * ENDS_FIN_HI + ENDS_CLOSED;
+        assert_eq!(
+            ends_flags(both),
+            FLOW_FIN_LO | FLOW_FIN_HI | FLOW_CLOSED_SENT
+        );
+        assert!(flow_ended(ends_flags(ENDS_FIN_LO + ENDS_FIN_HI), 0));
+        assert!(!flow_ended(ends_flags(2 * ENDS_FIN_LO), 0));
+        // Two claims of the closed event, one given back after a full ring: still claimed.
+        let given_back = (both + ENDS_CLOSED).wrapping_add(ENDS_CLOSED.wrapping_neg());
+        assert_eq!(given_back, both);
+        // The last claim given back: the sweep sees it unreported.
+        let none = both.wrapping_add(ENDS_CLOSED.wrapping_neg());
+        assert_eq!(ends_flags(none) & FLOW_CLOSED_SENT, 0);
+        let st = FlowState {
+            flags: FLOW_ISN_LO,
+            ends: ENDS_RST,
+            ..FlowState::default()
+        };
+        assert_eq!(st.all_flags(), FLOW_ISN_LO | FLOW_RST);
     }
 }

@@ -3,13 +3,15 @@
 //! connection and the ISNs (SYN, SYN-ACK), which endpoints live behind the hooks that saw it
 //! (`FLOW_LOCAL_*`), the payload bytes per direction (from sequence numbers, so a packet seen on
 //! two veths or retransmitted counts once), and the close.
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use aya_log_ebpf::debug;
 use mtls_agent_common::{
     BYTES_EVENT_SHIFT, CAP_DONE, CAP_MID, CLIENT_HI, CLIENT_LO, CLIENT_UNKNOWN, DIR_LO_TO_HI,
-    EVENT_BYTES, EVENT_CLOSED, EVENT_ONE_WAY, EventHeader, FLOW_CLOSED_SENT, FLOW_FIN_HI,
-    FLOW_FIN_LO, FLOW_ISN_HI, FLOW_ISN_LO, FLOW_LOCAL_HI, FLOW_LOCAL_LO, FLOW_RST, FLOW2_LOST,
-    FLOW2_ONE_WAY, FlowState, flow_ended, proves_one_way, stats,
+    ENDS_CLOSED, ENDS_FIN_HI, ENDS_FIN_LO, ENDS_RST, EVENT_BYTES, EVENT_CLOSED, EVENT_ONE_WAY,
+    EventHeader, FLOW_ISN_HI, FLOW_ISN_LO, FLOW_LOCAL_HI, FLOW_LOCAL_LO, FLOW2_LOST, FLOW2_ONE_WAY,
+    FlowState, ends_flags, flow_ended, proves_one_way, stats,
 };
 
 use crate::{
@@ -63,15 +65,31 @@ pub fn entry(ctx: &TcContext, pkt: &Packet, ingress: bool) -> Result<*mut FlowSt
 
 #[inline(always)]
 fn is_reusable(st: &FlowState) -> bool {
-    st.flags & (FLOW_CLOSED_SENT | FLOW_FIN_LO | FLOW_FIN_HI | FLOW_RST) != 0
-        || st.dir[0].hi != 0
-        || st.dir[1].hi != 0
+    ends_now(st) != 0 || st.dir[0].hi != 0 || st.dir[1].hi != 0
 }
 
-/// `FLOW_FIN_*` bit of a direction.
+/// Adds `v` to the entry's `ends` word ([`FlowState::ends`]) atomically. The result is unused
+/// on purpose: that compiles to `BPF_XADD` (`lock add`), which every supported kernel verifies;
+/// a fetching add needs Linux 5.12.
 #[inline(always)]
-fn fin_bit(d: usize) -> u8 {
-    if d == 0 { FLOW_FIN_LO } else { FLOW_FIN_HI }
+fn add_ends(st: &mut FlowState, v: u32) {
+    // SAFETY: the field is a valid, aligned u32 for the program's run.
+    unsafe {
+        atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(&mut st.ends, v);
+    }
+}
+
+/// The entry's `ends` word as it is now (a volatile read: other CPUs add to it).
+#[inline(always)]
+pub fn ends_now(st: &FlowState) -> u32 {
+    // SAFETY: a valid, aligned u32 for the program's run.
+    unsafe { core::ptr::read_volatile(&st.ends) }
+}
+
+/// The `ENDS_*` byte of a direction's FIN.
+#[inline(always)]
+fn fin_fact(d: usize) -> u32 {
+    if d == 0 { ENDS_FIN_LO } else { ENDS_FIN_HI }
 }
 
 /// Marks the connection seen in one direction only ([`FLOW2_ONE_WAY`]) when this packet proves
@@ -183,25 +201,37 @@ pub fn account(ctx: &TcContext, pkt: &Packet, st: &mut FlowState, d: usize, off:
 }
 
 /// FIN from both sides or an RST (or one FIN of a connection seen in one direction only): the
-/// closed event, once per entry.
+/// closed event. The facts go into [`FlowState::ends`] by atomic adds, so two FINs handled at
+/// once on two CPUs are both kept, and whichever CPU adds last sees the connection ended.
+/// Without a fetching add (Linux 5.12) two CPUs can both claim the event in the same instant;
+/// the agent takes the second closed event of a connection as a no-op.
 #[inline(always)]
 pub fn close(ctx: &TcContext, pkt: &Packet, st: &mut FlowState) {
-    if pkt.flags & TCP_RST != 0 {
-        st.flags |= FLOW_RST;
+    let fact = if pkt.flags & TCP_RST != 0 {
+        ENDS_RST
     } else if pkt.flags & TCP_FIN != 0 {
-        st.flags |= fin_bit(pkt.dir as usize & 1);
+        fin_fact(pkt.dir as usize & 1)
     } else {
         return;
+    };
+    let mut now = ends_now(st);
+    // A byte is added to only while it reads zero (a retransmitted FIN, or the same FIN on the
+    // second veth of a same-node connection, adds nothing), so it cannot overflow.
+    if now & (fact * 0xff) == 0 {
+        add_ends(st, fact);
+        // After our own add, in the word's order of changes: at least as new as it.
+        now = ends_now(st);
     }
-    if st.flags & FLOW_CLOSED_SENT == 0 && flow_ended(st.flags, st.flags2) {
-        st.flags |= FLOW_CLOSED_SENT;
-        st.last_seen_ns = unsafe { bpf_ktime_get_ns() };
-        send_header(ctx, pkt, st, EVENT_CLOSED);
-        // The entry is not deleted here: an LRU map hands a deleted element to the next insert
-        // at once, while another CPU may still be writing through its pointer to it (a late
-        // packet of this flow), corrupting a new flow. The agent deletes closed entries once
-        // they have been idle for a second (capture/gc.rs).
+    if now & (ENDS_CLOSED * 0xff) != 0 || !flow_ended(ends_flags(now), st.flags2) {
+        return;
     }
+    add_ends(st, ENDS_CLOSED);
+    st.last_seen_ns = unsafe { bpf_ktime_get_ns() };
+    send_header(ctx, pkt, st, EVENT_CLOSED);
+    // The entry is not deleted here: an LRU map hands a deleted element to the next insert at
+    // once, while another CPU may still be writing through its pointer to it (a late packet of
+    // this flow), corrupting a new flow. The agent deletes closed entries once they have been
+    // idle for a second (capture/gc.rs).
 }
 
 /// Fills the header of an event about this flow.
@@ -217,7 +247,7 @@ pub fn fill_header(
     h.kind = kind;
     h.dir = pkt.dir;
     h.client = st.client;
-    h.flags = st.flags;
+    h.flags = st.flags | ends_flags(ends_now(st));
     h.flags2 = st.flags2;
     h._pad = 0;
     h.data_len = 0;
@@ -243,8 +273,9 @@ fn send_header(ctx: &TcContext, pkt: &Packet, st: &mut FlowState, kind: u8) {
         count(stats::RINGBUF_FULL);
         st.flags2 |= FLOW2_LOST;
         if kind == EVENT_CLOSED {
-            // Not reported: the agent's sweep finds the closed entry and counts it.
-            st.flags &= !FLOW_CLOSED_SENT;
+            // Not reported: give the claim back, so the agent's sweep finds the closed entry
+            // and counts it.
+            add_ends(st, ENDS_CLOSED.wrapping_neg());
         }
         return;
     };

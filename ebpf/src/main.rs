@@ -12,6 +12,9 @@
 //! (`TCX_NEXT`): the packet continues unchanged to the next program and the stack.
 #![no_std]
 #![no_main]
+// Atomic add on a flow-table word (flow.rs `add_ends`): core has no atomic types for BPF.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod capture;
 mod flow;

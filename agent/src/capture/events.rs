@@ -121,7 +121,7 @@ impl EventMeta {
             Header {
                 ifindex: st.ifindex,
                 client: st.client,
-                flags: st.flags,
+                flags: st.all_flags(),
                 flags2: st.flags2,
                 isn: st.isn,
                 ts_ns: st.last_seen_ns,

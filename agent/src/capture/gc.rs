@@ -64,19 +64,20 @@ impl Garbage {
 /// `bpf_ktime_get_ns`.
 pub fn garbage(st: &FlowState, attached: &BTreeSet<u32>, now_ns: u64) -> Option<Garbage> {
     let idle = now_ns.saturating_sub(st.last_seen_ns) >= CLOSED_LINGER.as_nanos() as u64;
-    let ended = flow_ended(st.flags, st.flags2);
-    if ended && st.flags & FLOW_CLOSED_SENT == 0 && idle {
+    let flags = st.all_flags();
+    let ended = flow_ended(flags, st.flags2);
+    if ended && flags & FLOW_CLOSED_SENT == 0 && idle {
         return Some(Garbage::Unreported);
     }
     if !attached.contains(&st.ifindex) {
         return Some(Garbage::InterfaceGone);
     }
-    if st.flags & FLOW_CLOSED_SENT != 0 && idle {
+    if flags & FLOW_CLOSED_SENT != 0 && idle {
         return Some(Garbage::Closed);
     }
     let both_isns = FLOW_ISN_LO | FLOW_ISN_HI;
     let handshake_open = st.client != CLIENT_UNKNOWN
-        && st.flags & both_isns != both_isns
+        && flags & both_isns != both_isns
         && st.dir[0].hi == 0
         && st.dir[1].hi == 0;
     if handshake_open

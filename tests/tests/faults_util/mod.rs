@@ -42,20 +42,52 @@ pub fn burst(
     threads: usize,
     data: &[u8],
 ) -> Result<usize> {
-    let out = tb.run_timeout(
-        ns,
-        &[
-            "python3",
-            "-c",
-            BURST_CLIENT_PY,
-            &to.ip().to_string(),
-            &to.port().to_string(),
-            &n.to_string(),
-            &threads.to_string(),
-            &hex(data),
-        ],
-        Duration::from_secs(120),
-    )?;
+    burst_py(tb, ns, to, n, threads, data, None)
+}
+
+/// [`burst`] whose clients close as soon as the answer ends with `until`, while the server
+/// closes too: the two FINs cross.
+pub fn burst_until(
+    tb: &Testbed,
+    ns: &str,
+    to: std::net::SocketAddr,
+    n: usize,
+    threads: usize,
+    data: &[u8],
+    until: &[u8],
+) -> Result<usize> {
+    burst_py(tb, ns, to, n, threads, data, Some(until))
+}
+
+fn burst_py(
+    tb: &Testbed,
+    ns: &str,
+    to: std::net::SocketAddr,
+    n: usize,
+    threads: usize,
+    data: &[u8],
+    until: Option<&[u8]>,
+) -> Result<usize> {
+    let (ip, port, n, threads, data) = (
+        to.ip().to_string(),
+        to.port().to_string(),
+        n.to_string(),
+        threads.to_string(),
+        hex(data),
+    );
+    let until = until.map(hex);
+    let mut args = vec![
+        "python3",
+        "-c",
+        BURST_CLIENT_PY,
+        &ip,
+        &port,
+        &n,
+        &threads,
+        &data,
+    ];
+    args.extend(until.as_deref());
+    let out = tb.run_timeout(ns, &args, Duration::from_secs(300))?;
     Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
 }
 
@@ -308,10 +340,14 @@ while True:
 "#;
 
 /// Python: `N` connections to HOST:PORT, `THREADS` at a time, each sending the hex payload,
-/// half-closing and reading until the server closes. Prints how many completed.
+/// half-closing and reading until the server closes. With a sixth argument (hex), each reads
+/// until its answer ends with those bytes and closes at once instead, without waiting for the
+/// server's FIN: a server that closes after answering and the client then close together.
+/// Prints how many completed.
 pub const BURST_CLIENT_PY: &str = r#"
 import socket, sys, threading
 host, port, n, threads, data = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), bytes.fromhex(sys.argv[5])
+until = bytes.fromhex(sys.argv[6]) if len(sys.argv) > 6 else None
 lock = threading.Lock(); left = [n]; ok = [0]
 def worker():
     while True:
@@ -321,8 +357,15 @@ def worker():
         try:
             c = socket.create_connection((host, port), timeout=5)
             if data: c.sendall(data)
-            c.shutdown(socket.SHUT_WR)
-            while c.recv(65536): pass
+            if until is None:
+                c.shutdown(socket.SHUT_WR)
+                while c.recv(65536): pass
+            else:
+                buf = b""
+                while not buf.endswith(until):
+                    d = c.recv(65536)
+                    if not d: raise EOFError
+                    buf += d
             c.close()
             with lock: ok[0] += 1
         except Exception as e:
