@@ -4,11 +4,15 @@ mod exemption;
 pub mod report;
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::BTreeSet,
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
+
+// hashbrown's default hasher (foldhash): these maps are hit per connection, SipHash showed in
+// the TCP-churn profile.
+use hashbrown::{HashMap, HashSet};
 
 use crate::{
     classify::{Evidence, Mesh, Security, Sides, Verdict},

@@ -7,8 +7,10 @@
 //! on purpose: every new connection has a new one. The cache is bounded; the least recently used
 //! pair is forgotten first.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+
+use hashbrown::HashMap;
 
 use super::Security;
 

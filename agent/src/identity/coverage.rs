@@ -8,10 +8,12 @@
 //! in `mtls_agent_pods_unseen`. A pod that simply had no TCP traffic in that time is listed too:
 //! the list is where to look, not a verdict.
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::BTreeSet,
     net::IpAddr,
     time::{Duration, Instant},
 };
+
+use hashbrown::{HashMap, HashSet};
 
 use tracing::{info, warn};
 

@@ -13,11 +13,11 @@ pub mod kubernetes_watch;
 pub mod node;
 
 use std::{
-    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
+use hashbrown::HashMap;
 use ipnet::IpNet;
 
 pub use inbound::InboundPort;
