@@ -306,7 +306,16 @@ pub async fn daemon(
             _ = tick.tick() => {
                 // What arrived during the reader's pause first: the state this tick sweeps and
                 // exports (`flows_tracked`) includes every record already in the ring.
-                while read_ring(ring.get_mut(), BATCH, &mut tracker, &metrics, &mut out) == BATCH {}
+                // Applied a batch at a time, as the reader does: in a burst the ring holds tens
+                // of thousands of records, and their outputs held at once (and the capacity `out`
+                // keeps) doubled the agent's peak RSS.
+                loop {
+                    let n = read_ring(ring.get_mut(), BATCH, &mut tracker, &metrics, &mut out);
+                    apply(&aggregator, &recent, &mut coverage, &mut out);
+                    if n < BATCH {
+                        break;
+                    }
+                }
                 let collected = std::mem::take(
                     &mut *gc_shared.collected.lock().unwrap_or_else(|p| p.into_inner()),
                 );
