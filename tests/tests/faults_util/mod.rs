@@ -42,24 +42,12 @@ pub fn burst(
     threads: usize,
     data: &[u8],
 ) -> Result<usize> {
-    burst_py(tb, ns, to, n, threads, data, None)
+    burst_until(tb, ns, to, n, threads, data, None)
 }
 
-/// [`burst`] whose clients close as soon as the answer ends with `until`, while the server
-/// closes too: the two FINs cross.
+/// [`burst`]; with `until`, each client closes as soon as the answer ends with those bytes,
+/// while the server closes too: the two FINs cross.
 pub fn burst_until(
-    tb: &Testbed,
-    ns: &str,
-    to: std::net::SocketAddr,
-    n: usize,
-    threads: usize,
-    data: &[u8],
-    until: &[u8],
-) -> Result<usize> {
-    burst_py(tb, ns, to, n, threads, data, Some(until))
-}
-
-fn burst_py(
     tb: &Testbed,
     ns: &str,
     to: std::net::SocketAddr,
